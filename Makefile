@@ -1,0 +1,34 @@
+.DEFAULT_GOAL := help
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install outbox with its dev tools
+
+test: $(STAMP) ## run the test suite (embedded Postgres, or OUTBOX_TEST_DATABASE_URL)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff, mypy (strict on outbox/), import-linter
+	$(BIN)/ruff check outbox tests bench
+	$(BIN)/ruff format --check outbox tests bench
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP) ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix outbox tests bench
+	$(BIN)/ruff format outbox tests bench
+
+clean: ## remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
+
+.PHONY: help install test lint format clean

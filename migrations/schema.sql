@@ -1,0 +1,206 @@
+-- The canonical outbox schema: what applying every migrations/NNNN_*.sql in order gives.
+-- tests/test_migrate.py checks that the two never drift apart. When you add a migration, bring
+-- this file up to date as well. `outbox migrate` never applies it; it is for reading and review.
+
+CREATE SCHEMA IF NOT EXISTS outbox;
+
+CREATE TABLE outbox.events (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+
+    -- The columns an application sets.
+    event_type       text,
+    transaction_key  text,
+    customer_key     text,
+    amount           numeric,
+    currency         text,
+    payload          jsonb,
+
+    -- The columns the daemon owns. An INSERT leaves them at their defaults.
+    status           text        NOT NULL DEFAULT 'pending',
+    outcome          text,
+    attempts         integer     NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    lookup_required  boolean     NOT NULL DEFAULT false,
+    parked           boolean     NOT NULL DEFAULT false,
+    lease_owner      text,
+    lease_token      uuid,
+    lease_expires_at timestamptz,
+    last_error       text,
+    last_status_code integer,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    delivered_at     timestamptz,
+
+    -- The insert contract.
+    CONSTRAINT event_type_known
+        CHECK (coalesce(event_type IN ('sale', 'refund'), false)),
+    CONSTRAINT transaction_key_required
+        CHECK (coalesce(length(transaction_key) > 0, false)),
+    CONSTRAINT transaction_key_no_surrounding_whitespace
+        CHECK (transaction_key !~ '^\s|\s$'),
+    CONSTRAINT transaction_key_no_control_characters
+        CHECK (transaction_key !~ '[[:cntrl:]]'),
+    CONSTRAINT transaction_key_max_255_characters
+        CHECK (length(transaction_key) <= 255),
+    CONSTRAINT sale_requires_customer_key
+        CHECK (event_type IS DISTINCT FROM 'sale' OR customer_key IS NOT NULL),
+    CONSTRAINT customer_key_not_empty
+        CHECK (customer_key IS NULL OR length(customer_key) > 0),
+    CONSTRAINT customer_key_no_surrounding_whitespace
+        CHECK (customer_key !~ '^\s|\s$'),
+    CONSTRAINT customer_key_no_control_characters
+        CHECK (customer_key !~ '[[:cntrl:]]'),
+    CONSTRAINT customer_key_max_255_characters
+        CHECK (length(customer_key) <= 255),
+    CONSTRAINT sale_requires_amount
+        CHECK (event_type IS DISTINCT FROM 'sale' OR amount IS NOT NULL),
+    CONSTRAINT sale_requires_positive_amount
+        CHECK (event_type IS DISTINCT FROM 'sale' OR amount > 0),
+    CONSTRAINT amount_max_4_decimal_places
+        CHECK (amount = round(amount, 4)),
+    CONSTRAINT amount_below_100_billion
+        CHECK (amount < 100000000000),
+    CONSTRAINT refund_has_no_amount
+        CHECK (event_type IS DISTINCT FROM 'refund' OR amount IS NULL),
+    CONSTRAINT currency_is_iso_4217_code
+        CHECK (currency ~ '^[A-Z]{3}$'),
+    CONSTRAINT refund_has_no_currency
+        CHECK (event_type IS DISTINCT FROM 'refund' OR currency IS NULL),
+    CONSTRAINT payload_is_json_object
+        CHECK (payload IS NULL OR jsonb_typeof(payload) = 'object'),
+    CONSTRAINT payload_does_not_override_columns
+        CHECK (payload IS NULL OR NOT (payload ?| ARRAY['key', 'amount', 'action', 'amount_units'])),
+    CONSTRAINT payload_customer_is_object
+        CHECK (payload IS NULL OR NOT payload ? 'customer'
+               OR jsonb_typeof(payload -> 'customer') = 'object'),
+    CONSTRAINT payload_does_not_override_customer_key
+        CHECK (payload IS NULL OR NOT coalesce(payload -> 'customer' ? 'key', false)),
+    CONSTRAINT payload_has_no_bulk_transactions
+        CHECK (payload IS NULL OR NOT payload ? 'transactions'),
+
+    -- The daemon's own bookkeeping stays consistent.
+    CONSTRAINT status_known
+        CHECK (status IN ('pending', 'delivered', 'failed', 'discarded')),
+    CONSTRAINT outcome_known
+        CHECK (outcome IS NULL OR outcome IN (
+            'created', 'duplicate', 'deleted', 'not_found',
+            'customer_not_found', 'validation_error', 'rejected', 'network_error',
+            'timeout', 'server_error', 'rate_limited', 'bad_response')),
+    CONSTRAINT delivered_has_delivered_outcome
+        CHECK (status <> 'delivered' OR outcome IN ('created', 'duplicate', 'deleted', 'not_found')),
+    CONSTRAINT attempts_not_negative
+        CHECK (attempts >= 0),
+    CONSTRAINT lease_complete_or_absent
+        CHECK ((lease_token IS NULL) = (lease_expires_at IS NULL))
+);
+
+COMMENT ON TABLE outbox.events IS
+    'Sale and refund events for Partnero. Applications INSERT event_type, transaction_key, '
+    'customer_key, amount, currency and payload; every other column belongs to the outbox daemon.';
+
+-- What the claim query reads: only pending rows, oldest due first. A backlog of millions of
+-- delivered rows is not in this index and costs the claim nothing.
+CREATE INDEX events_pending_due_idx ON outbox.events (next_attempt_at, id) WHERE status = 'pending';
+-- Per-key order (predecessor checks), `outbox show --key`, the blocked view.
+CREATE INDEX events_transaction_key_idx ON outbox.events (transaction_key, id);
+-- Failed rows are few and read by operators.
+CREATE INDEX events_failed_idx ON outbox.events (updated_at) WHERE status = 'failed';
+
+-- Daemon-owned columns cannot be set by an INSERT. The WHEN clause is evaluated without calling
+-- the function, so a well-formed INSERT pays nothing for this rule.
+CREATE FUNCTION outbox.refuse_daemon_owned_columns() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION USING
+        ERRCODE = 'check_violation',
+        SCHEMA = 'outbox',
+        TABLE = 'events',
+        CONSTRAINT = 'daemon_owned_columns_not_insertable',
+        MESSAGE = 'new row for relation "events" violates rule "daemon_owned_columns_not_insertable"',
+        DETAIL = 'An application sets only event_type, transaction_key, customer_key, amount, '
+                 'currency and payload; status, outcome, attempts, lease and timing columns '
+                 'belong to the outbox daemon and keep their defaults.',
+        HINT = 'Leave the other columns out of the INSERT.';
+END
+$$;
+
+CREATE TRIGGER events_refuse_daemon_owned_columns
+    BEFORE INSERT ON outbox.events
+    FOR EACH ROW
+    WHEN (NEW.status IS DISTINCT FROM 'pending'
+          OR NEW.outcome IS NOT NULL
+          OR NEW.attempts IS DISTINCT FROM 0
+          OR NEW.lookup_required IS DISTINCT FROM false
+          OR NEW.parked IS DISTINCT FROM false
+          OR NEW.lease_owner IS NOT NULL
+          OR NEW.lease_token IS NOT NULL
+          OR NEW.lease_expires_at IS NOT NULL
+          OR NEW.last_error IS NOT NULL
+          OR NEW.last_status_code IS NOT NULL
+          OR NEW.delivered_at IS NOT NULL
+          OR NEW.next_attempt_at IS DISTINCT FROM now()
+          OR NEW.created_at IS DISTINCT FROM now()
+          OR NEW.updated_at IS DISTINCT FROM now())
+    EXECUTE FUNCTION outbox.refuse_daemon_owned_columns();
+
+-- Wake the daemon: one notification per INSERT statement, no payload to parse, and Postgres
+-- folds identical notifications of one transaction into one.
+CREATE FUNCTION outbox.notify_new_events() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('outbox_events', '');
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER events_notify_daemon
+    AFTER INSERT ON outbox.events
+    FOR EACH STATEMENT
+    EXECUTE FUNCTION outbox.notify_new_events();
+
+-- One row per HTTP call the daemon made for an event. The API key is never stored here.
+CREATE TABLE outbox.attempts (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id         bigint      NOT NULL REFERENCES outbox.events (id) ON DELETE CASCADE,
+    attempt          integer     NOT NULL,
+    started_at       timestamptz NOT NULL,
+    finished_at      timestamptz NOT NULL,
+    method           text        NOT NULL,
+    path             text        NOT NULL,
+    status_code      integer,
+    response_excerpt text,
+    error            text,
+    decision         text        NOT NULL,
+    daemon           text
+);
+
+CREATE INDEX attempts_event_id_idx ON outbox.attempts (event_id, id);
+
+COMMENT ON TABLE outbox.attempts IS
+    'Every HTTP call the outbox daemon made: method, path, status, an excerpt of the answer and '
+    'what the daemon decided. Pruned together with delivered events.';
+
+-- Convenience wrappers around the INSERT. Both return the new event id.
+CREATE FUNCTION outbox.record_sale(
+    transaction_key text,
+    customer_key    text,
+    amount          numeric,
+    currency        text  DEFAULT NULL,
+    payload         jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE sql AS $$
+    INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount, currency, payload)
+    VALUES ('sale', transaction_key, customer_key, amount, currency, payload)
+    RETURNING id;
+$$;
+
+CREATE FUNCTION outbox.record_refund(
+    transaction_key text,
+    customer_key    text  DEFAULT NULL,
+    payload         jsonb DEFAULT NULL
+) RETURNS bigint
+LANGUAGE sql AS $$
+    INSERT INTO outbox.events (event_type, transaction_key, customer_key, payload)
+    VALUES ('refund', transaction_key, customer_key, payload)
+    RETURNING id;
+$$;

@@ -1,0 +1,108 @@
+"""The `outbox` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+import sqlalchemy as sa
+
+from outbox import __version__, db, migrate
+from outbox.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, load
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One clear line on stderr, then exit."""
+    click.echo(f"outbox: {message}", err=True)
+    sys.exit(code)
+
+
+def setting_options(names: list[str] | None = None) -> Callable[[F], F]:
+    """Click options for the named settings (all by default), each also read from its env var."""
+    specs = [SPECS_BY_NAME[n] for n in names] if names is not None else list(SPECS)
+
+    def decorate(func: F) -> F:
+        for spec in reversed(specs):
+            default = "" if spec.default is None else f"; default {spec.default}"
+            func = click.option(
+                spec.flag,
+                spec.name,
+                default=None,
+                metavar="BOOL" if spec.default in {"true", "false"} else "VALUE",
+                help=f"{spec.help} [env {spec.envvar}{default}]",
+            )(func)
+        return func
+
+    return decorate
+
+
+def settings_from(options: dict[str, Any], *, need_api_key: bool = True) -> Settings:
+    raw: dict[str, str | None] = {}
+    for spec in SPECS:
+        value = options.get(spec.name)
+        raw[spec.name] = value if value is not None else os.environ.get(spec.envvar)
+    try:
+        return load(raw, need_api_key=need_api_key)
+    except SettingError as exc:
+        fail(str(exc), code=2)
+
+
+def database_url_from(value: str | None) -> str:
+    url = value or os.environ.get("OUTBOX_DATABASE_URL")
+    if not url:
+        fail("invalid setting OUTBOX_DATABASE_URL (--database-url): is required", code=2)
+    try:
+        db.sqlalchemy_url(url)
+    except db.DatabaseUrlError as exc:
+        fail(f"invalid setting OUTBOX_DATABASE_URL (--database-url): {exc}", code=2)
+    return url
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="outbox")
+def main() -> None:
+    """Deliver sale and refund events from the outbox table to Partnero."""
+
+
+@main.command("migrate")
+@click.option("--database-url", metavar="URL", help="PostgreSQL URL [env OUTBOX_DATABASE_URL]")
+@click.option("--status", "show_status", is_flag=True, help="List the migrations and their state.")
+def migrate_command(database_url: str | None, show_status: bool) -> None:
+    """Apply pending schema migrations (safe to run from several hosts at once)."""
+    url = database_url_from(database_url)
+    engine = db.create_engine(url, poolclass=sa.NullPool)
+    try:
+        if show_status:
+            states = migrate.status(engine)
+            for state in states:
+                when = state.applied_at.isoformat(timespec="seconds") if state.applied_at else ""
+                click.echo(f"{state.version}  {state.name:<32} {state.state:<8} {when}".rstrip())
+            if any(s.state in {"unknown", "changed"} for s in states):
+                sys.exit(1)
+            return
+        applied = migrate.migrate(engine)
+    except migrate.MigrationError as exc:
+        fail(str(exc))
+    except sa.exc.OperationalError as exc:
+        fail(f"cannot reach the database at {db.redact(url)}: {_first_line(exc.orig)}")
+    finally:
+        engine.dispose()
+    if applied:
+        for migration in applied:
+            click.echo(f"applied {migration.filename}")
+    else:
+        click.echo("nothing to apply: the schema is up to date")
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The vocabulary every other module speaks: events, HTTP exchanges and decisions.
+
+Pure data. This module imports no I/O library (import-linter checks it), so the policy that
+turns an exchange into a decision can be tested without a network or a database.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+
+class EventType(enum.StrEnum):
+    SALE = "sale"
+    REFUND = "refund"
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"  # waiting, retrying or in flight
+    DELIVERED = "delivered"
+    FAILED = "failed"  # needs a person
+    DISCARDED = "discarded"  # a person gave up on it
+
+
+class Outcome(enum.StrEnum):
+    """What happened to a row: the result for delivered rows, the reason class for failed ones."""
+
+    # delivered
+    CREATED = "created"  # sale: Partnero answered 2xx, or a lookup found our earlier create
+    DUPLICATE = "duplicate"  # sale: Partnero (or an earlier row of ours) already has the key
+    DELETED = "deleted"  # refund: Partnero answered 2xx
+    NOT_FOUND = "not_found"  # refund: 404, nothing to reverse
+    # failed (reason classes)
+    CUSTOMER_NOT_FOUND = "customer_not_found"  # 400 Customer not found, retried until the limit
+    VALIDATION_ERROR = "validation_error"  # 422
+    REJECTED = "rejected"  # any other 4xx Partnero will not accept
+    NETWORK_ERROR = "network_error"  # could not connect, retried until the limit
+    TIMEOUT = "timeout"  # no answer in time, retried until the limit
+    SERVER_ERROR = "server_error"  # 5xx, retried until the limit
+    RATE_LIMITED = "rate_limited"  # 429 / 408, retried until the limit
+    BAD_RESPONSE = "bad_response"  # an answer the daemon cannot read, retried until the limit
+
+
+DELIVERED_OUTCOMES = frozenset(
+    {Outcome.CREATED, Outcome.DUPLICATE, Outcome.DELETED, Outcome.NOT_FOUND}
+)
+
+
+class RequestKind(enum.StrEnum):
+    CREATE = "create"  # POST /v1/transactions
+    DELETE = "delete"  # DELETE /v1/transactions/{key}
+    LOOKUP = "lookup"  # GET /v1/transactions/{key}
+    PING = "ping"  # GET /v1/test
+
+
+class TransportError(enum.StrEnum):
+    """How an HTTP call ended when no HTTP answer came back."""
+
+    # The request certainly did not reach Partnero (connect refused, DNS, pool timeout).
+    NOT_SENT = "not_sent"
+    # The request may have reached Partnero: timeout while waiting for the answer, connection
+    # dropped after sending, a cancelled call. The outcome is unknown (SPEC rule 1).
+    UNKNOWN_OUTCOME = "unknown_outcome"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One row of outbox.events as the delivery engine sees it."""
+
+    id: int
+    event_type: EventType
+    transaction_key: str
+    customer_key: str | None
+    amount: Decimal | None
+    currency: str | None
+    payload: dict[str, Any]
+    attempts: int  # attempts already made (not counting 401/403 pauses)
+    lookup_required: bool  # an earlier create may have reached Partnero: look it up first
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What one HTTP call produced, reduced to what decisions need. No secrets in here."""
+
+    kind: RequestKind
+    method: str
+    path: str
+    status_code: int | None = None  # None when no HTTP answer came back
+    body_excerpt: str = ""  # at most a few hundred characters of the answer
+    message: str | None = None  # Partnero's `message` field, when the body had one
+    json_body: dict[str, Any] | None = None  # the parsed body, when it was a small JSON object
+    retry_after_seconds: float | None = None  # parsed Retry-After (seconds or HTTP date)
+    transport_error: TransportError | None = None
+    error: str | None = None  # a short description of the transport error
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+# ---- decisions -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    at: datetime
+    reason: Outcome  # the reason class; becomes the failed outcome when attempts run out
+    lookup_required: bool = False  # the call may have reached Partnero
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    reason: Outcome
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """401/403: the daemon's problem, not the row's. Stop sending; the row stays pending."""
+
+    until: datetime
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """A lookup answered definitively: the transaction is there (found) or it is not."""
+
+    found: bool
+
+
+Decision = Delivered | Retry | Failed | Pause | LookupResult
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Settings the pure policy needs; every value is a setting (see outbox.settings)."""
+
+    max_attempts: int = 20
+    base_delay_seconds: float = 1.0
+    max_delay_seconds: float = 1800.0
+    auth_pause_seconds: float = 60.0
+    jitter: float = 0.25  # +/- fraction of the delay

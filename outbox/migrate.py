@@ -1,0 +1,175 @@
+"""`outbox migrate`: apply migrations/NNNN_*.sql in order, once each, under an advisory lock.
+
+Each file runs in its own transaction and is recorded in outbox.schema_migrations with its
+checksum. Several hosts may run this at once: the advisory lock lets one apply, the others wait
+and then find nothing left to do. A database that holds a migration this build does not know (a
+newer build ran) or one whose file changed since it was applied is refused, not guessed at.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import sqlalchemy as sa
+
+_FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# A fixed 64-bit key for pg_advisory_lock: "outbox.migrate" folded into a bigint.
+LOCK_KEY = int.from_bytes(hashlib.sha256(b"outbox.migrate").digest()[:8], "big", signed=True)
+
+_BOOTSTRAP = """
+CREATE SCHEMA IF NOT EXISTS outbox;
+CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
+    version    text        PRIMARY KEY,
+    name       text        NOT NULL,
+    checksum   text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class MigrationError(RuntimeError):
+    """The database's migrations and this build's do not fit together."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+    @property
+    def filename(self) -> str:
+        return f"{self.version}_{self.name}.sql"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationState:
+    version: str
+    name: str
+    state: str  # applied | pending | unknown (in the database, not in this build) | changed
+    applied_at: datetime | None
+
+
+def migrations_dir() -> Path:
+    """Where the SQL files are: inside the installed package, or beside it in a source tree."""
+    packaged = Path(str(resources.files("outbox"))) / "migrations"
+    if packaged.is_dir():
+        return packaged
+    source = Path(__file__).resolve().parent.parent / "migrations"
+    if source.is_dir():
+        return source
+    raise MigrationError("no migrations directory found beside the outbox package")
+
+
+def available(directory: Path | None = None) -> list[Migration]:
+    directory = directory or migrations_dir()
+    found = []
+    for path in sorted(directory.iterdir()):
+        match = _FILE.match(path.name)
+        if match:
+            found.append(Migration(match[1], match[2], path.read_text(encoding="utf-8")))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a version in {directory}")
+    return found
+
+
+def _applied(conn: sa.Connection) -> dict[str, tuple[str, str, datetime]]:
+    exists = conn.execute(sa.text("SELECT to_regclass('outbox.schema_migrations')")).scalar()
+    if exists is None:
+        return {}
+    rows = conn.execute(
+        sa.text("SELECT version, name, checksum, applied_at FROM outbox.schema_migrations")
+    )
+    return {r.version: (r.name, r.checksum, r.applied_at) for r in rows}
+
+
+def status(engine: sa.Engine, directory: Path | None = None) -> list[MigrationState]:
+    known = {m.version: m for m in available(directory)}
+    with engine.connect() as conn:
+        applied = _applied(conn)
+    states = []
+    for version in sorted(set(known) | set(applied)):
+        migration = known.get(version)
+        if version not in applied:
+            assert migration is not None
+            states.append(MigrationState(version, migration.name, "pending", None))
+            continue
+        name, checksum, applied_at = applied[version]
+        if migration is None:
+            state = "unknown"
+        elif migration.checksum != checksum:
+            state = "changed"
+        else:
+            state = "applied"
+        states.append(MigrationState(version, name, state, applied_at))
+    return states
+
+
+def _refuse_mismatch(states: list[MigrationState]) -> None:
+    unknown = [s for s in states if s.state == "unknown"]
+    if unknown:
+        names = ", ".join(f"{s.version}_{s.name}" for s in unknown)
+        raise MigrationError(
+            f"the database has migration(s) this build does not know: {names}; "
+            "run a newer outbox, or restore the matching build"
+        )
+    changed = [s for s in states if s.state == "changed"]
+    if changed:
+        names = ", ".join(f"{s.version}_{s.name}" for s in changed)
+        raise MigrationError(
+            f"migration file(s) changed after they were applied: {names}; "
+            "an applied migration must never be edited, add a new one instead"
+        )
+
+
+def migrate(engine: sa.Engine, directory: Path | None = None) -> list[Migration]:
+    """Apply every pending migration; return those this call applied."""
+    migrations = available(directory)
+    done: list[Migration] = []
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
+        conn.commit()
+        try:
+            with conn.begin():
+                conn.exec_driver_sql(_BOOTSTRAP)
+            _refuse_mismatch(status(engine, directory))
+            with conn.begin():
+                applied = _applied(conn)
+            for migration in migrations:
+                if migration.version in applied:
+                    continue
+                with conn.begin():
+                    conn.exec_driver_sql(migration.sql)
+                    conn.execute(
+                        sa.text(
+                            "INSERT INTO outbox.schema_migrations (version, name, checksum) "
+                            "VALUES (:v, :n, :c)"
+                        ),
+                        {"v": migration.version, "n": migration.name, "c": migration.checksum},
+                    )
+                done.append(migration)
+        finally:
+            conn.rollback()
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+            conn.commit()
+    return done
+
+
+def check_current(engine: sa.Engine, directory: Path | None = None) -> None:
+    """Raise MigrationError unless the database is exactly at this build's schema version."""
+    states = status(engine, directory)
+    _refuse_mismatch(states)
+    pending = [s for s in states if s.state == "pending"]
+    if pending:
+        names = ", ".join(f"{s.version}_{s.name}" for s in pending)
+        raise MigrationError(f"the database lacks migration(s) {names}; run `outbox migrate` first")

@@ -1,0 +1,89 @@
+"""Record sale and refund events from Python, inside the caller's own transaction.
+
+    with Session(engine) as session, session.begin():
+        session.add(order)
+        outbox.record_sale(session, transaction_key=order.invoice_id,
+                           customer_key=order.customer_id, amount=order.total, currency="EUR")
+
+The row commits or rolls back with the caller's transaction; nothing here commits. The database
+enforces the insert contract, so a broken row raises sqlalchemy.exc.IntegrityError naming the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Session
+
+metadata = sa.MetaData(schema="outbox")
+
+# The columns an application may set (SPEC section 2). The daemon's columns are left out on
+# purpose: they are not the application's to write.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),
+    sa.Column("event_type", sa.Text),
+    sa.Column("transaction_key", sa.Text),
+    sa.Column("customer_key", sa.Text),
+    sa.Column("amount", sa.Numeric),
+    sa.Column("currency", sa.Text),
+    sa.Column("payload", JSONB(none_as_null=True)),
+)
+
+Executor = Session | sa.Connection
+Amount = Decimal | int | str
+
+
+def _insert(executor: Executor, values: dict[str, Any]) -> int:
+    statement = sa.insert(events).values(**values).returning(events.c.id)
+    event_id = executor.execute(statement).scalar_one()
+    return int(event_id)
+
+
+def record_sale(
+    executor: Executor,
+    *,
+    transaction_key: str,
+    customer_key: str,
+    amount: Amount,
+    currency: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> int:
+    """Add a sale to the outbox in the caller's transaction; return its event id."""
+    if isinstance(amount, float):
+        raise TypeError("amount must be a Decimal, int or str, not float (money loses cents)")
+    return _insert(
+        executor,
+        {
+            "event_type": "sale",
+            "transaction_key": transaction_key,
+            "customer_key": customer_key,
+            "amount": Decimal(amount),
+            "currency": currency,
+            "payload": dict(payload) if payload is not None else None,
+        },
+    )
+
+
+def record_refund(
+    executor: Executor,
+    *,
+    transaction_key: str,
+    customer_key: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> int:
+    """Add a refund (reverses the whole sale with this key) in the caller's transaction."""
+    return _insert(
+        executor,
+        {
+            "event_type": "refund",
+            "transaction_key": transaction_key,
+            "customer_key": customer_key,
+            "payload": dict(payload) if payload is not None else None,
+        },
+    )

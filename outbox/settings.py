@@ -1,0 +1,340 @@
+"""Every setting of `outbox run`, in one table: flag, environment variable, default, bounds, help.
+
+Each setting is read from its flag, else from `OUTBOX_<NAME>` (a few keep the names SPEC section 4
+gives them: OUTBOX_DATABASE_URL, PARTNERO_API_URL), else its default. A bad value stops start-up
+with one line naming the setting and why (SettingError). The Partnero API key is never a flag value
+(it would show in /proc/<pid>/cmdline): it comes from PARTNERO_API_KEY, a file, or a systemd
+credential.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from outbox.domain import RetryPolicy
+
+
+class SettingError(ValueError):
+    """A setting has a value outbox cannot use. str() is the one line to show."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"invalid setting {setting}: {problem}")
+        self.setting = setting
+        self.problem = problem
+
+
+def _number(minimum: float, maximum: float = math.inf) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a number") from None
+        if not math.isfinite(value) or not minimum <= value <= maximum:
+            bound = f"at least {minimum:g}" + (
+                "" if maximum == math.inf else f" and at most {maximum:g}"
+            )
+            raise ValueError(f"{raw!r} is out of range: must be {bound}")
+        return value
+
+    return parse
+
+
+def _integer(minimum: int, maximum: int = 1_000_000_000) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a whole number") from None
+        if not minimum <= value <= maximum:
+            raise ValueError(f"{raw!r} is out of range: must be from {minimum} to {maximum}")
+        return value
+
+    return parse
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{raw!r} is not a boolean (true/false)")
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"{raw!r} is not one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+def _database_url(raw: str) -> str:
+    if not raw.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        raise ValueError("must be a postgresql:// URL")
+    return raw
+
+
+def _http_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError(f"{raw!r} is not an http(s) URL")
+    return raw.rstrip("/")
+
+
+def _text(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("must not be empty")
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    name: str  # attribute name; flag is --name-with-dashes
+    parse: Callable[[str], Any]
+    default: str | None  # as text, like the environment would give it
+    help: str
+    env: str = ""  # defaults to OUTBOX_<NAME>
+    secret: bool = False
+
+    @property
+    def envvar(self) -> str:
+        return self.env or f"OUTBOX_{self.name.upper()}"
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec(
+        "database_url",
+        _database_url,
+        None,
+        "PostgreSQL URL of the shop's database.",
+        env="OUTBOX_DATABASE_URL",
+        secret=True,
+    ),
+    Spec(
+        "partnero_api_url",
+        _http_url,
+        "https://api.partnero.com",
+        "Partnero API base URL.",
+        env="PARTNERO_API_URL",
+    ),
+    Spec(
+        "lease_seconds",
+        _number(1, 86400),
+        "60",
+        "How long a claim is held. A request is only started while the lease has more than "
+        "the request timeout left, so an expired lease means no request is in flight.",
+    ),
+    Spec(
+        "request_timeout_seconds",
+        _number(0.1, 3600),
+        "15",
+        "Hard deadline for one HTTP call (connect, send, whole answer).",
+    ),
+    Spec(
+        "retry_base_delay_seconds",
+        _number(0, 86400),
+        "2",
+        "First retry delay; doubles each attempt.",
+    ),
+    Spec(
+        "retry_max_delay_seconds",
+        _number(0, 7 * 86400),
+        "1800",
+        "Cap on the retry delay, and on any Retry-After honoured.",
+    ),
+    Spec(
+        "max_attempts",
+        _integer(1, 10000),
+        "20",
+        "Attempts per row, over every retry class; then the row fails with the class as reason.",
+    ),
+    Spec("concurrency", _integer(1, 1024), "16", "HTTP calls in flight at once, at most."),
+    Spec(
+        "rate_limit_per_second",
+        _number(0, 1_000_000),
+        "0",
+        "Client-side cap on calls per second (0 = no cap).",
+    ),
+    Spec("batch_size", _integer(1, 10000), "100", "Rows claimed per claim query, at most."),
+    Spec(
+        "poll_interval_seconds",
+        _number(0.05, 3600),
+        "5",
+        "Fallback polling when no NOTIFY arrives (LISTEN wakes the daemon at once).",
+    ),
+    Spec(
+        "blocked_recheck_seconds",
+        _number(0.05, 86400),
+        "30",
+        "How long a row blocked behind another row of its key waits before being checked again "
+        "(a delivered predecessor wakes it at once).",
+    ),
+    Spec(
+        "orphan_refund_grace_seconds",
+        _number(0, 30 * 86400),
+        "60",
+        "A refund whose key has no sale row at all waits this long for the sale to commit, "
+        "then is sent anyway (its sale may predate the outbox or have been pruned).",
+    ),
+    Spec(
+        "auth_pause_seconds",
+        _number(0.1, 86400),
+        "60",
+        "After a 401/403, stop sending this long, then check the key with GET /v1/test.",
+    ),
+    Spec(
+        "shutdown_grace_seconds",
+        _number(0, 3600),
+        "20",
+        "On SIGTERM, how long in-flight calls may finish before their leases are released.",
+    ),
+    Spec("owner", _text, None, "Name of this daemon in leases and attempts (default host:pid)."),
+    Spec(
+        "api_key_file",
+        _text,
+        None,
+        "Read the Partnero API key from this file instead of PARTNERO_API_KEY. Under systemd "
+        "the credential 'partnero_api_key' is read from $CREDENTIALS_DIRECTORY.",
+    ),
+    Spec(
+        "insecure_skip_tls_verify",
+        _boolean,
+        "false",
+        "Turn TLS certificate verification off (testing only; logged loudly).",
+    ),
+    Spec(
+        "log_format",
+        _choice("auto", "json", "console"),
+        "auto",
+        "auto: coloured text on a terminal, JSON lines otherwise.",
+    ),
+    Spec("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level logged."),
+)
+
+SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str
+    partnero_api_url: str
+    lease_seconds: float
+    request_timeout_seconds: float
+    retry_base_delay_seconds: float
+    retry_max_delay_seconds: float
+    max_attempts: int
+    concurrency: int
+    rate_limit_per_second: float
+    batch_size: int
+    poll_interval_seconds: float
+    blocked_recheck_seconds: float
+    orphan_refund_grace_seconds: float
+    auth_pause_seconds: float
+    shutdown_grace_seconds: float
+    owner: str
+    api_key_file: str | None
+    insecure_skip_tls_verify: bool
+    log_format: str
+    log_level: str
+    api_key: str = field(default="", repr=False)
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_attempts=self.max_attempts,
+            base_delay_seconds=self.retry_base_delay_seconds,
+            max_delay_seconds=self.retry_max_delay_seconds,
+            auth_pause_seconds=self.auth_pause_seconds,
+        )
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        shown["database_url"] = "<hidden>"
+        return f"Settings({shown})"
+
+
+def raw_from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    environ = os.environ if environ is None else environ
+    return {spec.name: environ[spec.envvar] for spec in SPECS if spec.envvar in environ}
+
+
+def load(
+    raw: Mapping[str, str | None],
+    *,
+    environ: Mapping[str, str] | None = None,
+    need_api_key: bool = True,
+) -> Settings:
+    """Build Settings from raw texts (flags already merged over the environment)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for spec in SPECS:
+        text = raw.get(spec.name)
+        if text is None:
+            text = spec.default
+        if text is None:
+            values[spec.name] = None
+            continue
+        try:
+            values[spec.name] = spec.parse(text)
+        except ValueError as exc:
+            raise SettingError(f"{spec.envvar} ({spec.flag})", str(exc)) from None
+    if values["database_url"] is None:
+        raise SettingError("OUTBOX_DATABASE_URL (--database-url)", "is required")
+    if values["owner"] is None:
+        values["owner"] = f"{socket.gethostname()}:{os.getpid()}"
+    if values["lease_seconds"] < values["request_timeout_seconds"] + 1:
+        raise SettingError(
+            "OUTBOX_LEASE_SECONDS (--lease-seconds)",
+            f"{values['lease_seconds']:g} must exceed the request timeout "
+            f"({values['request_timeout_seconds']:g} s) by at least 1 s, so that an expired lease "
+            "means no request is still in flight",
+        )
+    values["api_key"] = read_api_key(values["api_key_file"], environ) if need_api_key else ""
+    return Settings(**values)
+
+
+def read_api_key(api_key_file: str | None, environ: Mapping[str, str]) -> str:
+    """The key from --api-key-file, the systemd credential, or PARTNERO_API_KEY, in that order."""
+    source: str
+    if api_key_file:
+        source = "OUTBOX_API_KEY_FILE (--api-key-file)"
+        key = _read_key_file(Path(api_key_file), source)
+    elif (
+        environ.get("CREDENTIALS_DIRECTORY")
+        and (Path(environ["CREDENTIALS_DIRECTORY"]) / "partnero_api_key").exists()
+    ):
+        source = "systemd credential partnero_api_key"
+        key = _read_key_file(Path(environ["CREDENTIALS_DIRECTORY"]) / "partnero_api_key", source)
+    else:
+        source = "PARTNERO_API_KEY"
+        key = environ.get("PARTNERO_API_KEY", "").strip()
+        if not key:
+            raise SettingError(
+                "PARTNERO_API_KEY",
+                "is required (or --api-key-file, or the systemd credential partnero_api_key)",
+            )
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise SettingError(source, "the API key contains whitespace or control characters")
+    return key
+
+
+def _read_key_file(path: Path, source: str) -> str:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingError(source, f"cannot read {path}: {exc.strerror}") from None
+    if not key:
+        raise SettingError(source, f"{path} is empty")
+    return key

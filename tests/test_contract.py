@@ -1,0 +1,302 @@
+"""The insert contract (SPEC section 2), enforced by Postgres, tested with real INSERTs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox import db, pgtemp
+from tests.helpers import psql
+
+VALID_SALE: dict[str, Any] = {
+    "event_type": "sale",
+    "transaction_key": "inv_1001",
+    "customer_key": "cust_1",
+    "amount": Decimal("99.99"),
+    "currency": "EUR",
+    "payload": None,
+}
+
+
+def insert(conn: sa.Connection, **columns: Any) -> int:
+    names = ", ".join(columns)
+    values = ", ".join(
+        f"CAST(:{name} AS jsonb)" if name == "payload" else f":{name}" for name in columns
+    )
+    params = {
+        k: json.dumps(v) if k == "payload" and v is not None else v for k, v in columns.items()
+    }
+    return int(
+        conn.execute(
+            sa.text(f"INSERT INTO outbox.events ({names}) VALUES ({values}) RETURNING id"), params
+        ).scalar_one()
+    )
+
+
+def sale(**overrides: Any) -> dict[str, Any]:
+    return {**VALID_SALE, **overrides}
+
+
+def refund(**overrides: Any) -> dict[str, Any]:
+    return {"event_type": "refund", "transaction_key": "inv_1001", **overrides}
+
+
+# (rule name, the columns of a row that breaks exactly that rule)
+BROKEN_ROWS: list[tuple[str, dict[str, Any]]] = [
+    ("event_type_known", sale(event_type="chargeback")),
+    ("event_type_known", sale(event_type=None)),
+    ("event_type_known", sale(event_type="Sale")),
+    ("transaction_key_required", sale(transaction_key=None)),
+    ("transaction_key_required", sale(transaction_key="")),
+    ("transaction_key_no_surrounding_whitespace", sale(transaction_key=" inv_1")),
+    ("transaction_key_no_surrounding_whitespace", sale(transaction_key="inv_1 ")),
+    ("transaction_key_no_control_characters", sale(transaction_key="inv_1\t")),
+    ("transaction_key_no_control_characters", sale(transaction_key="inv\n1")),
+    ("transaction_key_max_255_characters", sale(transaction_key="k" * 256)),
+    ("sale_requires_customer_key", sale(customer_key=None)),
+    ("customer_key_not_empty", sale(customer_key="")),
+    ("customer_key_not_empty", refund(customer_key="")),
+    ("customer_key_no_surrounding_whitespace", sale(customer_key="cust_1 ")),
+    ("customer_key_no_control_characters", sale(customer_key="cu\x07st")),
+    ("customer_key_max_255_characters", sale(customer_key="c" * 256)),
+    ("sale_requires_amount", sale(amount=None)),
+    ("sale_requires_positive_amount", sale(amount=Decimal("0"))),
+    ("sale_requires_positive_amount", sale(amount=Decimal("-5.00"))),
+    ("amount_max_4_decimal_places", sale(amount=Decimal("10.00001"))),
+    ("amount_below_100_billion", sale(amount=Decimal("100000000000"))),
+    ("amount_below_100_billion", sale(amount=Decimal("NaN"))),
+    ("refund_has_no_amount", refund(amount=Decimal("10.00"))),
+    ("currency_is_iso_4217_code", sale(currency="eur")),
+    ("currency_is_iso_4217_code", sale(currency="EURO")),
+    ("currency_is_iso_4217_code", sale(currency="")),
+    ("refund_has_no_currency", refund(currency="EUR")),
+    ("payload_is_json_object", sale(payload=[1, 2])),
+    ("payload_is_json_object", sale(payload="text")),
+    ("payload_does_not_override_columns", sale(payload={"key": "other"})),
+    ("payload_does_not_override_columns", sale(payload={"amount": 1})),
+    ("payload_does_not_override_columns", sale(payload={"action": "refund"})),
+    ("payload_does_not_override_columns", sale(payload={"amount_units": "USD"})),
+    ("payload_does_not_override_customer_key", sale(payload={"customer": {"key": "x"}})),
+    ("payload_customer_is_object", sale(payload={"customer": "x"})),
+    ("payload_has_no_bulk_transactions", sale(payload={"transactions": []})),
+]
+
+# Daemon-owned columns an INSERT may not set, one at a time.
+DAEMON_COLUMNS: list[tuple[str, Any]] = [
+    ("status", "delivered"),
+    ("status", "failed"),
+    ("outcome", "created"),
+    ("attempts", 3),
+    ("lookup_required", True),
+    ("parked", True),
+    ("lease_owner", "host:1"),
+    ("last_error", "boom"),
+    ("last_status_code", 500),
+    ("delivered_at", "2026-01-01T00:00:00Z"),
+    ("next_attempt_at", "2030-01-01T00:00:00Z"),
+    ("created_at", "2020-01-01T00:00:00Z"),
+]
+
+
+@pytest.fixture(scope="module")
+def shared_engine(databases: pgtemp.DatabaseFactory) -> Iterator[sa.Engine]:
+    """One database for the many parametrized cases: refused rows leave nothing behind and the
+    valid-row cases roll back, so they cannot see each other."""
+    url = databases.create_migrated()
+    eng = db.create_engine(url, poolclass=sa.NullPool)
+    yield eng
+    eng.dispose()
+    databases.drop(url)
+
+
+def count_events(engine: sa.Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM outbox.events")).scalar_one())
+
+
+@pytest.mark.parametrize(
+    ("rule", "row"), BROKEN_ROWS, ids=[f"{r}-{i}" for i, (r, _) in enumerate(BROKEN_ROWS)]
+)
+def test_broken_row_is_refused_naming_its_rule(
+    shared_engine: sa.Engine, rule: str, row: dict[str, Any]
+) -> None:
+    with pytest.raises(sa.exc.IntegrityError) as refused, shared_engine.begin() as conn:
+        insert(conn, **row)
+    assert f'"{rule}"' in str(refused.value.orig)
+    assert refused.value.orig.diag.constraint_name == rule  # type: ignore[union-attr]
+    assert count_events(shared_engine) == 0
+
+
+@pytest.mark.parametrize(("column", "value"), DAEMON_COLUMNS, ids=[c for c, _ in DAEMON_COLUMNS])
+def test_daemon_owned_columns_cannot_be_inserted(
+    shared_engine: sa.Engine, column: str, value: Any
+) -> None:
+    with pytest.raises(sa.exc.IntegrityError) as refused, shared_engine.begin() as conn:
+        insert(conn, **sale(), **{column: value})
+    assert "daemon_owned_columns_not_insertable" in str(refused.value.orig)
+    assert count_events(shared_engine) == 0
+
+
+def test_id_cannot_be_chosen_by_the_application(engine: sa.Engine) -> None:
+    with pytest.raises(sa.exc.ProgrammingError, match="id"), engine.begin() as conn:
+        insert(conn, id=42, **sale())
+
+
+def test_one_broken_row_refuses_the_whole_statement(engine: sa.Engine) -> None:
+    with pytest.raises(sa.exc.IntegrityError, match="sale_requires_amount"), engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
+                "VALUES ('sale', 'a', 'c', 10), ('sale', 'b', 'c', NULL)"
+            )
+        )
+    assert count_events(engine) == 0
+
+
+VALID_ROWS: list[dict[str, Any]] = [
+    sale(),
+    sale(currency=None),
+    sale(amount=Decimal("0.0001")),
+    sale(amount=10),
+    sale(amount=Decimal("99999999999.9999")),
+    sale(amount=Decimal("10.50000")),  # trailing zeros are not precision
+    sale(transaction_key="k" * 255, customer_key="c" * 255),
+    sale(transaction_key="inv/2026/ü-7 #1"),  # anything printable, quoted in the URL later
+    sale(
+        payload={
+            "product_id": "prod_123",
+            "product_type": "monthly",
+            "options": {"create_customer": True},
+            "customer": {"partner": {"key": "partner_1"}, "email": "a@example.com"},
+            "products": [{"product_id": "a", "product_price": 29.99}],
+        }
+    ),
+    sale(payload={}),
+    refund(),
+    refund(customer_key="cust_1"),
+    refund(payload={"reason": "chargeback"}),
+]
+
+
+@pytest.mark.parametrize("row", VALID_ROWS, ids=range(len(VALID_ROWS)))
+def test_valid_rows_are_accepted_as_pending(shared_engine: sa.Engine, row: dict[str, Any]) -> None:
+    with shared_engine.connect() as conn:
+        event_id = insert(conn, **row)
+        stored = conn.execute(
+            sa.text("SELECT status, attempts, outcome FROM outbox.events WHERE id = :id"),
+            {"id": event_id},
+        ).one()
+        conn.rollback()
+    assert tuple(stored) == ("pending", 0, None)
+
+
+def test_sql_functions_record_sale_and_refund(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        sale_id = conn.execute(
+            sa.text(
+                "SELECT outbox.record_sale("
+                "'inv_9', 'cust_9', 12.50, 'USD', '{\"product_id\": \"p\"}')"
+            )
+        ).scalar_one()
+        refund_id = conn.execute(sa.text("SELECT outbox.record_refund('inv_9')")).scalar_one()
+        rows = conn.execute(
+            sa.text(
+                "SELECT event_type, transaction_key, customer_key, amount, currency, payload "
+                "FROM outbox.events ORDER BY id"
+            )
+        ).all()
+    assert refund_id > sale_id
+    assert rows[0] == ("sale", "inv_9", "cust_9", Decimal("12.50"), "USD", {"product_id": "p"})
+    assert rows[1] == ("refund", "inv_9", None, None, None, None)
+    with (
+        pytest.raises(sa.exc.IntegrityError, match="sale_requires_positive_amount"),
+        engine.begin() as conn,
+    ):
+        conn.execute(sa.text("SELECT outbox.record_sale('inv_10', 'c', -1)"))
+
+
+def test_python_helper_joins_the_callers_transaction(engine: sa.Engine) -> None:
+    with Session(engine) as session, session.begin():
+        sale_id = outbox.record_sale(
+            session,
+            transaction_key="inv_py",
+            customer_key="c",
+            amount=Decimal("5.00"),
+            currency="EUR",
+            payload={"product_id": "p1"},
+        )
+        outbox.record_refund(session, transaction_key="inv_py")
+        assert sale_id > 0
+    assert count_events(engine) == 2
+
+    # Rolled back with the caller's transaction: nothing stays behind.
+    with Session(engine) as session:
+        outbox.record_sale(session, transaction_key="inv_gone", customer_key="c", amount=1)
+        session.rollback()
+    assert count_events(engine) == 2
+
+    # Works on a Core connection too, and a broken row raises naming the rule.
+    with (
+        pytest.raises(sa.exc.IntegrityError, match="sale_requires_positive_amount"),
+        engine.begin() as conn,
+    ):
+        outbox.record_sale(conn, transaction_key="inv_bad", customer_key="c", amount=0)
+    with pytest.raises(TypeError, match="float"), engine.begin() as conn:
+        outbox.record_sale(conn, transaction_key="inv_f", customer_key="c", amount=1.1)  # type: ignore[arg-type]
+    assert count_events(engine) == 2
+
+
+def test_insert_notifies_once_per_statement(database_url: str) -> None:
+    import psycopg
+
+    from outbox.db import libpq_url
+
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as listener:
+        listener.execute("LISTEN outbox_events")
+        with psycopg.connect(libpq_url(database_url)) as writer:
+            writer.execute(
+                "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
+                "SELECT 'sale', 'bulk_' || g, 'c', 1 FROM generate_series(1, 50) g"
+            )
+            writer.execute("SELECT outbox.record_refund('bulk_1')")
+            writer.commit()
+            # A marker after the commit: notifications arrive in commit order, so everything
+            # the INSERTs sent has arrived once the marker has.
+            writer.execute("NOTIFY outbox_events, 'marker'")
+            writer.commit()
+        received = []
+        for notification in listener.notifies(timeout=10.0):
+            received.append((notification.channel, notification.payload))
+            if notification.payload == "marker":
+                break
+    # Two statements in one transaction fold into one notification, with no payload.
+    assert received == [("outbox_events", ""), ("outbox_events", "marker")]
+
+
+def test_psql_foreign_client_inserts_and_gets_named_errors(
+    engine: sa.Engine, database_url: str
+) -> None:
+    ok = psql(
+        database_url,
+        "BEGIN;"
+        "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount, currency) "
+        "VALUES ('sale', 'psql_1', 'cust_1', 49.90, 'EUR');"
+        "INSERT INTO outbox.events (event_type, transaction_key) VALUES ('refund', 'psql_1');"
+        "COMMIT;",
+    )
+    assert ok.returncode == 0, ok.stderr
+    refused = psql(
+        database_url,
+        "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
+        "VALUES ('refund', 'psql_2', 'cust_1', 10);",
+    )
+    assert refused.returncode != 0
+    assert 'violates check constraint "refund_has_no_amount"' in refused.stderr
+    assert count_events(engine) == 2
