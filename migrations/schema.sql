@@ -42,6 +42,8 @@ CREATE TABLE outbox.events (
         CHECK (transaction_key !~ '[[:cntrl:]]'),
     CONSTRAINT transaction_key_max_255_characters
         CHECK (length(transaction_key) <= 255),
+    CONSTRAINT transaction_key_not_dot_segment
+        CHECK (transaction_key NOT IN ('.', '..')),
     CONSTRAINT sale_requires_customer_key
         CHECK (event_type IS DISTINCT FROM 'sale' OR customer_key IS NOT NULL),
     CONSTRAINT customer_key_not_empty

@@ -99,10 +99,44 @@ def migrate_command(database_url: str | None, show_status: bool) -> None:
         click.echo("nothing to apply: the schema is up to date")
 
 
+@main.command("run", context_settings={"show_default": False})
+@setting_options()
+def run_command(**options: Any) -> None:
+    """Run the delivery daemon (under systemd: Type=notify).
+
+    Every setting below is also read from the environment variable named in brackets; a flag
+    wins over the environment. The Partnero API key is never a flag: PARTNERO_API_KEY,
+    --api-key-file, or the systemd credential partnero_api_key.
+    """
+    import asyncio
+
+    from outbox import logs
+    from outbox.daemon import Daemon
+    from outbox.migrate import MigrationError
+
+    settings = settings_from(options)
+    logs.configure(settings.log_format, settings.log_level, secrets=[settings.api_key])
+    try:
+        asyncio.run(Daemon(settings).run())
+    except MigrationError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
+        pass
+
+
 def _first_line(exc: BaseException | None) -> str:
     text = str(exc or "").strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
+
+def _register_commands() -> None:
+    """Commands that live in their own modules."""
+    from outbox.fake_partnero import fake_partnero_command
+
+    main.add_command(fake_partnero_command)
+
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

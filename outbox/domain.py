@@ -38,9 +38,9 @@ class Outcome(enum.StrEnum):
     VALIDATION_ERROR = "validation_error"  # 422
     REJECTED = "rejected"  # any other 4xx Partnero will not accept
     NETWORK_ERROR = "network_error"  # could not connect, retried until the limit
-    TIMEOUT = "timeout"  # no answer in time, retried until the limit
+    TIMEOUT = "timeout"  # no answer in time, or 408; retried until the limit
     SERVER_ERROR = "server_error"  # 5xx, retried until the limit
-    RATE_LIMITED = "rate_limited"  # 429 / 408, retried until the limit
+    RATE_LIMITED = "rate_limited"  # 429, retried until the limit
     BAD_RESPONSE = "bad_response"  # an answer the daemon cannot read, retried until the limit
 
 
@@ -57,7 +57,10 @@ class RequestKind(enum.StrEnum):
 
 
 class TransportError(enum.StrEnum):
-    """How an HTTP call ended when no HTTP answer came back."""
+    """How an HTTP call ended when no complete HTTP answer came back.
+
+    A status line may have arrived before the body failed: then `Exchange.status_code` is set as
+    well, and the transport error is what decides (the policy looks at it first)."""
 
     # The request certainly did not reach Partnero (connect refused, DNS, pool timeout).
     NOT_SENT = "not_sent"
@@ -88,7 +91,7 @@ class Exchange:
     kind: RequestKind
     method: str
     path: str
-    status_code: int | None = None  # None when no HTTP answer came back
+    status_code: int | None = None  # None when no status line came back
     body_excerpt: str = ""  # at most a few hundred characters of the answer
     message: str | None = None  # Partnero's `message` field, when the body had one
     json_body: dict[str, Any] | None = None  # the parsed body, when it was a small JSON object

@@ -1,0 +1,506 @@
+"""`outbox run`: the delivery daemon.
+
+Four services, each a loop around a `run_once()` that returns a small result (the River way):
+
+- Claimer: claims due rows in batches under leases and hands each to the executor, keeping at
+  most `concurrency` calls in flight; sleeps until a NOTIFY, the next due row, or the poll
+  interval.
+- Writer: writes results in batches, each guarded by its lease token; keeps them in memory and
+  retries while the database is away, so a result is never dropped.
+- Listener: LISTEN outbox_events on its own connection; reconnects with back-off (tenacity).
+- Rescuer: clears expired leases (a daemon that died) so their rows are picked up again, with a
+  lookup first for sales.
+
+SIGTERM stops claiming, lets in-flight calls finish for `shutdown_grace_seconds`, gives the rest
+back, writes every result, and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import sqlalchemy as sa
+import structlog
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
+
+from outbox import db, migrate
+from outbox.db import libpq_url
+from outbox.executor import Executor, Gate
+from outbox.partnero import ApiKey, PartneroClient
+from outbox.policy import ping_ok
+from outbox.settings import Settings
+from outbox.store import Claimed, CompleteResult, Completion, Rescued, Store
+
+log = structlog.get_logger("outbox.daemon")
+
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class Health:
+    """What the daemon knows about itself; read by the status line, metrics and the watchdog."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    database_ok: bool = False
+    listening: bool = False
+    last_loop_at: float = field(default_factory=time.monotonic)
+    last_delivery_at: datetime | None = None
+    last_error: str | None = None
+    claimed: int = 0
+    completed: int = 0
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    released: int = 0
+    rescued: int = 0
+    lost_leases: int = 0
+    in_flight: int = 0
+
+    def tick(self) -> None:
+        self.last_loop_at = time.monotonic()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRound:
+    asked: int
+    claimed: int
+    parked: int
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRound:
+    written: int
+    result: CompleteResult
+
+
+def _retrying(stopping: asyncio.Event, what: str) -> AsyncRetrying:
+    """Retry database work with capped, jittered back-off until it works or we are stopping."""
+
+    def stop_when_stopping(_state: object) -> bool:
+        return stopping.is_set()
+
+    def before_sleep(state: object) -> None:
+        outcome = getattr(state, "outcome", None)
+        error = outcome.exception() if outcome is not None else None
+        log.warning("outbox.db.retrying", operation=what, error=_first_line(error))
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(DB_ERRORS),
+        wait=wait_exponential_jitter(initial=0.2, max=10.0),
+        stop=stop_when_stopping,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Listener:
+    """LISTEN outbox_events; sets `wake` on every notification and after each (re)connect."""
+
+    def __init__(self, url: str, wake: asyncio.Event, health: Health, check_seconds: float) -> None:
+        self._url = libpq_url(url)
+        self._wake = wake
+        self._health = health
+        self._check_seconds = check_seconds
+
+    async def run_once(self) -> int:
+        """One connection's life: listen until it breaks. Returns notifications received."""
+        received = 0
+        conn = await psycopg.AsyncConnection.connect(
+            self._url, autocommit=True, application_name="outbox-listener", connect_timeout=10
+        )
+        try:
+            await conn.execute("LISTEN outbox_events")
+            self._health.listening = True
+            self._wake.set()  # anything committed while we were not listening
+            log.info("outbox.listener.listening")
+            while True:
+                async for _ in conn.notifies(timeout=self._check_seconds):
+                    received += 1
+                    self._wake.set()
+                await conn.execute("SELECT 1")  # a quiet connection is checked, not trusted
+        finally:
+            self._health.listening = False
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        async for attempt in _retrying(stopping, "listen"):
+            with attempt:
+                await self.run_once()
+
+
+class Writer:
+    """Writes completions in batches. A batch that cannot be written is kept and retried."""
+
+    def __init__(self, store: Store, health: Health, on_woken: Callable[[int], None]) -> None:
+        self._store = store
+        self._health = health
+        self._on_woken = on_woken
+        self.queue: asyncio.Queue[Completion] = asyncio.Queue()
+        self._batch: list[Completion] = []
+
+    def put(self, completion: Completion) -> None:
+        self.queue.put_nowait(completion)
+
+    @property
+    def backlog(self) -> int:
+        return self.queue.qsize() + len(self._batch)
+
+    async def run_once(self, max_batch: int = 1000) -> WriteRound:
+        if not self._batch:
+            self._batch.append(await self.queue.get())
+        while len(self._batch) < max_batch and not self.queue.empty():
+            self._batch.append(self.queue.get_nowait())
+        result = await self._store.complete(self._batch)
+        written = len(self._batch)
+        lost = written - result.completed
+        self._account(self._batch, lost)
+        self._batch = []
+        if result.woken:
+            self._on_woken(result.woken)
+        return WriteRound(written, result)
+
+    def _account(self, batch: list[Completion], lost: int) -> None:
+        self._health.completed += len(batch)
+        for c in batch:
+            if c.status == "delivered":
+                self._health.delivered += 1
+                self._health.last_delivery_at = utcnow()
+            elif c.status == "failed":
+                self._health.failed += 1
+            elif c.attempt_records:
+                self._health.retried += 1
+            else:
+                self._health.released += 1
+        if lost:
+            self._health.lost_leases += lost
+            log.warning(
+                "outbox.writer.lease_lost",
+                results=lost,
+                note="another daemon holds these rows now; their results were not applied",
+            )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        while True:
+            async for attempt in _retrying(stopping, "write results"):
+                with attempt:
+                    await self.run_once()
+
+    async def flush(self, deadline: float) -> bool:
+        """Write everything queued, retrying until `deadline` (monotonic). True when all written."""
+        while self.backlog:
+            try:
+                await self.run_once()
+            except DB_ERRORS as exc:
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "outbox.writer.unflushed",
+                        results=self.backlog,
+                        error=_first_line(exc),
+                        note="their leases will expire and the rows be picked up again",
+                    )
+                    return False
+                await asyncio.sleep(0.2)
+        return True
+
+
+class Rescuer:
+    def __init__(self, store: Store, health: Health) -> None:
+        self._store = store
+        self._health = health
+
+    async def run_once(self) -> list[Rescued]:
+        rescued = await self._store.rescue()
+        if rescued:
+            self._health.rescued += len(rescued)
+            owners = sorted({r.lease_owner or "?" for r in rescued})
+            log.warning(
+                "outbox.rescue.expired_leases",
+                rows=len(rescued),
+                owners=owners,
+                event_ids=[r.event_id for r in rescued[:20]],
+            )
+        return rescued
+
+
+class Daemon:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: PartneroClient | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.health = Health()
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._clock = clock
+        self.client = client or PartneroClient(
+            settings.partnero_api_url,
+            ApiKey(settings.api_key),
+            timeout_seconds=settings.request_timeout_seconds,
+            max_connections=settings.concurrency,
+            verify_tls=not settings.insecure_skip_tls_verify,
+        )
+        self.gate = Gate(clock)
+        limiter = _limiter(settings.rate_limit_per_second)
+        self.executor = Executor(
+            self.client,
+            owner=settings.owner,
+            retry_policy=settings.retry_policy(),
+            request_timeout_seconds=settings.request_timeout_seconds,
+            gate=self.gate,
+            limiter=limiter,
+            clock=clock,
+        )
+        self.claim_store = Store(settings.database_url)
+        self.write_store = Store(settings.database_url)
+        self.writer = Writer(self.write_store, self.health, self._on_woken)
+        self.rescuer = Rescuer(self.claim_store, self.health)
+        self.listener = Listener(
+            settings.database_url, self._wake, self.health, settings.poll_interval_seconds
+        )
+        self._tasks: dict[asyncio.Task[None], Claimed] = {}
+
+    # ---- start-up ---------------------------------------------------------------------------
+
+    async def check_schema(self) -> None:
+        """Refuse to run against a database that is not at this build's schema version."""
+
+        def check() -> None:
+            engine = db.create_engine(self.settings.database_url, poolclass=sa.NullPool)
+            try:
+                migrate.check_current(engine)
+            finally:
+                engine.dispose()
+
+        async for attempt in _retrying(self.stopping, "connect"):
+            with attempt:
+                try:
+                    await asyncio.to_thread(check)
+                except sa.exc.OperationalError as exc:
+                    raise psycopg.OperationalError(_first_line(exc.orig)) from None
+        self.health.database_ok = True
+
+    # ---- the claimer ------------------------------------------------------------------------
+
+    def _on_woken(self, count: int) -> None:
+        self._wake.set()
+
+    async def claim_once(self) -> ClaimRound:
+        s = self.settings
+        free = s.concurrency - len(self._tasks)
+        asked = min(free, s.batch_size)
+        if asked <= 0:
+            return ClaimRound(0, 0, 0)
+        self._wake.clear()
+        started = time.monotonic()
+        result = await self.claim_store.claim(
+            owner=s.owner,
+            limit=asked,
+            lease_seconds=s.lease_seconds,
+            recheck_seconds=s.blocked_recheck_seconds,
+            orphan_grace_seconds=s.orphan_refund_grace_seconds,
+        )
+        self.health.database_ok = True
+        deadline = started + s.lease_seconds
+        for claimed in result.claimed:
+            task = asyncio.create_task(self._deliver(claimed, deadline))
+            self._tasks[task] = claimed
+            task.add_done_callback(self._task_done)
+        self.health.claimed += len(result.claimed)
+        self.health.in_flight = len(self._tasks)
+        return ClaimRound(asked, len(result.claimed), result.parked)
+
+    async def _deliver(self, claimed: Claimed, deadline: float) -> None:
+        try:
+            completion = await self.executor.process(claimed, deadline)
+        except asyncio.CancelledError:
+            self.writer.put(self.executor.cut_short(claimed))
+            raise
+        except Exception as exc:  # a bug must not lose the row or stop the daemon
+            log.exception("outbox.delivery.crashed", event_id=claimed.event.id)
+            self.health.last_error = f"internal error: {type(exc).__name__}"
+            completion = self.executor.cut_short(claimed)
+        if completion.last_error and completion.status != "delivered":
+            self.health.last_error = completion.last_error
+        self.writer.put(completion)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.pop(task, None)
+        self.health.in_flight = len(self._tasks)
+        self._slot_free.set()
+
+    async def _idle_wait(self) -> None:
+        """Sleep until a NOTIFY, the next due row, or the poll interval, whichever is first."""
+        timeout = self.settings.poll_interval_seconds
+        with contextlib.suppress(*DB_ERRORS):
+            due = await self.claim_store.next_due()
+            if due is not None:
+                timeout = min(timeout, max(0.05, (due - self._clock()).total_seconds()))
+        await _wait_any(self._wake, self.stopping, timeout=timeout)
+
+    async def _paused(self) -> None:
+        """401/403: send nothing until the pause is over and GET /v1/test says the key works."""
+        until = self.gate.paused_until
+        assert until is not None
+        log.error(
+            "outbox.partnero.auth_failed",
+            paused_until=until.isoformat(),
+            error=self.gate.pause_detail,
+            note="sending is paused; rows stay pending and no attempts are counted",
+        )
+        self.health.last_error = self.gate.pause_detail
+        await _wait_any(self.stopping, timeout=max(0.0, (until - self._clock()).total_seconds()))
+        if self.stopping.is_set():
+            return
+        exchange = await self.client.ping()
+        if ping_ok(exchange):
+            log.info("outbox.partnero.auth_restored")
+            self.gate.resume()
+        else:
+            self.gate.pause(
+                self._clock() + timedelta(seconds=self.settings.auth_pause_seconds),
+                self.gate.pause_detail or "authentication failed",
+            )
+
+    async def run_claimer(self) -> None:
+        while not self.stopping.is_set():
+            self.health.tick()
+            if self.gate.paused:
+                await self._paused()
+                continue
+            if len(self._tasks) >= self.settings.concurrency:
+                self._slot_free.clear()
+                await _wait_any(self._slot_free, self.stopping, timeout=1.0)
+                continue
+            try:
+                round_ = await self.claim_once()
+            except DB_ERRORS as exc:
+                self.health.database_ok = False
+                self.health.last_error = f"database: {_first_line(exc)}"
+                log.warning("outbox.claimer.db_error", error=_first_line(exc))
+                await _wait_any(self.stopping, timeout=1.0)
+                continue
+            if round_.claimed < round_.asked:
+                await self._idle_wait()
+
+    async def run_rescuer(self) -> None:
+        interval = max(0.5, min(self.settings.lease_seconds / 2, 30.0))
+        while not self.stopping.is_set():
+            with contextlib.suppress(*DB_ERRORS):
+                if await self.rescuer.run_once():
+                    self._wake.set()
+            await _wait_any(self.stopping, timeout=interval)
+
+    # ---- the whole ------------------------------------------------------------------------
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        s = self.settings
+        log.info(
+            "outbox.daemon.starting",
+            owner=s.owner,
+            partnero=s.partnero_api_url,
+            database=db.redact(s.database_url),
+            concurrency=s.concurrency,
+        )
+        if s.insecure_skip_tls_verify:
+            log.warning(
+                "outbox.daemon.tls_verification_off",
+                note="OUTBOX_INSECURE_SKIP_TLS_VERIFY is set: Partnero's certificate is "
+                "NOT checked; never run like this in production",
+            )
+        loop = asyncio.get_running_loop()
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        await self.check_schema()
+        if self.stopping.is_set():
+            return
+        services = [
+            asyncio.create_task(self.listener.run(self.stopping), name="listener"),
+            asyncio.create_task(self.writer.run(self.stopping), name="writer"),
+            asyncio.create_task(self.run_rescuer(), name="rescuer"),
+        ]
+        log.info("outbox.daemon.running")
+        try:
+            await self.run_claimer()
+        finally:
+            await self._shutdown(services)
+            if install_signal_handlers:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("outbox.daemon.stopping")
+            self.stopping.set()
+
+    async def _shutdown(self, services: list[asyncio.Task[None]]) -> None:
+        grace = self.settings.shutdown_grace_seconds
+        if self._tasks:
+            log.info("outbox.daemon.draining", in_flight=len(self._tasks), grace_seconds=grace)
+            _, pending = await asyncio.wait(list(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for task in services:
+            if task.get_name() != "writer":
+                task.cancel()
+        writer_task = next(t for t in services if t.get_name() == "writer")
+        writer_task.cancel()
+        await asyncio.gather(*services, return_exceptions=True)
+        await self.writer.flush(time.monotonic() + max(grace, 5.0))
+        await self.client.aclose()
+        await self.claim_store.close()
+        await self.write_store.close()
+        log.info(
+            "outbox.daemon.stopped",
+            delivered=self.health.delivered,
+            failed=self.health.failed,
+            retried=self.health.retried,
+        )
+
+
+async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
+    """Wait until one of the events is set or the timeout passes."""
+    if any(e.is_set() for e in events):
+        return
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+
+
+def _limiter(rate: float) -> Callable[[], asyncio.Future[None] | None] | None:
+    if rate <= 0:
+        return None
+    # Below one call a second the bucket holds one call; above, a second's worth (the burst).
+    limiter = AsyncLimiter(1, 1.0 / rate) if rate < 1 else AsyncLimiter(rate, 1.0)
+
+    def acquire() -> asyncio.Future[None]:
+        return asyncio.ensure_future(limiter.acquire())
+
+    return acquire

@@ -1,0 +1,419 @@
+"""The executor: deliver one claimed row and say what became of it.
+
+For a sale whose earlier create may have reached Partnero (`lookup_required`) it looks the key up
+first and creates only when Partnero does not have it (SPEC rule 1). Before every call it checks
+that the lease has more than the request timeout left, so a request is never in flight once the
+lease has expired. Every answer goes through the pure policy (outbox.policy.decide); this module
+only carries the decision out. The result is a Completion for the writer, never a database write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+import structlog
+
+from outbox import policy
+from outbox.domain import (
+    Decision,
+    Delivered,
+    Event,
+    EventType,
+    Exchange,
+    Failed,
+    LookupResult,
+    Outcome,
+    Pause,
+    RequestKind,
+    Retry,
+    RetryPolicy,
+)
+from outbox.store import AttemptRecord, Claimed, Completion
+
+log = structlog.get_logger("outbox.delivery")
+
+# A request is started only while the lease has at least the request timeout plus this margin
+# left: an expired lease then means the request is over.
+LEASE_MARGIN_SECONDS = 1.0
+
+
+class Client(Protocol):
+    async def create(self, event: Event) -> Exchange: ...
+    async def delete(self, transaction_key: str) -> Exchange: ...
+    async def lookup(self, transaction_key: str) -> Exchange: ...
+
+
+class Gate:
+    """The daemon-wide go/no-go for sending: paused after 401/403, cooling down after 429."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self._clock = clock
+        self.paused_until: datetime | None = None
+        self.pause_detail: str | None = None
+        self.cooldown_until: datetime | None = None
+        self._changed = asyncio.Event()
+
+    def pause(self, until: datetime, detail: str) -> None:
+        if self.paused_until is None or until > self.paused_until:
+            self.paused_until = until
+        self.pause_detail = detail
+        self._changed.set()
+
+    def resume(self) -> None:
+        self.paused_until = None
+        self.pause_detail = None
+        self._changed.set()
+
+    def cool_down(self, until: datetime) -> None:
+        if self.cooldown_until is None or until > self.cooldown_until:
+            self.cooldown_until = until
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_until is not None
+
+    async def wait_for_cooldown(self) -> None:
+        while self.cooldown_until is not None:
+            remaining = (self.cooldown_until - self._clock()).total_seconds()
+            if remaining <= 0:
+                self.cooldown_until = None
+                return
+            await asyncio.sleep(remaining)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What has happened to one row so far in this claim."""
+
+    attempts: int
+    lookup_required: bool
+    records: list[AttemptRecord]
+    create_started: bool = False
+    last_status_code: int | None = None
+
+
+class Executor:
+    def __init__(
+        self,
+        client: Client,
+        *,
+        owner: str,
+        retry_policy: RetryPolicy,
+        request_timeout_seconds: float,
+        gate: Gate,
+        limiter: Callable[[], asyncio.Future[None] | None] | None = None,
+        clock: Callable[[], datetime] | None = None,
+        rand: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._owner = owner
+        self._policy = retry_policy
+        self._timeout = request_timeout_seconds
+        self._gate = gate
+        self._limiter = limiter
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self._rand = rand or random.random
+        self._monotonic = monotonic
+        self._progress: dict[int, _Progress] = {}
+
+    async def process(self, claimed: Claimed, lease_deadline: float) -> Completion:
+        """Deliver one row; `lease_deadline` is the monotonic time the lease runs out (locally
+        reckoned from before the claim was sent, so never later than the database's)."""
+        event = claimed.event
+        progress = _Progress(event.attempts, event.lookup_required, [])
+        self._progress[event.id] = progress
+        try:
+            return await self._process(claimed, progress, lease_deadline)
+        finally:
+            self._progress.pop(event.id, None)
+
+    def cut_short(self, claimed: Claimed) -> Completion:
+        """The completion for a row whose processing was cancelled (shutdown): give the row back.
+        A sale whose create had started may have reached Partnero: look it up next time."""
+        event = claimed.event
+        progress = self._progress.get(event.id) or _Progress(
+            event.attempts, event.lookup_required, []
+        )
+        lookup = progress.lookup_required or progress.create_started
+        log.info(
+            "outbox.delivery.released",
+            event_id=event.id,
+            key=event.transaction_key,
+            type=event.event_type.value,
+            reason="shutdown",
+            lookup_required=lookup,
+        )
+        return self._completion(
+            claimed,
+            progress,
+            status="pending",
+            outcome=None,
+            next_attempt_at=self._clock(),
+            lookup_required=lookup,
+            last_error=None,
+        )
+
+    # ---- the steps ----------------------------------------------------------------------------
+
+    async def _process(self, claimed: Claimed, progress: _Progress, deadline: float) -> Completion:
+        event = claimed.event
+        if claimed.known_duplicate:
+            log.info(
+                "outbox.delivery.delivered",
+                event_id=event.id,
+                key=event.transaction_key,
+                type=event.event_type.value,
+                attempt=progress.attempts,
+                status_code=None,
+                outcome=Outcome.DUPLICATE.value,
+                duration_ms=0.0,
+                note="an earlier sale with this key was already delivered",
+            )
+            return self._completion(
+                claimed,
+                progress,
+                status="delivered",
+                outcome=Outcome.DUPLICATE.value,
+                next_attempt_at=self._clock(),
+                lookup_required=False,
+                last_error="an earlier sale with this key was already delivered; not sent again",
+            )
+        if event.event_type is EventType.SALE and progress.lookup_required:
+            exchange = await self._call(claimed, progress, RequestKind.LOOKUP, deadline)
+            if exchange is None:
+                return self._release(claimed, progress)
+            decision = self._decide(event, progress, exchange)
+            if isinstance(decision, LookupResult):
+                if decision.found:
+                    return self._finish(claimed, progress, exchange, Delivered(Outcome.CREATED))
+                progress.lookup_required = False  # Partnero does not have it: create it now
+            else:
+                return self._finish(claimed, progress, exchange, decision)
+        kind = RequestKind.CREATE if event.event_type is EventType.SALE else RequestKind.DELETE
+        exchange = await self._call(claimed, progress, kind, deadline)
+        if exchange is None:
+            return self._release(claimed, progress)
+        return self._finish(claimed, progress, exchange, self._decide(event, progress, exchange))
+
+    async def _call(
+        self, claimed: Claimed, progress: _Progress, kind: RequestKind, deadline: float
+    ) -> Exchange | None:
+        """Make one call, or None when the row must be given back unsent (paused, or too
+        little lease left)."""
+        if self._gate.paused:
+            return None
+        await self._gate.wait_for_cooldown()
+        if self._limiter is not None:
+            waiting = self._limiter()
+            if waiting is not None:
+                await waiting
+        if self._gate.paused:
+            return None
+        if deadline - self._monotonic() < self._timeout + LEASE_MARGIN_SECONDS:
+            return None
+        key = claimed.event.transaction_key
+        if kind is RequestKind.CREATE:
+            progress.create_started = True
+            exchange = await self._client.create(claimed.event)
+        elif kind is RequestKind.DELETE:
+            exchange = await self._client.delete(key)
+        else:
+            exchange = await self._client.lookup(key)
+        return exchange
+
+    def _decide(self, event: Event, progress: _Progress, exchange: Exchange) -> Decision:
+        now = self._clock()
+        current = replace(event, attempts=progress.attempts)
+        decision = policy.decide(current, exchange, now, self._policy, self._rand())
+        self._record(event, progress, exchange, decision)
+        if not isinstance(decision, Pause):
+            progress.attempts += 1
+        if exchange.status_code is not None:
+            progress.last_status_code = exchange.status_code
+        if exchange.status_code == 429:
+            wait = exchange.retry_after_seconds
+            if wait is None:
+                wait = policy.backoff_delay(1, self._policy, self._rand())
+            self._gate.cool_down(now + timedelta(seconds=min(wait, self._policy.max_delay_seconds)))
+        return decision
+
+    def _record(
+        self, event: Event, progress: _Progress, exchange: Exchange, decision: Decision
+    ) -> None:
+        now = self._clock()
+        progress.records.append(
+            AttemptRecord(
+                event_id=event.id,
+                attempt=progress.attempts + 1,
+                started_at=exchange.started_at or now,
+                finished_at=exchange.finished_at or now,
+                method=exchange.method,
+                path=exchange.path,
+                status_code=exchange.status_code,
+                response_excerpt=exchange.body_excerpt or None,
+                error=exchange.error,
+                decision=_decision_label(decision),
+                daemon=self._owner,
+            )
+        )
+        if isinstance(decision, LookupResult):
+            log.info(
+                "outbox.delivery.lookup",
+                event_id=event.id,
+                key=event.transaction_key,
+                type=event.event_type.value,
+                attempt=progress.attempts + 1,
+                status_code=exchange.status_code,
+                found=decision.found,
+                duration_ms=_duration_ms(exchange),
+            )
+
+    def _finish(
+        self, claimed: Claimed, progress: _Progress, exchange: Exchange, decision: Decision
+    ) -> Completion:
+        event = claimed.event
+        fields = {
+            "event_id": event.id,
+            "key": event.transaction_key,
+            "type": event.event_type.value,
+            "attempt": progress.attempts,
+            "status_code": exchange.status_code,
+            "duration_ms": _duration_ms(exchange),
+        }
+        now = self._clock()
+        if isinstance(decision, Delivered):
+            log.info("outbox.delivery.delivered", outcome=decision.outcome.value, **fields)
+            return self._completion(
+                claimed,
+                progress,
+                status="delivered",
+                outcome=decision.outcome.value,
+                next_attempt_at=now,
+                lookup_required=False,
+                last_error=None,
+            )
+        if isinstance(decision, Retry):
+            detail = f"{decision.reason.value}: {policy.describe(exchange)}"
+            log.warning(
+                "outbox.delivery.retry",
+                outcome=decision.reason.value,
+                retry_at=decision.at.isoformat(),
+                lookup_required=decision.lookup_required,
+                error=detail,
+                **fields,
+            )
+            return self._completion(
+                claimed,
+                progress,
+                status="pending",
+                outcome=None,
+                next_attempt_at=decision.at,
+                lookup_required=decision.lookup_required and event.event_type is EventType.SALE,
+                last_error=detail,
+            )
+        if isinstance(decision, Failed):
+            log.error(
+                "outbox.delivery.failed",
+                outcome=decision.reason.value,
+                error=decision.detail,
+                **fields,
+            )
+            return self._completion(
+                claimed,
+                progress,
+                status="failed",
+                outcome=decision.reason.value,
+                next_attempt_at=now,
+                lookup_required=progress.lookup_required,
+                last_error=decision.detail,
+            )
+        if isinstance(decision, Pause):
+            self._gate.pause(decision.until, decision.detail)
+            log.error(
+                "outbox.delivery.paused",
+                until=decision.until.isoformat(),
+                error=decision.detail,
+                **fields,
+            )
+            return self._completion(
+                claimed,
+                progress,
+                status="pending",
+                outcome=None,
+                next_attempt_at=decision.until,
+                lookup_required=progress.lookup_required,
+                last_error=decision.detail,
+            )
+        # A LookupResult is handled in _process; reaching here would be a bug in this module.
+        raise AssertionError(f"unexpected decision {decision!r}")
+
+    def _release(self, claimed: Claimed, progress: _Progress) -> Completion:
+        event = claimed.event
+        reason = "paused" if self._gate.paused else "lease too short"
+        log.info(
+            "outbox.delivery.released",
+            event_id=event.id,
+            key=event.transaction_key,
+            type=event.event_type.value,
+            reason=reason,
+        )
+        next_at = self._gate.paused_until if self._gate.paused_until else self._clock()
+        return self._completion(
+            claimed,
+            progress,
+            status="pending",
+            outcome=None,
+            next_attempt_at=next_at,
+            lookup_required=progress.lookup_required,
+            last_error=None,
+        )
+
+    def _completion(
+        self,
+        claimed: Claimed,
+        progress: _Progress,
+        *,
+        status: str,
+        outcome: str | None,
+        next_attempt_at: datetime,
+        lookup_required: bool,
+        last_error: str | None,
+    ) -> Completion:
+        return Completion(
+            event_id=claimed.event.id,
+            token=claimed.token,
+            status=status,
+            outcome=outcome,
+            attempts=progress.attempts,
+            next_attempt_at=next_attempt_at,
+            lookup_required=lookup_required,
+            last_error=last_error,
+            last_status_code=progress.last_status_code,
+            attempt_records=tuple(progress.records),
+        )
+
+
+def _decision_label(decision: Decision) -> str:
+    if isinstance(decision, Delivered):
+        return f"delivered:{decision.outcome.value}"
+    if isinstance(decision, Retry):
+        suffix = "+lookup" if decision.lookup_required else ""
+        return f"retry:{decision.reason.value}{suffix}"
+    if isinstance(decision, Failed):
+        return f"failed:{decision.reason.value}"
+    if isinstance(decision, Pause):
+        return "pause:auth"
+    return "lookup:found" if decision.found else "lookup:absent"
+
+
+def _duration_ms(exchange: Exchange) -> float | None:
+    if exchange.started_at is None or exchange.finished_at is None:
+        return None
+    return round((exchange.finished_at - exchange.started_at).total_seconds() * 1000, 2)

@@ -1,0 +1,1280 @@
+"""A fake Partnero API for the test suite, the benchmark and `outbox demo`.
+
+This is a test and demo tool, not a Partnero emulator: do not trust it for anything else. It
+implements the few calls the daemon makes, shaped after Partnero's public docs, and it can be told
+to misbehave. Where the docs are silent or contradict each other (is a transaction key unique?),
+the behaviour is a choice made for testing, switchable at runtime, not knowledge of Partnero.
+
+API calls (every one needs ``Authorization: Bearer <api_key>`` when an api_key is configured)::
+
+    POST   /v1/transactions        create (201); 422 invalid; 400 Customer not found, Duplicate key
+    DELETE /v1/transactions/{key}  delete every live entry with the key (200), or 404
+    DELETE /v1/transactions        the same, with the key in a JSON body {"key": ...}
+    GET    /v1/transactions/{key}  the first entry with the key, deleted or not (200), or 404
+    GET    /v1/test                200 with a good key, 401 without
+
+Admin calls (no auth, never faulted)::
+
+    GET  /_fake/ledger     {"transactions": [...]} every ledger entry in creation order
+    GET  /_fake/requests   {"requests": [...]} every API call (not admin calls) in decision order
+    GET  /_fake/stats      counts by method and status, ledger and connection counts
+    GET  /_fake/config     the config, api_key redacted
+    POST /_fake/config     {"field": value, ...} change any FakeConfig field; an extra
+                           "outage_for_seconds": N clears the outage by itself after N seconds
+                           (the only way to end a "refuse" outage over HTTP)
+    POST /_fake/customers  {"unknown": [...], "known": [...]}
+    POST /_fake/reset      clear the ledger, the request log and the counters (not the config)
+
+Request log ``status`` is the HTTP status answered, or "dropped_before" (read, not applied, no
+answer), "dropped_after" (applied, no answer; ``would_status`` says what it would have been),
+"pending"/"timeout" (held by a "timeout" outage, never applied or answered) or "client_closed"
+(the client went away while the fake was still sleeping ``latency_ms``). ``seq`` numbers API calls
+in the order the fake acted on them (after the latency sleep); a ledger entry's ``created_seq`` and
+``deleted_seq`` are the ``seq`` of the call that created or deleted it.
+
+Faults are drawn in this order from one ``random.Random(seed)``, each only when its rate is above
+zero: drop_before, 429, 5xx (500, 502 with an HTML body, or 503), then the call is applied, then
+drop_after. Python use: ``FakePartnero`` inside a running event loop, ``FakePartneroThread`` (its
+own loop in a daemon thread) from synchronous code; the click command ``fake-partnero`` serves one
+from the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any, Final, Literal, Self, TypeVar, cast
+from urllib.parse import unquote
+
+import click
+
+__all__ = [
+    "OUTAGES",
+    "FakeConfig",
+    "FakePartnero",
+    "FakePartneroThread",
+    "Outage",
+    "fake_partnero_command",
+]
+
+Outage = Literal["refuse", "503", "timeout"]
+OUTAGES: Final[tuple[str, ...]] = ("refuse", "503", "timeout")
+
+JSONDict = dict[str, Any]
+_T = TypeVar("_T")
+
+_MAX_HEADER_BYTES: Final = 64 * 1024
+_MAX_BODY_BYTES: Final = 10 * 1024 * 1024
+_COMMISSION_RATE: Final = 0.3  # only to give `rewards[].amount` a plausible value
+_JSON: Final = "application/json"
+_HTML_502: Final = (
+    b"<html><head><title>502 Bad Gateway</title></head>"
+    b"<body><center><h1>502 Bad Gateway</h1></center></body></html>"
+)
+
+
+@dataclass
+class FakeConfig:
+    """How the fake behaves. Every field can change at runtime (see FakePartnero.configure)."""
+
+    api_key: str | None = field(default=None, repr=False)  # None: no auth check at all
+    dedupe: bool = True  # True: a second create with a known key answers 400 Duplicate key
+    unknown_customers: set[str] = field(default_factory=set)  # keys/emails answered 400
+    latency_ms: float = 0.0  # added before every API answer (asyncio.sleep)
+    fail_5xx_rate: float = 0.0  # answer 500/502/503 at random, not applied
+    rate_429: float = 0.0  # answer 429 at random, not applied
+    retry_after_seconds: float | None = None  # Retry-After on 429 (and outage 503) when set
+    drop_before_rate: float = 0.0  # read the request, close without applying or answering
+    drop_after_rate: float = 0.0  # apply the request, close without answering
+    outage: Outage | None = None  # "refuse", "503", "timeout" or None
+    seed: int | None = None  # for the random faults
+
+    def __post_init__(self) -> None:
+        for name, value in _validate_changes(dataclasses.asdict(self)).items():
+            setattr(self, name, value)
+
+    def public(self) -> JSONDict:
+        """The config as JSON, the api_key replaced by whether one is set."""
+        out = dataclasses.asdict(self)
+        out["api_key"] = "***" if self.api_key is not None else None
+        out["unknown_customers"] = sorted(self.unknown_customers)
+        return out
+
+    def copy(self) -> FakeConfig:
+        return dataclasses.replace(self, unknown_customers=set(self.unknown_customers))
+
+
+_CONFIG_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(FakeConfig))
+_RATE_FIELDS: Final = frozenset(
+    {"fail_5xx_rate", "rate_429", "drop_before_rate", "drop_after_rate"}
+)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _validate_changes(changes: dict[str, Any]) -> JSONDict:
+    """Check field names and types of a config change; return it normalised. Raises ValueError."""
+    unknown = set(changes) - _CONFIG_FIELDS
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    out: JSONDict = {}
+    for name, value in changes.items():
+        if name in _RATE_FIELDS:
+            if not _is_number(value) or not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be a number between 0 and 1")
+            value = float(value)
+        elif name == "latency_ms":
+            if not _is_number(value) or not 0.0 <= float(value) < math.inf:
+                raise ValueError("latency_ms must be a number >= 0")
+            value = float(value)
+        elif name == "retry_after_seconds":
+            if value is not None:
+                if not _is_number(value) or not 0.0 <= float(value) < math.inf:
+                    raise ValueError("retry_after_seconds must be null or a number >= 0")
+                value = float(value)
+        elif name == "dedupe":
+            if not isinstance(value, bool):
+                raise ValueError("dedupe must be a boolean")
+        elif name == "outage":
+            if value is not None and value not in OUTAGES:
+                raise ValueError(f"outage must be null or one of {', '.join(OUTAGES)}")
+        elif name == "seed":
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ValueError("seed must be null or an integer")
+        elif name == "api_key":
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError("api_key must be null or a non-empty string")
+        elif name == "unknown_customers":
+            if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+                raise ValueError("unknown_customers must be a list of strings")
+            value = set(value)
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError("unknown_customers must be a list of strings")
+        out[name] = value
+    return out
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# ---- HTTP plumbing ----------------------------------------------------------------------------
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class _Response:
+    status: int
+    body: bytes
+    content_type: str = _JSON
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def _json_response(
+    status: int, obj: object, headers: tuple[tuple[str, str], ...] = ()
+) -> _Response:
+    return _Response(status, _dumps(obj), _JSON, headers)
+
+
+_MALFORMED: Final = object()
+_UNSET: Final = object()
+
+
+class _Request:
+    __slots__ = ("_json", "body", "headers", "keep_alive", "method", "path", "received_at")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.keep_alive = keep_alive
+        self.received_at = time.time()
+        self._json: object = _UNSET
+
+    @property
+    def is_admin(self) -> bool:
+        return self.path.startswith("/_fake/")
+
+    def json(self) -> object:
+        """The parsed body ({} when empty), or _MALFORMED."""
+        if self._json is _UNSET:
+            try:
+                self._json = json.loads(self.body) if self.body.strip() else {}
+            except (ValueError, RecursionError):
+                self._json = _MALFORMED
+        return self._json
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class _HttpProtocol(asyncio.Protocol):
+    """One HTTP/1.1 connection: keep-alive, pipelining, Content-Length bodies only."""
+
+    def __init__(self, fake: FakePartnero) -> None:
+        self._fake = fake
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._queue: deque[_Request] = deque()
+        self._sent_continue = False
+        self.task: asyncio.Task[None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.closed_by_server = False
+        self.close_after_response = False
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self._fake._connections.add(self)
+        self._fake._accepted += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._fake._connections.discard(self)
+        for req in self._queue:
+            self._fake._log_unanswered(req, self.unanswered_status)
+        self._queue.clear()
+        if self.task is not None:
+            self.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._buf += data
+        fake = self._fake
+        while not self.closed:
+            try:
+                req = self._parse()
+            except _HttpError as exc:
+                self.close_after_response = True
+                self.send(_json_response(exc.status, {"message": exc.message}), keep_alive=False)
+                return
+            if req is None:
+                return
+            if self.task is None and not self._queue and not fake._needs_async(req):
+                fake._handle_now(self, req)
+            else:
+                self._queue.append(req)
+                if self.task is None:
+                    self.task = asyncio.get_running_loop().create_task(self._drain())
+
+    # helpers
+
+    @property
+    def unanswered_status(self) -> str:
+        return "dropped_before" if self.closed_by_server else "client_closed"
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                await self._fake._handle_later(self, self._queue.popleft())
+        finally:
+            self.task = None
+
+    def _parse(self) -> _Request | None:
+        buf = self._buf
+        while buf.startswith(b"\r\n"):  # tolerated between requests (RFC 9112 2.2)
+            del buf[:2]
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > _MAX_HEADER_BYTES:
+                raise _HttpError(431, "Request header fields too large")
+            return None
+        lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[1].startswith("/"):
+            raise _HttpError(400, "Bad request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise _HttpError(505, "HTTP version not supported")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise _HttpError(400, "Bad header line")
+            headers[name.lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            raise _HttpError(501, "Transfer-Encoding is not supported; send Content-Length")
+        length_text = headers.get("content-length", "0")
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise _HttpError(400, "Bad Content-Length")
+        length = int(length_text)
+        if length > _MAX_BODY_BYTES:
+            raise _HttpError(413, "Request body too large")
+        total = end + 4 + length
+        if len(buf) < total:
+            if (
+                not self._sent_continue
+                and headers.get("expect", "").lower() == "100-continue"
+                and self._transport is not None
+            ):
+                self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self._sent_continue = True
+            return None
+        body = bytes(buf[end + 4 : total])
+        del buf[:total]
+        self._sent_continue = False
+        connection = headers.get("connection", "").lower()
+        if version == "HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:
+            keep_alive = "keep-alive" in connection
+        path = target.partition("?")[0]
+        return _Request(method.upper(), path, headers, body, keep_alive)
+
+    def send(self, resp: _Response, keep_alive: bool) -> None:
+        if self.closed or self._transport is None:
+            return
+        keep = keep_alive and not self.close_after_response
+        head = [
+            f"HTTP/1.1 {resp.status} {_reason(resp.status)}\r\n"
+            f"Content-Type: {resp.content_type}\r\n"
+            f"Content-Length: {len(resp.body)}\r\n"
+            "Server: fake-partnero\r\n"
+        ]
+        head.extend(f"{name}: {value}\r\n" for name, value in resp.headers)
+        head.append("Connection: keep-alive\r\n\r\n" if keep else "Connection: close\r\n\r\n")
+        self._transport.write("".join(head).encode("latin-1") + resp.body)
+        if not keep:
+            self.close()
+
+    def close(self) -> None:
+        """Close after what was written is flushed (FIN); the client sees no answer if none."""
+        if not self.closed:
+            self.closed = True
+            self.closed_by_server = True
+            if self._transport is not None:
+                self._transport.close()
+
+    def abort(self) -> None:
+        self.closed_by_server = True
+        self.closed = True
+        if self._transport is not None:
+            self._transport.abort()
+        if self.task is not None:
+            self.task.cancel()
+
+
+# ---- the ledger --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Entry:
+    seq: int
+    key: str | None
+    customer_key: str | None
+    customer_email: str | None
+    partner: str | None
+    amount: float | int | None
+    reward: float | int | None
+    amount_units: str
+    action: str
+    created_seq: int
+    created_at: str
+    body: JSONDict
+    deleted_seq: int | None = None
+    deleted_at: str | None = None
+
+    def admin(self) -> JSONDict:
+        return {
+            "seq": self.seq,
+            "key": self.key,
+            "customer_key": self.customer_key,
+            "customer_email": self.customer_email,
+            "amount": self.amount,
+            "reward": self.reward,
+            "amount_units": self.amount_units,
+            "action": self.action,
+            "created_seq": self.created_seq,
+            "deleted_seq": self.deleted_seq,
+            "created_at": self.created_at,
+            "deleted_at": self.deleted_at,
+            "body": dict(self.body),
+        }
+
+    def api(self) -> JSONDict:
+        """The transaction as Partnero's create/lookup answers show it."""
+        reward_amount = (
+            self.reward if self.reward is not None else (self.amount or 0) * _COMMISSION_RATE
+        )
+        customer = self.customer_key if self.customer_key is not None else self.customer_email
+        return {
+            "key": self.key,
+            "action": self.action,
+            "amount": self.amount if self.amount is not None else 0,
+            "partner": self.partner,
+            "customer": customer,
+            "credit": False,
+            "is_currency": True,
+            "amount_units": self.amount_units,
+            "created_at": self.created_at,
+            "deleted_at": self.deleted_at,
+            "rewards": [
+                {
+                    "key": self.key,
+                    "action": self.action,
+                    "status": "ok",
+                    "customer": customer,
+                    "partner": self.partner,
+                    "amount": reward_amount,
+                    "amount_units": self.amount_units,
+                    "is_currency": True,
+                    "credit": False,
+                    "created_at": self.created_at,
+                    "deleted_at": self.deleted_at,
+                }
+            ],
+        }
+
+
+_NOT_FOUND: Final = {"message": "Transaction not found", "status": 0}
+
+
+def _validate_create(body: object) -> tuple[JSONDict, dict[str, list[str]]]:
+    """Laravel-style validation of a create body: (body as dict, errors)."""
+    data: JSONDict = body if isinstance(body, dict) else {}
+    errors: dict[str, list[str]] = {}
+    customer = data.get("customer")
+    ckey = cemail = None
+    if customer is not None and not isinstance(customer, dict):
+        errors["customer"] = ["The customer field must be an array."]
+    elif isinstance(customer, dict):
+        ckey, cemail = customer.get("key"), customer.get("email")
+        for name, value in (("customer.key", ckey), ("customer.email", cemail)):
+            if value is not None and not isinstance(value, str):
+                errors[name] = [f"The {name} field must be a string."]
+    if not ckey and not cemail and "customer" not in errors:
+        errors.setdefault(
+            "customer.key",
+            ["The customer.key field is required when customer.email is not present."],
+        )
+        errors.setdefault(
+            "customer.email",
+            ["The customer.email field is required when customer.key is not present."],
+        )
+    amount, reward = data.get("amount"), data.get("reward")
+    for name, value in (("amount", amount), ("reward", reward)):
+        if value is not None and not _is_number(value):
+            errors[name] = [f"The {name} field must be a number."]
+    if amount is None and reward is None:
+        errors["amount"] = ["The amount field is required."]
+    for name in ("key", "amount_units", "action"):
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            errors[name] = [f"The {name} field must be a string."]
+    created_at = data.get("created_at")
+    if created_at is not None and (not isinstance(created_at, int) or isinstance(created_at, bool)):
+        errors["created_at"] = ["The created_at field must be an integer."]
+    return data, errors
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+
+class FakePartnero:
+    """The fake, inside the running event loop. Use FakePartneroThread from synchronous code.
+
+    ``config`` is the live FakeConfig: plain fields may be set directly from the loop's thread;
+    changes to ``outage`` (which opens/closes the socket and releases held calls) and ``seed``
+    take effect only through ``await configure(...)``.
+    """
+
+    def __init__(self, config: FakeConfig | None = None) -> None:
+        self._config = config if config is not None else FakeConfig()
+        self._rng = random.Random(self._config.seed)
+        self._ledger: list[_Entry] = []
+        self._by_key: dict[str, list[_Entry]] = {}
+        self._log: list[JSONDict] = []
+        self._seq = 0
+        self._host = "127.0.0.1"
+        self._port = 0
+        self._started = False
+        self._stopping = False
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_HttpProtocol] = set()
+        self._accepted = 0  # connections accepted since start or reset
+        self._release: asyncio.Event | None = None  # set when a "timeout" outage ends
+        self._outage_task: asyncio.Task[None] | None = None
+        self._version = 0  # bumped on every change, for wait_for
+        self._cond = threading.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    # -- public API
+
+    @property
+    def config(self) -> FakeConfig:
+        return self._config
+
+    @property
+    def url(self) -> str:
+        if not self._started:
+            raise RuntimeError("FakePartnero is not started")
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on host:port (0 picks a free port; see .url)."""
+        if self._started:
+            raise RuntimeError("FakePartnero is already started")
+        self._host, self._port = host, port
+        await self._listen()
+        self._started = True
+        if self._config.outage == "refuse":
+            await self._unlisten(None)
+
+    async def stop(self) -> None:
+        """Close the socket and every connection; calls in flight are not answered."""
+        if not self._started or self._stopping:
+            return
+        self._stopping = True
+        if self._outage_task is not None:
+            self._outage_task.cancel()
+            tasks: list[asyncio.Task[None]] = [self._outage_task]
+            self._outage_task = None
+        else:
+            tasks = []
+        if self._server is not None:
+            self._server.close()
+        if self._release is not None:
+            self._release.set()
+        await self._abort_all(tasks, keep=None)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        self._changed()
+
+    async def configure(
+        self, *, outage_for_seconds: float | None = None, **changes: Any
+    ) -> FakeConfig:
+        """Change config fields (validated; ValueError when bad) and apply outage changes.
+
+        With ``outage_for_seconds`` the outage set now is cleared after that many seconds.
+        """
+        return await self._configure(changes, outage_for_seconds, None)
+
+    def ledger(self) -> list[JSONDict]:
+        """Every ledger entry in creation order (copies)."""
+        return [e.admin() for e in self._ledger]
+
+    def requests(self) -> list[JSONDict]:
+        """Every API call in the order the fake acted on it (copies)."""
+        return [dict(e) for e in self._log]
+
+    def stats(self) -> JSONDict:
+        by_method: Counter[str] = Counter()
+        by_status: Counter[str] = Counter()
+        by_both: Counter[str] = Counter()
+        for e in self._log:
+            status = str(e["status"])
+            by_method[e["method"]] += 1
+            by_status[status] += 1
+            by_both[f"{e['method']} {status}"] += 1
+        deleted = sum(1 for e in self._ledger if e.deleted_seq is not None)
+        return {
+            "requests": len(self._log),
+            "by_method": dict(by_method),
+            "by_status": dict(by_status),
+            "by_method_status": dict(by_both),
+            "ledger": {
+                "entries": len(self._ledger),
+                "alive": len(self._ledger) - deleted,
+                "deleted": deleted,
+            },
+            "connections": {"accepted": self._accepted, "open": len(self._connections)},
+        }
+
+    def set_customers(self, unknown: Iterable[str] = (), known: Iterable[str] = ()) -> None:
+        """Mark customers (keys or emails) unknown, or known again."""
+        unknown_set = self._config.unknown_customers
+        unknown_set.update(unknown)
+        unknown_set.difference_update(known)
+        self._changed()
+
+    def reset(self) -> None:
+        """Clear the ledger, the request log and the sequence counter (not the config)."""
+        self._ledger.clear()
+        self._by_key.clear()
+        self._log.clear()
+        self._seq = 0
+        self._accepted = 0
+        self._changed()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Return once predicate() is true, re-checking after every change; else TimeoutError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(fut)
+                await fut
+
+    # -- internals: config and outages
+
+    async def _configure(
+        self,
+        changes: dict[str, Any],
+        outage_for_seconds: float | None,
+        conn: _HttpProtocol | None,
+    ) -> FakeConfig:
+        clean = _validate_changes(changes)
+        if outage_for_seconds is not None and (
+            not _is_number(outage_for_seconds) or not 0 < outage_for_seconds < math.inf
+        ):
+            raise ValueError("outage_for_seconds must be a number > 0")
+        old_outage = self._config.outage
+        for name, value in clean.items():
+            setattr(self._config, name, value)
+        if "seed" in clean:
+            self._rng = random.Random(self._config.seed)
+        if "outage" in clean or outage_for_seconds is not None:
+            if self._outage_task is not None and self._outage_task is not asyncio.current_task():
+                self._outage_task.cancel()
+            self._outage_task = None
+            await self._apply_outage(old_outage, self._config.outage, conn)
+            if outage_for_seconds is not None and self._config.outage is not None:
+                self._outage_task = asyncio.get_running_loop().create_task(
+                    self._clear_outage_after(outage_for_seconds)
+                )
+        self._changed()
+        return self._config
+
+    async def _clear_outage_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._outage_task = None
+        await self._configure({"outage": None}, None, None)
+
+    async def _apply_outage(
+        self, old: str | None, new: str | None, conn: _HttpProtocol | None
+    ) -> None:
+        if old == "timeout" and new != "timeout" and self._release is not None:
+            self._release.set()
+            self._release = None
+        if not self._started or self._stopping:
+            return
+        if new == "refuse" and self._server is not None:
+            await self._unlisten(conn)
+        elif new != "refuse" and self._server is None:
+            await self._listen()
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HttpProtocol(self), self._host, self._port, backlog=1024, reuse_address=True
+        )
+        if self._port == 0:
+            self._port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _unlisten(self, keep: _HttpProtocol | None) -> None:
+        """Stop listening and drop every connection (but let `keep` send its answer first)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        await self._abort_all([], keep)
+        if keep is None:
+            await server.wait_closed()
+
+    async def _abort_all(self, tasks: list[asyncio.Task[None]], keep: _HttpProtocol | None) -> None:
+        """Abort every connection but `keep`; return once they are closed and their tasks done."""
+        waits: list[asyncio.Future[None]] = list(tasks)
+        for conn in list(self._connections):
+            if conn is keep:
+                conn.close_after_response = True
+                continue
+            if conn.task is not None:
+                waits.append(conn.task)
+            waits.append(conn.lost)
+            conn.abort()
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    # -- internals: bookkeeping
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _request_key(self, req: _Request) -> str | None:
+        path = req.path
+        if path.startswith("/v1/transactions/"):
+            return unquote(path[len("/v1/transactions/") :])
+        if path == "/v1/transactions":
+            body = req.json()
+            if isinstance(body, dict) and isinstance(body.get("key"), str):
+                return cast(str, body["key"])
+        return None
+
+    def _log_entry(self, req: _Request, status: int | str | None = None) -> JSONDict:
+        self._seq += 1
+        entry: JSONDict = {
+            "seq": self._seq,
+            "method": req.method,
+            "path": req.path,
+            "key": self._request_key(req),
+            "status": status,
+            "fault": None,
+            "received_at": req.received_at,
+            "time": time.time(),
+        }
+        self._log.append(entry)
+        return entry
+
+    def _log_unanswered(self, req: _Request, status: str) -> None:
+        if not req.is_admin:
+            self._log_entry(req, status)
+            self._changed()
+
+    # -- internals: dispatch
+
+    def _needs_async(self, req: _Request) -> bool:
+        if req.is_admin:
+            return req.method == "POST" and req.path == "/_fake/config"
+        return self._config.latency_ms > 0 or self._config.outage == "timeout"
+
+    def _handle_now(self, conn: _HttpProtocol, req: _Request) -> None:
+        if req.is_admin:
+            conn.send(self._admin(req), req.keep_alive)
+        else:
+            self._api(conn, req)
+
+    async def _handle_later(self, conn: _HttpProtocol, req: _Request) -> None:
+        if req.is_admin:
+            if req.method == "POST" and req.path == "/_fake/config":
+                resp = await self._admin_config(conn, req)
+            else:
+                resp = self._admin(req)
+            conn.send(resp, req.keep_alive)
+            return
+        latency = self._config.latency_ms
+        if latency > 0:
+            try:
+                await asyncio.sleep(latency / 1000.0)
+            except asyncio.CancelledError:
+                self._log_unanswered(req, conn.unanswered_status)
+                raise
+            if conn.closed:
+                self._log_unanswered(req, conn.unanswered_status)
+                return
+        if self._config.outage == "timeout":
+            await self._hold(conn, req)
+        else:
+            self._api(conn, req)
+
+    async def _hold(self, conn: _HttpProtocol, req: _Request) -> None:
+        """A "timeout" outage: never answer; close once the outage ends."""
+        entry = self._log_entry(req, "pending")
+        entry["fault"] = "outage"
+        self._changed()
+        if self._release is None:
+            self._release = asyncio.Event()
+        try:
+            await self._release.wait()
+        finally:
+            entry["status"] = "timeout"
+            self._changed()
+        conn.close()
+
+    def _api(self, conn: _HttpProtocol, req: _Request) -> None:
+        cfg = self._config
+        entry = self._log_entry(req)
+        rng = self._rng
+        resp: _Response | None = None
+        if cfg.outage is not None:
+            entry["fault"] = "outage"
+            if cfg.outage == "503":
+                resp = self._unavailable()
+            else:  # a call on a connection that outlived "refuse", or a race with "timeout"
+                entry["status"] = "dropped_before"
+                conn.close()
+                self._changed()
+                return
+        elif cfg.drop_before_rate > 0 and rng.random() < cfg.drop_before_rate:
+            entry["status"], entry["fault"] = "dropped_before", "drop_before"
+            conn.close()
+            self._changed()
+            return
+        elif cfg.rate_429 > 0 and rng.random() < cfg.rate_429:
+            entry["fault"] = "rate_429"
+            resp = _json_response(429, {"message": "Too Many Attempts."}, self._retry_after())
+        elif cfg.fail_5xx_rate > 0 and rng.random() < cfg.fail_5xx_rate:
+            entry["fault"] = "fail_5xx"
+            status = rng.choice((500, 502, 503))
+            if status == 502:
+                resp = _Response(502, _HTML_502, "text/html")
+            elif status == 503:
+                resp = _json_response(503, {"message": "Service Unavailable"})
+            else:
+                resp = _json_response(500, {"message": "Server Error"})
+        if resp is None:
+            resp = self._route_api(req, entry["seq"])
+            if cfg.drop_after_rate > 0 and rng.random() < cfg.drop_after_rate:
+                entry["status"], entry["fault"] = "dropped_after", "drop_after"
+                entry["would_status"] = resp.status
+                conn.close()
+                self._changed()
+                return
+        entry["status"] = resp.status
+        conn.send(resp, req.keep_alive)
+        self._changed()
+
+    def _retry_after(self) -> tuple[tuple[str, str], ...]:
+        seconds = self._config.retry_after_seconds
+        if seconds is None:
+            return ()
+        text = str(int(seconds)) if seconds == int(seconds) else repr(seconds)
+        return (("Retry-After", text),)
+
+    def _unavailable(self) -> _Response:
+        return _json_response(503, {"message": "Service Unavailable"}, self._retry_after())
+
+    def _authorized(self, req: _Request) -> bool:
+        expected = self._config.api_key
+        if expected is None:
+            return True
+        scheme, _, token = req.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode("latin-1"), expected.encode()
+        )
+
+    def _route_api(self, req: _Request, seq: int) -> _Response:
+        path, method = req.path, req.method
+        key: str | None = None
+        if path == "/v1/test":
+            allowed: tuple[str, ...] = ("GET",)
+        elif path == "/v1/transactions":
+            allowed = ("POST", "DELETE")
+        elif path.startswith("/v1/transactions/") and "/" not in path[len("/v1/transactions/") :]:
+            key = unquote(path[len("/v1/transactions/") :])
+            allowed = ("GET", "DELETE")
+            if not key:
+                return _json_response(404, {"message": "Not found"})
+        else:
+            return _json_response(404, {"message": "Not found"})
+        if method not in allowed:
+            return _json_response(
+                405,
+                {"message": f"The {method} method is not supported for route {path.lstrip('/')}."},
+                (("Allow", ", ".join(allowed)),),
+            )
+        if not self._authorized(req):
+            return _json_response(401, {"message": "Unauthenticated."})
+        if path == "/v1/test":
+            return _json_response(200, {"status": 1})
+        if key is None:
+            body = req.json()
+            if body is _MALFORMED:
+                return _json_response(400, {"message": "Malformed JSON"})
+            if method == "POST":
+                return self._create(body, seq)
+            body_key = body.get("key") if isinstance(body, dict) else None
+            if not isinstance(body_key, str) or not body_key:
+                return _json_response(
+                    422,
+                    {
+                        "message": "The given data was invalid.",
+                        "errors": {"key": ["The key field is required."]},
+                    },
+                )
+            return self._delete(body_key, seq)
+        if method == "DELETE":
+            return self._delete(key, seq)
+        entries = self._by_key.get(key)
+        if not entries:
+            return _json_response(404, _NOT_FOUND)
+        return _json_response(200, {"data": entries[0].api(), "status": 1})
+
+    def _create(self, body: object, seq: int) -> _Response:
+        data, errors = _validate_create(body)
+        if errors:
+            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
+        customer: JSONDict = data["customer"]
+        ckey: str | None = customer.get("key") or None
+        cemail: str | None = customer.get("email") or None
+        unknown = self._config.unknown_customers
+        if (ckey in unknown) or (cemail in unknown):
+            options = data.get("options")
+            if isinstance(options, dict) and options.get("create_customer") is True:
+                unknown.discard(ckey or "")
+                unknown.discard(cemail or "")
+            else:
+                return _json_response(400, {"message": "Customer not found", "status": 0})
+        key: str | None = data.get("key")
+        if self._config.dedupe and key is not None and key in self._by_key:
+            return _json_response(400, {"message": "Duplicate key", "status": 0})
+        partner = customer.get("partner")
+        backdate = data.get("created_at")
+        created_at = (
+            datetime.fromtimestamp(backdate, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            if isinstance(backdate, int)
+            else _now_iso()
+        )
+        entry = _Entry(
+            seq=len(self._ledger) + 1,
+            key=key,
+            customer_key=ckey,
+            customer_email=cemail,
+            partner=partner.get("key") if isinstance(partner, dict) else None,
+            amount=data.get("amount"),
+            reward=data.get("reward"),
+            amount_units=data.get("amount_units") or "USD",
+            action=data.get("action") or "sale",
+            created_seq=seq,
+            created_at=created_at,
+            body=data,
+        )
+        self._ledger.append(entry)
+        if key is not None:
+            self._by_key.setdefault(key, []).append(entry)
+        return _json_response(201, {"data": entry.api(), "status": 1})
+
+    def _delete(self, key: str, seq: int) -> _Response:
+        alive = [e for e in self._by_key.get(key, ()) if e.deleted_seq is None]
+        if not alive:
+            return _json_response(404, _NOT_FOUND)
+        now = _now_iso()
+        for e in alive:
+            e.deleted_seq, e.deleted_at = seq, now
+        return _json_response(200, {"status": 1})
+
+    # -- internals: admin endpoints
+
+    _ADMIN_ROUTES: Final = {
+        "/_fake/ledger": "GET",
+        "/_fake/requests": "GET",
+        "/_fake/stats": "GET",
+        "/_fake/config": "GET, POST",
+        "/_fake/customers": "POST",
+        "/_fake/reset": "POST",
+    }
+
+    def _admin(self, req: _Request) -> _Response:
+        path, method = req.path, req.method
+        allowed = self._ADMIN_ROUTES.get(path)
+        if allowed is None:
+            return _json_response(404, {"message": "Not found"})
+        if method not in allowed.split(", "):
+            return _json_response(
+                405, {"message": f"{method} not allowed on {path}"}, (("Allow", allowed),)
+            )
+        if method == "GET":
+            if path == "/_fake/ledger":
+                return _json_response(200, {"transactions": self.ledger()})
+            if path == "/_fake/requests":
+                return _json_response(200, {"requests": self._log})
+            if path == "/_fake/stats":
+                return _json_response(200, self.stats())
+            return _json_response(200, self._config.public())
+        if path == "/_fake/reset":
+            self.reset()
+            return _json_response(200, {"status": 1})
+        body = req.json()  # /_fake/customers
+        if body is _MALFORMED:
+            return _json_response(400, {"message": "Malformed JSON"})
+        lists = {}
+        for name in ("unknown", "known"):
+            value = body.get(name, []) if isinstance(body, dict) else None
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                return _json_response(400, {"message": f"{name} must be a list of strings"})
+            lists[name] = value
+        self.set_customers(lists["unknown"], lists["known"])
+        return _json_response(200, {"unknown_customers": sorted(self._config.unknown_customers)})
+
+    async def _admin_config(self, conn: _HttpProtocol, req: _Request) -> _Response:
+        body = req.json()
+        if body is _MALFORMED:
+            return _json_response(400, {"message": "Malformed JSON"})
+        if not isinstance(body, dict):
+            return _json_response(400, {"message": "Expected a JSON object"})
+        changes = dict(body)
+        outage_for = changes.pop("outage_for_seconds", None)
+        try:
+            await self._configure(changes, outage_for, conn)
+        except ValueError as exc:
+            return _json_response(400, {"message": str(exc)})
+        except OSError as exc:
+            return _json_response(500, {"message": f"cannot listen again: {exc.strerror}"})
+        return _json_response(200, self._config.public())
+
+
+# ---- thread runner -------------------------------------------------------------------------------
+
+
+class FakePartneroThread:
+    """A FakePartnero on its own event loop in a daemon thread, for synchronous code.
+
+    Every method runs on the fake's loop and waits for it, so it is thread-safe. ``config``
+    returns a snapshot copy; change the fake with ``configure(...)`` or by assigning a whole
+    FakeConfig to ``config``.
+    """
+
+    def __init__(
+        self,
+        config: FakeConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        call_timeout: float = 30.0,
+    ) -> None:
+        self._fake = FakePartnero(config)
+        self._host, self._port = host, port
+        self._call_timeout = call_timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> Self:
+        if self._loop is not None:
+            raise RuntimeError("FakePartneroThread is already started")
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=self._run_loop, args=(loop,), name="fake-partnero", daemon=True
+        )
+        self._thread.start()
+        try:
+            self._run(self._fake.start(self._host, self._port))
+        except BaseException:
+            self._close_loop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        try:
+            self._run(self._fake.stop())
+        finally:
+            self._close_loop()
+
+    @property
+    def url(self) -> str:
+        return self._fake.url
+
+    @property
+    def port(self) -> int:
+        return self._fake.port
+
+    @property
+    def fake(self) -> FakePartnero:
+        """The underlying FakePartnero; touch it only from its loop."""
+        return self._fake
+
+    @property
+    def config(self) -> FakeConfig:
+        return self._call(self._fake.config.copy)
+
+    @config.setter
+    def config(self, value: FakeConfig) -> None:
+        changes = {f.name: getattr(value, f.name) for f in dataclasses.fields(FakeConfig)}
+        self._run(self._fake.configure(**changes))
+
+    def configure(self, *, outage_for_seconds: float | None = None, **changes: Any) -> FakeConfig:
+        """Change config fields (see FakePartnero.configure); returns a snapshot."""
+        self._run(self._fake.configure(outage_for_seconds=outage_for_seconds, **changes))
+        return self.config
+
+    def ledger(self) -> list[JSONDict]:
+        return self._call(self._fake.ledger)
+
+    def requests(self) -> list[JSONDict]:
+        return self._call(self._fake.requests)
+
+    def stats(self) -> JSONDict:
+        return self._call(self._fake.stats)
+
+    def reset(self) -> None:
+        self._call(self._fake.reset)
+
+    def set_customers(self, unknown: Iterable[str] = (), known: Iterable[str] = ()) -> None:
+        unknown, known = list(unknown), list(known)
+        self._call(lambda: self._fake.set_customers(unknown, known))
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Block until predicate() is true, re-checking after every change; else TimeoutError.
+
+        The predicate runs in the calling thread and may call ledger(), requests(), etc.
+        """
+        fake = self._fake
+        deadline = time.monotonic() + timeout
+        while True:
+            version = fake._version
+            if predicate():
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"condition not met within {timeout} s")
+
+            def changed(seen: int = version) -> bool:
+                return fake._version != seen
+
+            with fake._cond:
+                fake._cond.wait_for(changed, timeout=remaining)
+
+    # internals
+
+    @staticmethod
+    def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_forever()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coro.close()
+            raise RuntimeError("FakePartneroThread is not running")
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(self._call_timeout)
+
+    def _call(self, fn: Callable[[], _T]) -> _T:
+        async def call() -> _T:
+            return fn()
+
+        return self._run(call())
+
+    def _close_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(self._call_timeout)
+        loop.close()
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+async def _serve(config: FakeConfig, host: str, port: int) -> None:
+    fake = FakePartnero(config)
+    try:
+        await fake.start(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    dedupe = "on" if config.dedupe else "off"
+    click.echo(f"fake-partnero listening on {fake.url} (dedupe={dedupe})")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await fake.stop()
+
+
+_RATE = click.FloatRange(0.0, 1.0)
+
+
+@click.command("fake-partnero")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8789, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--api-key-env",
+    default="PARTNERO_API_KEY",
+    show_default=True,
+    metavar="NAME",
+    help="Environment variable holding the API key to expect; unset or empty: no auth check.",
+)
+@click.option(
+    "--no-dedupe", is_flag=True, help="Every create adds a ledger entry, even a known key."
+)
+@click.option("--latency-ms", default=0.0, type=click.FloatRange(min=0.0), show_default=True)
+@click.option("--fail-5xx-rate", default=0.0, type=_RATE, show_default=True)
+@click.option("--rate-429", default=0.0, type=_RATE, show_default=True)
+@click.option(
+    "--retry-after",
+    default=None,
+    type=click.FloatRange(min=0.0),
+    help="Seconds sent in Retry-After with each 429.",
+)
+@click.option("--drop-before-rate", default=0.0, type=_RATE, show_default=True)
+@click.option("--drop-after-rate", default=0.0, type=_RATE, show_default=True)
+@click.option("--seed", default=None, type=int, help="Seed for the random faults.")
+def fake_partnero_command(
+    host: str,
+    port: int,
+    api_key_env: str,
+    no_dedupe: bool,
+    latency_ms: float,
+    fail_5xx_rate: float,
+    rate_429: float,
+    retry_after: float | None,
+    drop_before_rate: float,
+    drop_after_rate: float,
+    seed: int | None,
+) -> None:
+    """Serve a fake Partnero API (a test and demo tool) until SIGINT or SIGTERM."""
+    api_key = os.environ.get(api_key_env) or None
+    if api_key is None:
+        click.echo(f"warning: {api_key_env} is not set; accepting any API key", err=True)
+    config = FakeConfig(
+        api_key=api_key,
+        dedupe=not no_dedupe,
+        latency_ms=latency_ms,
+        fail_5xx_rate=fail_5xx_rate,
+        rate_429=rate_429,
+        retry_after_seconds=retry_after,
+        drop_before_rate=drop_before_rate,
+        drop_after_rate=drop_after_rate,
+        seed=seed,
+    )
+    asyncio.run(_serve(config, host, port))

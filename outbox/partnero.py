@@ -1,0 +1,403 @@
+"""The one seam to the Partnero API.
+
+Every call returns an `Exchange`: what happened, reduced to what the policy needs. HTTP errors
+and transport failures are values, not exceptions; the only exceptions are for programming and
+configuration errors (`PartneroError` and its subclasses). The API key never appears in an
+`Exchange`, an exception, a repr or a log line.
+
+Each call has a hard total deadline (`asyncio.timeout`) on top of httpx's per-phase timeouts,
+so a server that trickles its body a byte at a time cannot keep a call alive past it. At most
+64 KiB of a response body is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import email.utils
+import json
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import quote
+
+import httpx
+
+from outbox import __version__
+from outbox.domain import Event, Exchange, RequestKind, TransportError
+
+__all__ = [
+    "BODY_EXCERPT_CHARS",
+    "MAX_BODY_BYTES",
+    "ApiKey",
+    "ClientClosedError",
+    "ConfigurationError",
+    "PartneroClient",
+    "PartneroError",
+    "build_create_body",
+    "parse_retry_after",
+]
+
+MAX_BODY_BYTES = 64 * 1024
+BODY_EXCERPT_CHARS = 500
+MESSAGE_MAX_CHARS = 500
+ERROR_MAX_CHARS = 300
+
+TRANSACTIONS_PATH = "/v1/transactions"
+PING_PATH = "/v1/test"
+
+# Exceptions after which the request certainly did not reach Partnero: no connection was made,
+# or the request was refused before a byte of it went out.
+_NOT_SENT_ERRORS: tuple[type[Exception], ...] = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.PoolTimeout,
+    httpx.UnsupportedProtocol,
+    httpx.ProxyError,
+    httpx.LocalProtocolError,
+    httpx.InvalidURL,
+)
+
+_DELTA_SECONDS = re.compile(r"[+-]?[0-9]+(\.[0-9]*)?")
+
+
+class PartneroError(Exception):
+    """Base of the errors this module raises (never for an HTTP or transport failure)."""
+
+
+class ConfigurationError(PartneroError, ValueError):
+    """A setting the client cannot work with (bad URL, empty key, non-positive timeout)."""
+
+
+class ClientClosedError(PartneroError, RuntimeError):
+    """A call on a client that was already closed."""
+
+
+class ApiKey:
+    """The Partnero API key. Shows as ``ApiKey('***')``; only `reveal()` gives the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        # Surrounding whitespace (a newline at the end of a credential file) is not part of it.
+        value = value.strip()
+        if not value:
+            raise ConfigurationError("the Partnero API key is empty")
+        if any(ch.isspace() or not ch.isprintable() for ch in value) or not value.isascii():
+            # The message must not quote the key, even a broken one.
+            raise ConfigurationError(
+                "the Partnero API key contains spaces, control or non-ASCII characters"
+            )
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "ApiKey('***')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("an ApiKey cannot be pickled")
+
+
+def build_create_body(event: Event) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/transactions`` for a sale.
+
+    `event.payload` (further Partnero fields: product_id, product_type, options,
+    customer.partner, products, ...) deep-merged with the columns: `key`, `action`,
+    `customer.key` (merged into any `customer` object from the payload), `amount` and
+    `amount_units`. The columns always win (the database also refuses payloads that try to
+    override them); a column that is NULL is left out.
+
+    `amount` becomes a JSON number through float: the database limits amounts to 4 decimal
+    places and less than 1e11, about 15 significant digits, which a double holds exactly enough
+    to print back the same decimal. Raises ValueError for an amount that is not finite.
+    """
+    body: dict[str, Any] = copy.deepcopy(dict(event.payload or {}))
+    columns: dict[str, Any] = {"key": event.transaction_key, "action": "sale"}
+    if event.customer_key is not None:
+        columns["customer"] = {"key": event.customer_key}
+    if event.amount is not None:
+        amount = float(event.amount)
+        if not math.isfinite(amount):
+            raise ValueError(f"amount {event.amount} is not a finite number")
+        columns["amount"] = amount
+    if event.currency is not None:
+        columns["amount_units"] = event.currency
+    return _deep_merge(body, columns)
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date (relative to `now`).
+
+    Negative values and dates in the past give 0; a missing or unparseable header gives None.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if _DELTA_SECONDS.fullmatch(text):
+        seconds = float(text)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # older Pythons returned None instead of raising
+        return None  # pragma: no cover
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - now).total_seconds())
+
+
+class PartneroClient:
+    """An async client for the Partnero calls the daemon makes. Use as an async context manager
+    or call `aclose()`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: ApiKey,
+        *,
+        timeout_seconds: float,
+        max_connections: int = 16,
+        verify_tls: bool = True,
+        transport: httpx.AsyncBaseTransport | None = None,
+        user_agent: str = f"outbox/{__version__}",
+    ) -> None:
+        if not isinstance(api_key, ApiKey):
+            raise ConfigurationError("api_key must be an ApiKey")
+        if not (math.isfinite(timeout_seconds) and timeout_seconds > 0):
+            raise ConfigurationError(f"timeout_seconds must be > 0, not {timeout_seconds!r}")
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
+        try:
+            url = httpx.URL(base_url)
+        except (httpx.InvalidURL, TypeError) as exc:
+            raise ConfigurationError(f"the Partnero API URL is not a URL: {exc}") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigurationError(
+                f"the Partnero API URL must be http(s)://host[:port][/path], not {base_url!r}"
+            )
+        if url.userinfo or url.query or url.fragment:
+            raise ConfigurationError(
+                "the Partnero API URL must not carry credentials, a query or a fragment"
+            )
+        self._api_key = api_key
+        self._base_url = str(url)
+        self._timeout = float(timeout_seconds)
+        self._client = httpx.AsyncClient(
+            base_url=url,
+            transport=transport,
+            timeout=httpx.Timeout(self._timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            verify=verify_tls,
+            follow_redirects=False,
+            headers={
+                "Authorization": f"Bearer {api_key.reveal()}",
+                "Accept": "application/json",
+                "User-Agent": user_agent,
+            },
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PartneroClient(base_url={self._base_url!r}, api_key={self._api_key!r}, "
+            f"timeout_seconds={self._timeout!r})"
+        )
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self._timeout
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # ---- the calls ---------------------------------------------------------------------------
+
+    async def create(self, event: Event) -> Exchange:
+        """``POST /v1/transactions`` for a sale."""
+        try:
+            content = json.dumps(
+                build_create_body(event), ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            return self._refused(RequestKind.CREATE, "POST", TRANSACTIONS_PATH, exc)
+        return await self._call(
+            RequestKind.CREATE,
+            "POST",
+            TRANSACTIONS_PATH,
+            content=content,
+            headers={"Content-Type": "application/json"},
+        )
+
+    async def delete(self, transaction_key: str) -> Exchange:
+        """``DELETE /v1/transactions/{key}`` for a refund."""
+        return await self._keyed(RequestKind.DELETE, "DELETE", transaction_key)
+
+    async def lookup(self, transaction_key: str) -> Exchange:
+        """``GET /v1/transactions/{key}``: did an earlier create reach Partnero?"""
+        return await self._keyed(RequestKind.LOOKUP, "GET", transaction_key)
+
+    async def ping(self) -> Exchange:
+        """``GET /v1/test``: does the API key work? (see `outbox.policy.ping_ok`)"""
+        return await self._call(RequestKind.PING, "GET", PING_PATH)
+
+    # ---- internals ---------------------------------------------------------------------------
+
+    async def _keyed(self, kind: RequestKind, method: str, transaction_key: str) -> Exchange:
+        path = f"{TRANSACTIONS_PATH}/{quote(transaction_key, safe='')}"
+        if transaction_key in ("", ".", ".."):
+            # Dot segments are removed from URL paths: "." would address the collection
+            # (DELETE /v1/transactions) and ".." would address /v1. Never send those.
+            error = ValueError(f"transaction key {transaction_key!r} cannot be used in a URL path")
+            return self._refused(kind, method, path, error)
+        return await self._call(kind, method, path)
+
+    def _refused(self, kind: RequestKind, method: str, path: str, exc: Exception) -> Exchange:
+        """Nothing was sent because the request could not be built (no status, no transport
+        error; the policy fails the row with the error)."""
+        now = _utcnow()
+        return Exchange(
+            kind=kind,
+            method=method,
+            path=path,
+            error=self._describe_error(exc),
+            started_at=now,
+            finished_at=now,
+        )
+
+    async def _call(
+        self,
+        kind: RequestKind,
+        method: str,
+        path: str,
+        *,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Exchange:
+        if self._client.is_closed:
+            raise ClientClosedError("the Partnero client is closed")
+        started_at = _utcnow()
+        response: httpx.Response | None = None
+        body = bytearray()
+        complete = False
+        transport_error: TransportError | None = None
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                async with self._client.stream(
+                    method, path, content=content, headers=headers
+                ) as response:
+                    async for chunk in response.aiter_bytes():
+                        body += chunk
+                        if len(body) > MAX_BODY_BYTES:
+                            break
+                    else:
+                        complete = True
+        except TimeoutError:
+            # The total deadline; httpx's own timeouts are httpx.TimeoutException, not this.
+            transport_error = TransportError.UNKNOWN_OUTCOME
+            error = f"TimeoutError: no complete answer within {self._timeout:g} s"
+        except _NOT_SENT_ERRORS as exc:
+            transport_error = TransportError.NOT_SENT
+            error = self._describe_error(exc)
+        except Exception as exc:
+            # ReadTimeout, WriteTimeout, ReadError, WriteError, RemoteProtocolError, a body that
+            # fails to decode, anything unexpected from a transport: it may have arrived.
+            # CancelledError is a BaseException and propagates.
+            transport_error = TransportError.UNKNOWN_OUTCOME
+            error = self._describe_error(exc)
+        finished_at = _utcnow()
+
+        if response is None:
+            return Exchange(
+                kind=kind,
+                method=method,
+                path=path,
+                transport_error=transport_error,
+                error=error,
+                started_at=started_at,
+                finished_at=finished_at,
+            )
+
+        # The status line and headers arrived. If the body then failed, the status is kept and
+        # the transport error says the answer is incomplete (never "not sent": it was).
+        if transport_error is not None:
+            transport_error = TransportError.UNKNOWN_OUTCOME
+        data = bytes(body[:MAX_BODY_BYTES])
+        json_body = _parse_json_object(data) if complete and transport_error is None else None
+        message = json_body.get("message") if json_body is not None else None
+        return Exchange(
+            kind=kind,
+            method=method,
+            path=path,
+            status_code=response.status_code,
+            body_excerpt=data.decode("utf-8", errors="replace")[:BODY_EXCERPT_CHARS],
+            message=message[:MESSAGE_MAX_CHARS] if isinstance(message, str) else None,
+            json_body=json_body,
+            retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), finished_at),
+            transport_error=transport_error,
+            error=error,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+
+    def _describe_error(self, exc: BaseException) -> str:
+        """``ReadTimeout: ...``, short, and never with the API key in it."""
+        text = " ".join(str(exc).split())
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        text = text.replace(self._api_key.reveal(), "***")
+        if len(text) > ERROR_MAX_CHARS:
+            text = text[: ERROR_MAX_CHARS - 1] + "…"
+        return text
+
+
+def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` merged into `base` (in place): nested objects merge, everything else is
+    replaced by the value from `override`."""
+    for name, value in override.items():
+        current = base.get(name)
+        if isinstance(value, Mapping) and isinstance(current, dict):
+            _deep_merge(current, value)
+        elif isinstance(value, Mapping):
+            base[name] = _deep_merge({}, value)
+        else:
+            base[name] = value
+    return base
+
+
+def _parse_json_object(data: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None (empty, not JSON, not an object, too deep, ...)."""
+    if not data.strip():
+        return None
+    try:
+        parsed = json.loads(data)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueError
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,170 @@
+-- The delivery engine's queries, loaded by name (outbox/queries.py). Parameters are psycopg's
+-- %(name)s placeholders. Every statement runs on its own (autocommit): each is atomic, and no
+-- transaction is ever held across an HTTP call.
+
+-- name: claim
+-- Take up to %(limit)s due rows under a lease. Rows that must wait for another row of their key
+-- are parked instead (SPEC rule 2): they leave the head of the queue until recheck_seconds pass
+-- or the row they wait for settles (see `complete`). Per key, every sale comes before every
+-- refund, and rows of one type go in id order. A refund needs a delivered sale; with no sale row
+-- at all it waits orphan_grace_seconds for one to commit. A leased row's next_attempt_at is its
+-- lease expiry, so an expired lease makes the row due again: it is claimed with
+-- lookup_required set (a sale's earlier create may have reached Partnero, SPEC rule 1).
+WITH candidates AS (
+    SELECT e.id, e.event_type, e.transaction_key, e.created_at
+    FROM outbox.events e
+    WHERE e.status = 'pending' AND e.next_attempt_at <= now()
+    ORDER BY e.next_attempt_at, e.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+),
+judged AS (
+    SELECT
+        c.id,
+        c.created_at,
+        CASE
+            WHEN EXISTS (
+                SELECT 1 FROM outbox.events p
+                WHERE p.transaction_key = c.transaction_key
+                  AND p.id <> c.id
+                  AND p.status IN ('pending', 'failed')
+                  AND CASE WHEN c.event_type = 'sale'
+                           THEN p.event_type = 'sale' AND p.id < c.id
+                           ELSE p.event_type = 'sale' OR p.id < c.id END
+            ) THEN 'blocked'
+            WHEN c.event_type = 'refund' AND NOT EXISTS (
+                SELECT 1 FROM outbox.events s
+                WHERE s.transaction_key = c.transaction_key
+                  AND s.event_type = 'sale' AND s.status = 'delivered'
+            ) THEN CASE
+                WHEN EXISTS (
+                    SELECT 1 FROM outbox.events s
+                    WHERE s.transaction_key = c.transaction_key AND s.event_type = 'sale'
+                ) THEN 'blocked'
+                WHEN c.created_at <= now() - make_interval(secs => %(orphan_grace_seconds)s)
+                    THEN 'ready'
+                ELSE 'orphan'
+            END
+            ELSE 'ready'
+        END AS verdict,
+        c.event_type = 'sale' AND EXISTS (
+            SELECT 1 FROM outbox.events s
+            WHERE s.transaction_key = c.transaction_key AND s.event_type = 'sale'
+              AND s.status = 'delivered' AND s.id < c.id
+        ) AS known_duplicate
+    FROM candidates c
+),
+parked AS (
+    UPDATE outbox.events e
+    SET parked = true,
+        next_attempt_at = CASE
+            WHEN j.verdict = 'orphan' THEN least(
+                j.created_at + make_interval(secs => %(orphan_grace_seconds)s),
+                now() + make_interval(secs => %(recheck_seconds)s))
+            ELSE now() + make_interval(secs => %(recheck_seconds)s)
+        END
+    FROM judged j
+    WHERE e.id = j.id AND j.verdict <> 'ready'
+    RETURNING e.id
+),
+claimed AS (
+    UPDATE outbox.events e
+    SET parked = false,
+        lease_owner = %(owner)s,
+        lease_token = gen_random_uuid(),
+        lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
+        next_attempt_at = now() + make_interval(secs => %(lease_seconds)s),
+        lookup_required = e.lookup_required
+            OR (e.lease_token IS NOT NULL AND e.event_type = 'sale'),
+        updated_at = now()
+    FROM judged j
+    WHERE e.id = j.id AND j.verdict = 'ready'
+    RETURNING e.id, e.event_type, e.transaction_key, e.customer_key, e.amount, e.currency,
+              e.payload, e.attempts, e.lookup_required, e.lease_token, e.lease_expires_at,
+              j.known_duplicate
+)
+SELECT claimed.*, (SELECT count(*) FROM parked) AS parked_count
+FROM claimed
+ORDER BY claimed.id;
+
+
+-- name: complete
+-- Write a batch of results, each guarded by its lease token: a result whose lease was lost (the
+-- row was rescued and claimed again elsewhere) changes nothing. The attempts are recorded either
+-- way, since those HTTP calls did happen. Rows parked behind a row that settled here are woken.
+WITH r AS (
+    SELECT *
+    FROM unnest(
+        %(ids)s::bigint[], %(tokens)s::uuid[], %(statuses)s::text[], %(outcomes)s::text[],
+        %(attempts)s::integer[], %(next_attempt_at)s::timestamptz[],
+        %(lookup_required)s::boolean[], %(last_error)s::text[], %(last_status_code)s::integer[]
+    ) AS r(id, token, status, outcome, attempts, next_attempt_at, lookup_required, last_error,
+           last_status_code)
+),
+done AS (
+    UPDATE outbox.events e
+    SET status = r.status,
+        outcome = r.outcome,
+        attempts = r.attempts,
+        next_attempt_at = r.next_attempt_at,
+        lookup_required = r.lookup_required,
+        last_error = coalesce(r.last_error, e.last_error),
+        last_status_code = coalesce(r.last_status_code, e.last_status_code),
+        lease_owner = NULL,
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = now(),
+        delivered_at = CASE WHEN r.status = 'delivered' THEN now() END
+    FROM r
+    WHERE e.id = r.id AND e.lease_token = r.token AND e.status = 'pending'
+    RETURNING e.id, e.transaction_key, e.status
+),
+woken AS (
+    UPDATE outbox.events w
+    SET next_attempt_at = now(), parked = false
+    WHERE w.parked AND w.status = 'pending'
+      AND w.transaction_key IN (SELECT d.transaction_key FROM done d WHERE d.status <> 'pending')
+    RETURNING w.id
+),
+logged AS (
+    INSERT INTO outbox.attempts (event_id, attempt, started_at, finished_at, method, path,
+                                 status_code, response_excerpt, error, decision, daemon)
+    SELECT *
+    FROM unnest(
+        %(a_event_id)s::bigint[], %(a_attempt)s::integer[], %(a_started_at)s::timestamptz[],
+        %(a_finished_at)s::timestamptz[], %(a_method)s::text[], %(a_path)s::text[],
+        %(a_status_code)s::integer[], %(a_response_excerpt)s::text[], %(a_error)s::text[],
+        %(a_decision)s::text[], %(a_daemon)s::text[]
+    )
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM done) AS completed,
+       (SELECT count(*) FROM woken) AS woken,
+       (SELECT count(*) FROM logged) AS logged;
+
+-- name: rescue
+-- Leases that expired (a daemon died or stalled): clear them so the rows are plainly pending
+-- again, and mark sales for a lookup before any new create. Returns who held them.
+WITH expired AS (
+    SELECT id, lease_owner
+    FROM outbox.events
+    WHERE status = 'pending' AND next_attempt_at <= now() AND lease_expires_at < now()
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.events e
+SET lease_owner = NULL,
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    next_attempt_at = now(),
+    lookup_required = e.lookup_required OR e.event_type = 'sale',
+    updated_at = now()
+FROM expired
+WHERE e.id = expired.id
+RETURNING e.id, e.transaction_key, expired.lease_owner;
+
+-- name: next_due
+-- When the earliest pending row is due (served by the partial index on pending rows).
+SELECT min(next_attempt_at) AS next_due FROM outbox.events WHERE status = 'pending';
+
+-- name: notify
+SELECT pg_notify('outbox_events', '');

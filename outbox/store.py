@@ -1,0 +1,211 @@
+"""The delivery engine's database side: claim, complete, rescue, next-due, notify.
+
+Each method runs one named statement on its own connection in autocommit mode, so every write
+is atomic and no transaction is ever held open across an HTTP call (SPEC rule 4). A lost
+connection raises psycopg.OperationalError; the daemon reconnects and retries (see daemon.py).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+
+from outbox import queries
+from outbox.db import libpq_url
+from outbox.domain import Event, EventType
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    event: Event
+    token: UUID
+    lease_expires_at: datetime
+    known_duplicate: bool  # an earlier sale with this key was already delivered
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claimed: list[Claimed]
+    parked: int
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    event_id: int
+    attempt: int
+    started_at: datetime
+    finished_at: datetime
+    method: str
+    path: str
+    status_code: int | None
+    response_excerpt: str | None
+    error: str | None
+    decision: str
+    daemon: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The new state of one claimed row, written only while its lease token still holds."""
+
+    event_id: int
+    token: UUID
+    status: str
+    outcome: str | None
+    attempts: int
+    next_attempt_at: datetime
+    lookup_required: bool
+    last_error: str | None
+    last_status_code: int | None
+    attempt_records: tuple[AttemptRecord, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteResult:
+    completed: int  # rows whose lease still held and were updated
+    woken: int  # parked rows woken because a row of their key settled
+    logged: int  # attempt rows written
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    event_id: int
+    transaction_key: str
+    lease_owner: str | None
+
+
+class Store:
+    def __init__(self, database_url: str, *, connect_timeout: float = 10.0) -> None:
+        self._url = libpq_url(database_url)
+        self._connect_timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
+
+    async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            if self._conn is not None:
+                await self._conn.close()
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url,
+                autocommit=True,
+                row_factory=dict_row,
+                connect_timeout=max(1, int(self._connect_timeout)),
+                application_name="outbox",
+            )
+        return self._conn
+
+    async def _fetch(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        conn = await self._connection()
+        try:
+            cursor = await conn.execute(queries.get(name), params, prepare=True)
+            return await cursor.fetchall()
+        except psycopg.OperationalError:
+            await conn.close()
+            self._conn = None
+            raise
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def ping(self) -> None:
+        conn = await self._connection()
+        await conn.execute("SELECT 1")
+
+    async def claim(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        recheck_seconds: float,
+        orphan_grace_seconds: float,
+    ) -> ClaimResult:
+        rows = await self._fetch(
+            "claim",
+            {
+                "owner": owner,
+                "limit": limit,
+                "lease_seconds": lease_seconds,
+                "recheck_seconds": recheck_seconds,
+                "orphan_grace_seconds": orphan_grace_seconds,
+            },
+        )
+        claimed = [
+            Claimed(
+                event=Event(
+                    id=row["id"],
+                    event_type=EventType(row["event_type"]),
+                    transaction_key=row["transaction_key"],
+                    customer_key=row["customer_key"],
+                    amount=Decimal(row["amount"]) if row["amount"] is not None else None,
+                    currency=row["currency"],
+                    payload=_payload(row["payload"]),
+                    attempts=row["attempts"],
+                    lookup_required=row["lookup_required"],
+                ),
+                token=row["lease_token"],
+                lease_expires_at=row["lease_expires_at"],
+                known_duplicate=row["known_duplicate"],
+            )
+            for row in rows
+        ]
+        parked = int(rows[0]["parked_count"]) if rows else 0
+        return ClaimResult(claimed=claimed, parked=parked)
+
+    async def complete(self, completions: list[Completion]) -> CompleteResult:
+        if not completions:
+            return CompleteResult(0, 0, 0)
+        records = [r for c in completions for r in c.attempt_records]
+        params: dict[str, Any] = {
+            "ids": [c.event_id for c in completions],
+            "tokens": [c.token for c in completions],
+            "statuses": [c.status for c in completions],
+            "outcomes": [c.outcome for c in completions],
+            "attempts": [c.attempts for c in completions],
+            "next_attempt_at": [c.next_attempt_at for c in completions],
+            "lookup_required": [c.lookup_required for c in completions],
+            "last_error": [c.last_error for c in completions],
+            "last_status_code": [c.last_status_code for c in completions],
+            "a_event_id": [r.event_id for r in records],
+            "a_attempt": [r.attempt for r in records],
+            "a_started_at": [r.started_at for r in records],
+            "a_finished_at": [r.finished_at for r in records],
+            "a_method": [r.method for r in records],
+            "a_path": [r.path for r in records],
+            "a_status_code": [r.status_code for r in records],
+            "a_response_excerpt": [r.response_excerpt for r in records],
+            "a_error": [r.error for r in records],
+            "a_decision": [r.decision for r in records],
+            "a_daemon": [r.daemon for r in records],
+        }
+        (row,) = await self._fetch("complete", params)
+        return CompleteResult(int(row["completed"]), int(row["woken"]), int(row["logged"]))
+
+    async def rescue(self) -> list[Rescued]:
+        rows = await self._fetch("rescue")
+        return [Rescued(r["id"], r["transaction_key"], r["lease_owner"]) for r in rows]
+
+    async def next_due(self) -> datetime | None:
+        (row,) = await self._fetch("next_due")
+        value: datetime | None = row["next_due"]
+        return value
+
+    async def notify(self) -> None:
+        await self._fetch("notify")
+
+
+def _payload(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if isinstance(value, str):  # a driver without jsonb loading
+        loaded = json.loads(value)
+        return loaded if isinstance(loaded, dict) else {}
+    return dict(value)

@@ -1,0 +1,160 @@
+"""Run the daemon in the test process (a thread with its own event loop) or as `outbox run`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from outbox.daemon import Daemon
+from outbox.settings import Settings, load
+
+API_KEY = "test-key-0123456789"
+
+FAST = {
+    "lease_seconds": "4",
+    "request_timeout_seconds": "1.5",
+    "retry_base_delay_seconds": "0.05",
+    "retry_max_delay_seconds": "0.3",
+    "max_attempts": "20",
+    "concurrency": "8",
+    "poll_interval_seconds": "1",
+    "blocked_recheck_seconds": "0.3",
+    "orphan_refund_grace_seconds": "1",
+    "auth_pause_seconds": "0.5",
+    "shutdown_grace_seconds": "3",
+    "log_format": "json",
+    "log_level": "warning",
+}
+
+
+def make_settings(database_url: str, partnero_url: str, **overrides: Any) -> Settings:
+    raw = {**FAST, "database_url": database_url, "partnero_api_url": partnero_url}
+    raw.update({k: str(v) for k, v in overrides.items()})
+    return load(raw, environ={"PARTNERO_API_KEY": API_KEY})
+
+
+def env_for(database_url: str, partnero_url: str, **overrides: Any) -> dict[str, str]:
+    """Environment for `outbox run` in a subprocess."""
+    env = {
+        **os.environ,
+        "OUTBOX_DATABASE_URL": database_url,
+        "PARTNERO_API_URL": partnero_url,
+        "PARTNERO_API_KEY": API_KEY,
+    }
+    for name, value in {**FAST, **{k: str(v) for k, v in overrides.items()}}.items():
+        env[f"OUTBOX_{name.upper()}"] = value
+    return env
+
+
+class DaemonThread:
+    """The daemon on its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.daemon: Daemon | None = None
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self.daemon = Daemon(self.settings)
+            self._started.set()
+            loop.run_until_complete(self.daemon.run(install_signal_handlers=False))
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+        finally:
+            self._started.set()
+            loop.close()
+
+    def __enter__(self) -> DaemonThread:
+        self._thread.start()
+        self._started.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self, timeout: float = 30) -> None:
+        if self._loop is not None and self.daemon is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.daemon.request_stop)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the daemon did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    """Poll a condition until it is truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def scalar(engine: sa.Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar()
+
+
+def rows(engine: sa.Engine, sql: str, **params: Any) -> list[sa.Row[Any]]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text(sql), params))
+
+
+def statuses(engine: sa.Engine) -> dict[str, int]:
+    return {
+        r[0]: r[1] for r in rows(engine, "SELECT status, count(*) FROM outbox.events GROUP BY 1")
+    }
+
+
+def settled(engine: sa.Engine, total: int) -> bool:
+    return scalar(engine, "SELECT count(*) FROM outbox.events WHERE status <> 'pending'") == total
+
+
+def insert_sales(
+    engine: sa.Engine, keys: list[str], customer: str = "cust_1", amount: str = "10.00"
+) -> None:
+    with engine.begin() as conn:
+        for key in keys:
+            conn.execute(
+                sa.text("SELECT outbox.record_sale(:k, :c, CAST(:a AS numeric), 'EUR')"),
+                {"k": key, "c": customer, "a": amount},
+            )
+
+
+def insert_refunds(engine: sa.Engine, keys: list[str]) -> None:
+    with engine.begin() as conn:
+        for key in keys:
+            conn.execute(sa.text("SELECT outbox.record_refund(:k)"), {"k": key})
+
+
+def start_cli_daemon(env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "outbox.cli", "run"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def sigkill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
