@@ -98,7 +98,7 @@ def _retrying(stopping: asyncio.Event, what: str) -> AsyncRetrying:
 
     return AsyncRetrying(
         retry=retry_if_exception_type(DB_ERRORS),
-        wait=wait_exponential_jitter(initial=0.2, max=10.0),
+        wait=wait_exponential_jitter(multiplier=0.2, max=10.0),
         stop=stop_when_stopping,
         before_sleep=before_sleep,
         reraise=True,

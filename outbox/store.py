@@ -7,6 +7,7 @@ connection raises psycopg.OperationalError; the daemon reconnects and retries (s
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,19 +87,22 @@ class Store:
         self._url = libpq_url(database_url)
         self._connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
+        self._connecting = asyncio.Lock()  # several services may share one Store
 
     async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            if self._conn is not None:
-                await self._conn.close()
-            self._conn = await psycopg.AsyncConnection.connect(
-                self._url,
-                autocommit=True,
-                row_factory=dict_row,
-                connect_timeout=max(1, int(self._connect_timeout)),
-                application_name="outbox",
-            )
-        return self._conn
+        async with self._connecting:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                if self._conn is not None:
+                    await self._conn.close()
+                    self._conn = None
+                self._conn = await psycopg.AsyncConnection.connect(
+                    self._url,
+                    autocommit=True,
+                    row_factory=dict_row,
+                    connect_timeout=max(1, int(self._connect_timeout)),
+                    application_name="outbox",
+                )
+            return self._conn
 
     async def _fetch(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         conn = await self._connection()
@@ -107,7 +111,8 @@ class Store:
             return await cursor.fetchall()
         except psycopg.OperationalError:
             await conn.close()
-            self._conn = None
+            if self._conn is conn:
+                self._conn = None
             raise
 
     async def close(self) -> None:
