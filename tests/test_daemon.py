@@ -64,7 +64,7 @@ def test_sales_and_refunds_are_delivered_once_with_their_outcomes(
 ) -> None:
     keys = [f"inv_{i}" for i in range(30)]
     insert_sales(engine, keys)
-    insert_refunds(engine, keys[:5] + ["never_sold"])
+    insert_refunds(engine, [*keys[:5], "never_sold"])
     with DaemonThread(make_settings(database_url, fake.url, orphan_refund_grace_seconds=0)):
         wait_until(lambda: settled(engine, 36), what="every row settled")
     outcomes = dict(rows(engine, "SELECT outcome, count(*) FROM outbox.events GROUP BY 1"))
@@ -205,8 +205,8 @@ def test_dead_daemons_lease_is_rescued_after_expiry_and_looked_up(
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "UPDATE outbox.events SET lease_owner = 'dead-host:1', lease_token = gen_random_uuid(),"
-                " lease_expires_at = now() + interval '2 seconds',"
+                "UPDATE outbox.events SET lease_owner = 'dead-host:1',"
+                " lease_token = gen_random_uuid(), lease_expires_at = now() + interval '2 seconds',"
                 " next_attempt_at = now() + interval '2 seconds'"
             )
         )
@@ -271,7 +271,8 @@ def test_refund_waits_visibly_behind_a_failed_sale_until_a_person_acts(
             conn.execute(
                 sa.text(
                     "UPDATE outbox.events SET status = 'pending', outcome = NULL, attempts = 0, "
-                    "next_attempt_at = now() WHERE transaction_key = 'inv_ghost' AND status = 'failed'"
+                    "next_attempt_at = now() "
+                    "WHERE transaction_key = 'inv_ghost' AND status = 'failed'"
                 )
             )
         wait_until(lambda: settled(engine, 2))
@@ -363,7 +364,8 @@ def test_validation_error_fails_at_once_and_alone(
     with engine.begin() as conn:
         conn.execute(
             sa.text(
-                "SELECT outbox.record_sale('inv_bad', 'c', 10, NULL, '{\"created_at\": \"yesterday\"}')"
+                "SELECT outbox.record_sale("
+                "'inv_bad', 'c', 10, NULL, '{\"created_at\": \"yesterday\"}')"
             )
         )
     insert_sales(engine, ["inv_good"])
