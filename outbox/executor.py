@@ -129,16 +129,17 @@ class Executor:
         event = claimed.event
         progress = _Progress(event.attempts, event.lookup_required, [])
         self._progress[event.id] = progress
-        try:
-            return await self._process(claimed, progress, lease_deadline)
-        finally:
-            self._progress.pop(event.id, None)
+        # If this raises (cancelled at shutdown, or a bug), the progress stays for cut_short(),
+        # which must know whether a create had started.
+        completion = await self._process(claimed, progress, lease_deadline)
+        self._progress.pop(event.id, None)
+        return completion
 
     def cut_short(self, claimed: Claimed) -> Completion:
         """The completion for a row whose processing was cancelled (shutdown): give the row back.
         A sale whose create had started may have reached Partnero: look it up next time."""
         event = claimed.event
-        progress = self._progress.get(event.id) or _Progress(
+        progress = self._progress.pop(event.id, None) or _Progress(
             event.attempts, event.lookup_required, []
         )
         lookup = progress.lookup_required or progress.create_started

@@ -27,6 +27,7 @@ Admin calls (no auth, never faulted)::
 
 Request log ``status`` is the HTTP status answered, or "dropped_before" (read, not applied, no
 answer), "dropped_after" (applied, no answer; ``would_status`` says what it would have been),
+"hung_after" (applied, never answered: the connection is held open until the client leaves),
 "pending"/"timeout" (held by a "timeout" outage, never applied or answered) or "client_closed"
 (the client went away while the fake was still sleeping ``latency_ms``). ``seq`` numbers API calls
 in the order the fake acted on them (after the latency sleep); a ledger entry's ``created_seq`` and
@@ -34,9 +35,9 @@ in the order the fake acted on them (after the latency sleep); a ledger entry's 
 
 Faults are drawn in this order from one ``random.Random(seed)``, each only when its rate is above
 zero: drop_before, 429, 5xx (500, 502 with an HTML body, or 503), then the call is applied, then
-drop_after. Python use: ``FakePartnero`` inside a running event loop, ``FakePartneroThread`` (its
-own loop in a daemon thread) from synchronous code; the click command ``fake-partnero`` serves one
-from the command line.
+drop_after, then hang_after. Python use: ``FakePartnero`` inside a running event loop,
+``FakePartneroThread`` (its own loop in a daemon thread) from synchronous code; the click command
+``fake-partnero`` serves one from the command line.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class FakeConfig:
     retry_after_seconds: float | None = None  # Retry-After on 429 (and outage 503) when set
     drop_before_rate: float = 0.0  # read the request, close without applying or answering
     drop_after_rate: float = 0.0  # apply the request, close without answering
+    hang_after_rate: float = 0.0  # apply the request, never answer (until the client leaves)
     outage: Outage | None = None  # "refuse", "503", "timeout" or None
     seed: int | None = None  # for the random faults
 
@@ -119,7 +121,7 @@ class FakeConfig:
 
 _CONFIG_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(FakeConfig))
 _RATE_FIELDS: Final = frozenset(
-    {"fail_5xx_rate", "rate_429", "drop_before_rate", "drop_after_rate"}
+    {"fail_5xx_rate", "rate_429", "drop_before_rate", "drop_after_rate", "hang_after_rate"}
 )
 
 
@@ -864,6 +866,13 @@ class FakePartnero:
                 conn.close()
                 self._changed()
                 return
+            if cfg.hang_after_rate > 0 and rng.random() < cfg.hang_after_rate:
+                # Applied, and the answer never comes: the connection stays open until the
+                # client gives up or dies (a daemon killed while this call is in flight).
+                entry["status"], entry["fault"] = "hung_after", "hang_after"
+                entry["would_status"] = resp.status
+                self._changed()
+                return
         entry["status"] = resp.status
         conn.send(resp, req.keep_alive)
         self._changed()
@@ -1248,6 +1257,7 @@ _RATE = click.FloatRange(0.0, 1.0)
 )
 @click.option("--drop-before-rate", default=0.0, type=_RATE, show_default=True)
 @click.option("--drop-after-rate", default=0.0, type=_RATE, show_default=True)
+@click.option("--hang-after-rate", default=0.0, type=_RATE, show_default=True)
 @click.option("--seed", default=None, type=int, help="Seed for the random faults.")
 def fake_partnero_command(
     host: str,
@@ -1260,6 +1270,7 @@ def fake_partnero_command(
     retry_after: float | None,
     drop_before_rate: float,
     drop_after_rate: float,
+    hang_after_rate: float,
     seed: int | None,
 ) -> None:
     """Serve a fake Partnero API (a test and demo tool) until SIGINT or SIGTERM."""
@@ -1275,6 +1286,7 @@ def fake_partnero_command(
         retry_after_seconds=retry_after,
         drop_before_rate=drop_before_rate,
         drop_after_rate=drop_after_rate,
+        hang_after_rate=hang_after_rate,
         seed=seed,
     )
     asyncio.run(_serve(config, host, port))

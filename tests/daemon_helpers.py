@@ -155,6 +155,13 @@ def start_cli_daemon(env: dict[str, str]) -> subprocess.Popen[str]:
     )
 
 
+def stop_cli_daemon(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Signal the daemon, wait for it, close its pipes; return (exit code, stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr
+
+
 def sigkill(proc: subprocess.Popen[str]) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    stop_cli_daemon(proc, signal.SIGKILL)

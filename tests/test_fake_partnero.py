@@ -287,6 +287,17 @@ async def test_drop_after_is_applied(fake: FakePartnero, client: httpx.AsyncClie
     assert (await client.get("/v1/transactions/t-drop")).status_code == 200
 
 
+async def test_hang_after_is_applied_and_never_answered(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    await fake.configure(hang_after_rate=1.0)
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post("/v1/transactions", json=sale("t-hang"), timeout=0.3)
+    assert [e["key"] for e in fake.ledger()] == ["t-hang"]
+    [logged] = fake.requests()
+    assert (logged["status"], logged["would_status"]) == ("hung_after", 201)
+
+
 async def test_outage_refuse_and_recovery(fake: FakePartnero, client: httpx.AsyncClient) -> None:
     assert (await client.get("/v1/test")).status_code == 200  # a pooled keep-alive connection
     await fake.configure(outage="refuse")
