@@ -231,7 +231,9 @@ class Executor:
 
     def _decide(self, event: Event, progress: _Progress, exchange: Exchange) -> Decision:
         now = self._clock()
-        current = replace(event, attempts=progress.attempts)
+        current = replace(
+            event, attempts=progress.attempts, lookup_required=progress.lookup_required
+        )
         decision = policy.decide(current, exchange, now, self._policy, self._rand())
         self._record(event, progress, exchange, decision)
         if not isinstance(decision, Pause):
@@ -316,7 +318,7 @@ class Executor:
                 status="pending",
                 outcome=None,
                 next_attempt_at=decision.at,
-                lookup_required=decision.lookup_required and event.event_type is EventType.SALE,
+                lookup_required=decision.lookup_required,
                 last_error=detail,
             )
         if isinstance(decision, Failed):

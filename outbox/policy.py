@@ -97,7 +97,7 @@ def decide(
     if exchange.kind is RequestKind.PING:
         raise ValueError("a ping is not a delivery; use ping_ok()")
 
-    verdict = _classify(exchange, now, policy)
+    verdict = _classify(exchange, now, policy, maybe_applied=event.lookup_required)
     if not isinstance(verdict, _RetryClass):
         return verdict
 
@@ -151,19 +151,24 @@ class _RetryClass:
     lookup_required: bool
 
 
-def _classify(exchange: Exchange, now: datetime, policy: RetryPolicy) -> Decision | _RetryClass:
+def _classify(
+    exchange: Exchange, now: datetime, policy: RetryPolicy, *, maybe_applied: bool
+) -> Decision | _RetryClass:
+    """`maybe_applied`: an earlier call for this row may have been applied (the row's
+    lookup_required). A create is then preceded by a lookup; a delete is simply sent again, and
+    its 404 then means that earlier DELETE already reversed the sale."""
     kind = exchange.kind
     code = exchange.status_code
-    # A create or a lookup that fails in an unknown way must be followed by a lookup; a delete
-    # is idempotent and is simply sent again.
-    look_up = kind is not RequestKind.DELETE
+    # Any call that fails in an unknown way may have been applied: flag it. For a create (and a
+    # lookup still owed) this means a lookup first; for a delete, how a later 404 reads.
+    look_up = True
 
     # A transport error wins over a status code: when the body could not be read in full the
     # client keeps the status it saw but reports UNKNOWN_OUTCOME, and the safe reading is that
     # the outcome is unknown (a create is then looked up, a delete sent again).
     if exchange.transport_error is TransportError.NOT_SENT:
         # Certainly not sent: a create or a delete is simply sent again; a lookup is still owed.
-        return _RetryClass(Outcome.NETWORK_ERROR, kind is RequestKind.LOOKUP)
+        return _RetryClass(Outcome.NETWORK_ERROR, kind is RequestKind.LOOKUP or maybe_applied)
     if exchange.transport_error is TransportError.UNKNOWN_OUTCOME:
         return _RetryClass(Outcome.TIMEOUT, look_up)
     if code is None:
@@ -191,7 +196,9 @@ def _classify(exchange: Exchange, now: datetime, policy: RetryPolicy) -> Decisio
         if _is_2xx(code):
             return Delivered(Outcome.DELETED)
         if code == 404:
-            return Delivered(Outcome.NOT_FOUND)
+            # After a DELETE whose answer was lost, a 404 is most likely that DELETE's doing: the
+            # sale was delivered before its refund was sent, so the transaction did exist.
+            return Delivered(Outcome.DELETED if maybe_applied else Outcome.NOT_FOUND)
     elif kind is RequestKind.LOOKUP:
         if _is_2xx(code) and isinstance((exchange.json_body or {}).get("data"), dict):
             # Found, even when `deleted_at` is set: our earlier create reached Partnero, and
@@ -207,7 +214,7 @@ def _classify(exchange: Exchange, now: datetime, policy: RetryPolicy) -> Decisio
         # been applied: look it up first.
         return _RetryClass(Outcome.TIMEOUT, look_up)
     if code == 429:
-        return _RetryClass(Outcome.RATE_LIMITED, lookup_required=False)
+        return _RetryClass(Outcome.RATE_LIMITED, lookup_required=maybe_applied)
     if 500 <= code <= 599:
         # A 500, or a gateway 502/504, may come after Partnero applied the create.
         return _RetryClass(Outcome.SERVER_ERROR, look_up)

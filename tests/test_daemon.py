@@ -196,6 +196,25 @@ def test_create_lost_before_partnero_applied_it_is_created_after_the_lookup(
     assert live_keys(fake) == ["inv_unsent"]
 
 
+def test_refund_applied_but_answer_lost_is_recorded_as_deleted(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    insert_sales(engine, ["inv_refund_lost"])
+    with DaemonThread(make_settings(database_url, fake.url)):
+        wait_until(lambda: settled(engine, 1))
+        fake.configure(drop_after_rate=1.0)  # the DELETE is applied, its answer lost
+        insert_refunds(engine, ["inv_refund_lost"])
+        wait_until(lambda: len(attempts_of(engine, "inv_refund_lost")) == 2)
+        fake.configure(drop_after_rate=0.0)
+        wait_until(lambda: settled(engine, 2))
+    assert attempts_of(engine, "inv_refund_lost")[1:] == [
+        ("DELETE", "retry:timeout+lookup", None),
+        ("DELETE", "delivered:deleted", 404),
+    ]
+    # Not "not_found": the sale was reversed, by our own first DELETE.
+    assert event(engine, "inv_refund_lost", "refund").outcome == "deleted"
+
+
 def test_dead_daemons_lease_is_rescued_after_expiry_and_looked_up(
     engine: sa.Engine, database_url: str, fake: FakePartneroThread
 ) -> None:

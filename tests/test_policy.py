@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import math
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -108,6 +109,22 @@ def retry(reason: Outcome, lookup: bool) -> tuple[Outcome, bool]:
 
 # ---- the rules, kind by kind -----------------------------------------------------------------
 
+
+def test_delete_404_after_a_delete_that_may_have_applied_reads_as_deleted() -> None:
+    ex = exchange(DELETE, 404, "Transaction not found")
+    flagged = replace(event(1, refund=True), lookup_required=True)
+    assert decide(flagged, ex, NOW, POLICY, 0.5) == Delivered(Outcome.DELETED)
+    assert decide(event(1, refund=True), ex, NOW, POLICY, 0.5) == Delivered(Outcome.NOT_FOUND)
+
+
+def test_a_flag_once_raised_survives_a_retry_that_was_certainly_not_sent() -> None:
+    flagged = replace(event(1, refund=True), lookup_required=True)
+    decision = decide(flagged, exchange(DELETE, transport=NOT_SENT), NOW, POLICY, 0.5)
+    assert isinstance(decision, Retry) and decision.lookup_required
+    decision = decide(flagged, exchange(DELETE, 429), NOW, POLICY, 0.5)
+    assert isinstance(decision, Retry) and decision.lookup_required
+
+
 DELIVERED_CASES = [
     # create (sale)
     (exchange(CREATE, 200), Delivered(Outcome.CREATED)),
@@ -162,16 +179,17 @@ RETRY_CASES = [
     (exchange(CREATE, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
     # a 201 whose body then broke off: the transport error wins, and the create is looked up
     (exchange(CREATE, 201, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
-    # delete: idempotent, simply sent again
-    (exchange(DELETE, 408), retry(Outcome.TIMEOUT, False)),
+    # delete: sent again (it is idempotent), flagged when it may have been applied, so that a
+    # later 404 reads as "our earlier DELETE did it"
+    (exchange(DELETE, 408), retry(Outcome.TIMEOUT, True)),
     (exchange(DELETE, 429), retry(Outcome.RATE_LIMITED, False)),
-    (exchange(DELETE, 500), retry(Outcome.SERVER_ERROR, False)),
-    (exchange(DELETE, 502), retry(Outcome.SERVER_ERROR, False)),
-    (exchange(DELETE, 503), retry(Outcome.SERVER_ERROR, False)),
-    (exchange(DELETE, 302), retry(Outcome.BAD_RESPONSE, False)),
+    (exchange(DELETE, 500), retry(Outcome.SERVER_ERROR, True)),
+    (exchange(DELETE, 502), retry(Outcome.SERVER_ERROR, True)),
+    (exchange(DELETE, 503), retry(Outcome.SERVER_ERROR, True)),
+    (exchange(DELETE, 302), retry(Outcome.BAD_RESPONSE, True)),
     (exchange(DELETE, transport=NOT_SENT), retry(Outcome.NETWORK_ERROR, False)),
-    (exchange(DELETE, transport=UNKNOWN), retry(Outcome.TIMEOUT, False)),
-    (exchange(DELETE, 204, transport=UNKNOWN), retry(Outcome.TIMEOUT, False)),
+    (exchange(DELETE, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
+    (exchange(DELETE, 204, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
     # lookup: anything but a definitive answer asks again, and the lookup still comes first
     (exchange(LOOKUP, 200, json_body={"data": None}), retry(Outcome.BAD_RESPONSE, True)),
     (exchange(LOOKUP, 200, json_body={"data": []}), retry(Outcome.BAD_RESPONSE, True)),

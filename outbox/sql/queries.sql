@@ -9,7 +9,7 @@
 -- refund, and rows of one type go in id order. A refund needs a delivered sale; with no sale row
 -- at all it waits orphan_grace_seconds for one to commit. A leased row's next_attempt_at is its
 -- lease expiry, so an expired lease makes the row due again: it is claimed with
--- lookup_required set (a sale's earlier create may have reached Partnero, SPEC rule 1).
+-- lookup_required set (an earlier call may have reached Partnero, SPEC rule 1).
 WITH candidates AS (
     SELECT e.id, e.event_type, e.transaction_key, e.created_at
     FROM outbox.events e
@@ -74,8 +74,7 @@ claimed AS (
         lease_token = gen_random_uuid(),
         lease_expires_at = now() + make_interval(secs => %(lease_seconds)s),
         next_attempt_at = now() + make_interval(secs => %(lease_seconds)s),
-        lookup_required = e.lookup_required
-            OR (e.lease_token IS NOT NULL AND e.event_type = 'sale'),
+        lookup_required = e.lookup_required OR e.lease_token IS NOT NULL,
         updated_at = now()
     FROM judged j
     WHERE e.id = j.id AND j.verdict = 'ready'
@@ -144,7 +143,8 @@ SELECT (SELECT count(*) FROM done) AS completed,
 
 -- name: rescue
 -- Leases that expired (a daemon died or stalled): clear them so the rows are plainly pending
--- again, and mark sales for a lookup before any new create. Returns who held them.
+-- again, flagged as "an earlier call may have been applied" (a sale is looked up before any new
+-- create; a refund's later 404 reads as deleted). Returns who held them.
 WITH expired AS (
     SELECT id, lease_owner
     FROM outbox.events
@@ -156,7 +156,7 @@ SET lease_owner = NULL,
     lease_token = NULL,
     lease_expires_at = NULL,
     next_attempt_at = now(),
-    lookup_required = e.lookup_required OR e.event_type = 'sale',
+    lookup_required = true,
     updated_at = now()
 FROM expired
 WHERE e.id = expired.id
