@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PY_PATHS := outbox tests $(wildcard bench)
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,14 +23,14 @@ demo: $(STAMP) ## run the whole thing on a throwaway Postgres and a fake Partner
 	$(BIN)/outbox demo
 
 lint: $(STAMP) ## ruff, mypy (strict on outbox/), import-linter
-	$(BIN)/ruff check outbox tests bench
-	$(BIN)/ruff format --check outbox tests bench
+	$(BIN)/ruff check $(PY_PATHS)
+	$(BIN)/ruff format --check $(PY_PATHS)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 format: $(STAMP) ## apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix outbox tests bench
-	$(BIN)/ruff format outbox tests bench
+	$(BIN)/ruff check --fix $(PY_PATHS)
+	$(BIN)/ruff format $(PY_PATHS)
 
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
