@@ -11,7 +11,7 @@ import click
 import sqlalchemy as sa
 
 from outbox import __version__, db, migrate
-from outbox.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, load
+from outbox.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,12 +42,8 @@ def setting_options(names: list[str] | None = None) -> Callable[[F], F]:
 
 
 def settings_from(options: dict[str, Any], *, need_api_key: bool = True) -> Settings:
-    raw: dict[str, str | None] = {}
-    for spec in SPECS:
-        value = options.get(spec.name)
-        raw[spec.name] = value if value is not None else os.environ.get(spec.envvar)
     try:
-        return load(raw, need_api_key=need_api_key)
+        return resolve(options, need_api_key=need_api_key)
     except SettingError as exc:
         fail(str(exc), code=2)
 
@@ -117,7 +113,7 @@ def run_command(**options: Any) -> None:
     settings = settings_from(options)
     logs.configure(settings.log_format, settings.log_level, secrets=[settings.api_key])
     try:
-        asyncio.run(Daemon(settings).run())
+        asyncio.run(Daemon(settings, flags=options).run())
     except MigrationError as exc:
         fail(str(exc))
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import sqlalchemy as sa
@@ -31,13 +33,15 @@ import structlog
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
-from outbox import db, migrate
+from outbox import db, logs, migrate
 from outbox.db import libpq_url
 from outbox.executor import Executor, Gate
+from outbox.metrics import Metrics, MetricsServer
 from outbox.partnero import ApiKey, PartneroClient
 from outbox.policy import ping_ok
-from outbox.settings import Settings
-from outbox.store import Claimed, CompleteResult, Completion, Rescued, Store
+from outbox.sdnotify import Notifier
+from outbox.settings import LIVE, SettingError, Settings, resolve
+from outbox.store import Backlog, Claimed, CompleteResult, Completion, Rescued, Store
 
 log = structlog.get_logger("outbox.daemon")
 
@@ -67,9 +71,57 @@ class Health:
     rescued: int = 0
     lost_leases: int = 0
     in_flight: int = 0
+    stall_seconds: float = 60.0
+    # The claimer promises to turn again by this monotonic time; past it, the loop is wedged.
+    next_tick_due: float = field(default_factory=lambda: time.monotonic() + 3600)
+    backlog: int | None = None
+    oldest_pending_seconds: float | None = None
+    failed_rows: int | None = None
+    paused: bool = False
 
-    def tick(self) -> None:
-        self.last_loop_at = time.monotonic()
+    def tick(self, waiting: float = 0.0) -> None:
+        """The claimer turned; it may now wait up to `waiting` seconds before turning again."""
+        now = time.monotonic()
+        self.last_loop_at = now
+        self.next_tick_due = now + waiting + self.stall_seconds
+
+    def problems(self) -> list[str]:
+        """Why the daemon is not healthy (empty when it is)."""
+        found = []
+        if time.monotonic() > self.next_tick_due:
+            found.append("delivery loop wedged")
+        if not self.listening:
+            found.append("not listening for new rows")
+        if not self.database_ok:
+            found.append("database unreachable")
+        return found
+
+    def status_line(self) -> str:
+        """The systemd STATUS= line."""
+        if self.backlog is None:
+            parts = ["starting"]
+        else:
+            oldest = _age(self.oldest_pending_seconds)
+            parts = [
+                f"backlog {self.backlog}" + (f" (oldest {oldest})" if oldest else ""),
+                f"failed {self.failed_rows}",
+                f"delivered {self.delivered} since start",
+            ]
+        if self.paused:
+            parts.insert(0, "PAUSED (Partnero refused the API key)")
+        if self.last_error:
+            parts.append(f"last error: {self.last_error[:120]}")
+        return "; ".join(parts)
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +170,7 @@ class Listener:
         self._wake = wake
         self._health = health
         self._check_seconds = check_seconds
+        self.ready = asyncio.Event()  # set once LISTEN is active (for READY=1)
 
     async def run_once(self) -> int:
         """One connection's life: listen until it breaks. Returns notifications received."""
@@ -128,6 +181,7 @@ class Listener:
         try:
             await conn.execute("LISTEN outbox_events")
             self._health.listening = True
+            self.ready.set()
             self._wake.set()  # anything committed while we were not listening
             log.info("outbox.listener.listening")
             while True:
@@ -149,10 +203,17 @@ class Listener:
 class Writer:
     """Writes completions in batches. A batch that cannot be written is kept and retried."""
 
-    def __init__(self, store: Store, health: Health, on_woken: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        health: Health,
+        on_woken: Callable[[int], None],
+        metrics: Metrics | None = None,
+    ) -> None:
         self._store = store
         self._health = health
         self._on_woken = on_woken
+        self._metrics = metrics
         self.queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._batch: list[Completion] = []
 
@@ -179,6 +240,7 @@ class Writer:
 
     def _account(self, batch: list[Completion], lost: int) -> None:
         self._health.completed += len(batch)
+        m = self._metrics
         for c in batch:
             if c.status == "delivered":
                 self._health.delivered += 1
@@ -189,6 +251,11 @@ class Writer:
                 self._health.retried += 1
             else:
                 self._health.released += 1
+            if m is not None:
+                if c.status in ("delivered", "failed"):
+                    m.settled.labels(c.status, c.outcome or "").inc()
+                elif c.attempt_records and c.last_error:
+                    m.retries.labels(c.last_error.split(":", 1)[0]).inc()
         if lost:
             self._health.lost_leases += lost
             log.warning(
@@ -245,11 +312,17 @@ class Daemon:
         self,
         settings: Settings,
         *,
+        flags: Mapping[str, Any] | None = None,
         client: PartneroClient | None = None,
         clock: Callable[[], datetime] = utcnow,
+        notifier: Notifier | None = None,
     ) -> None:
         self.settings = settings
-        self.health = Health()
+        self._flags = dict(flags or {})
+        self.health = Health(stall_seconds=settings.stall_seconds)
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._slot_free = asyncio.Event()
@@ -271,10 +344,12 @@ class Daemon:
             gate=self.gate,
             limiter=limiter,
             clock=clock,
+            observe=self.metrics.observe_exchange,
         )
         self.claim_store = Store(settings.database_url)
         self.write_store = Store(settings.database_url)
-        self.writer = Writer(self.write_store, self.health, self._on_woken)
+        self.monitor_store = Store(settings.database_url)
+        self.writer = Writer(self.write_store, self.health, self._on_woken, self.metrics)
         self.rescuer = Rescuer(self.claim_store, self.health)
         self.listener = Listener(
             settings.database_url, self._wake, self.health, settings.poll_interval_seconds
@@ -357,6 +432,7 @@ class Daemon:
             due = await self.claim_store.next_due()
             if due is not None:
                 timeout = min(timeout, max(0.05, (due - self._clock()).total_seconds()))
+        self.health.tick(waiting=timeout)
         await _wait_any(self._wake, self.stopping, timeout=timeout)
 
     async def _paused(self) -> None:
@@ -370,13 +446,20 @@ class Daemon:
             note="sending is paused; rows stay pending and no attempts are counted",
         )
         self.health.last_error = self.gate.pause_detail
-        await _wait_any(self.stopping, timeout=max(0.0, (until - self._clock()).total_seconds()))
+        self.health.paused = True
+        self.metrics.paused.set(1)
+        self.notifier.status(self.health.status_line())
+        pause = max(0.0, (until - self._clock()).total_seconds())
+        self.health.tick(waiting=pause + self.settings.request_timeout_seconds)
+        await _wait_any(self.stopping, timeout=pause)
         if self.stopping.is_set():
             return
         exchange = await self.client.ping()
         if ping_ok(exchange):
             log.info("outbox.partnero.auth_restored")
             self.gate.resume()
+            self.health.paused = False
+            self.metrics.paused.set(0)
         else:
             self.gate.pause(
                 self._clock() + timedelta(seconds=self.settings.auth_pause_seconds),
@@ -391,6 +474,7 @@ class Daemon:
                 continue
             if len(self._tasks) >= self.settings.concurrency:
                 self._slot_free.clear()
+                self.health.tick(waiting=1.0)
                 await _wait_any(self._slot_free, self.stopping, timeout=1.0)
                 continue
             try:
@@ -399,6 +483,7 @@ class Daemon:
                 self.health.database_ok = False
                 self.health.last_error = f"database: {_first_line(exc)}"
                 log.warning("outbox.claimer.db_error", error=_first_line(exc))
+                self.health.tick(waiting=1.0)
                 await _wait_any(self.stopping, timeout=1.0)
                 continue
             if round_.claimed < round_.asked:
@@ -411,6 +496,111 @@ class Daemon:
                 if await self.rescuer.run_once():
                     self._wake.set()
             await _wait_any(self.stopping, timeout=interval)
+
+    async def monitor_once(self) -> Backlog | None:
+        """Refresh the backlog figures, the gauges and the STATUS= line."""
+        backlog: Backlog | None = None
+        try:
+            backlog = await asyncio.wait_for(
+                self.monitor_store.backlog(),
+                timeout=max(1.0, self.settings.status_interval_seconds),
+            )
+        except (TimeoutError, *DB_ERRORS) as exc:
+            self.health.database_ok = False
+            self.health.last_error = f"database: {_first_line(exc) or 'no answer in time'}"
+            await self.monitor_store.close()
+        if backlog is not None:
+            self.health.database_ok = True
+            self.health.backlog = backlog.pending
+            self.health.oldest_pending_seconds = backlog.oldest_pending_seconds
+            self.health.failed_rows = backlog.failed
+            self.metrics.backlog.set(backlog.pending)
+            self.metrics.oldest_pending.set(backlog.oldest_pending_seconds or 0.0)
+            self.metrics.failed.set(backlog.failed)
+        self.metrics.leases.set(len(self._tasks))
+        self.notifier.status(self.health.status_line())
+        return backlog
+
+    async def run_monitor(self) -> None:
+        while not self.stopping.is_set():
+            await self.monitor_once()
+            await _wait_any(self.stopping, timeout=self.settings.status_interval_seconds)
+
+    def watchdog_once(self) -> bool:
+        """Ping systemd's watchdog only while the daemon is really healthy."""
+        problems = self.health.problems()
+        self.metrics.healthy.set(0 if problems else 1)
+        if problems:
+            log.error("outbox.watchdog.unhealthy", problems=problems)
+            return False
+        self.notifier.watchdog()
+        return True
+
+    async def run_watchdog(self, interval: float) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping.is_set():
+            self.watchdog_once()
+            expected = loop.time() + interval
+            await _wait_any(self.stopping, timeout=interval)
+            self.metrics.loop_lag.set(max(0.0, loop.time() - expected))
+
+    def healthz(self) -> tuple[bool, dict[str, Any]]:
+        problems = self.health.problems()
+        return (
+            not problems,
+            {
+                "problems": problems,
+                "backlog": self.health.backlog,
+                "oldest_pending_seconds": self.health.oldest_pending_seconds,
+                "failed": self.health.failed_rows,
+                "paused": self.health.paused,
+                "in_flight": len(self._tasks),
+                "last_delivery_at": self.health.last_delivery_at,
+            },
+        )
+
+    async def reload(self) -> None:
+        """SIGHUP: read the settings again and apply those that can change live."""
+        self.notifier.reloading()
+        try:
+            fresh = await asyncio.to_thread(resolve, self._flags)
+        except SettingError as exc:
+            log.error(
+                "outbox.daemon.reload_refused", error=str(exc), note="the running settings are kept"
+            )
+        else:
+            self._apply(fresh)
+        self.notifier.ready(self.health.status_line())
+
+    def _apply(self, fresh: Settings) -> None:
+        old = self.settings
+        changed = sorted(
+            f.name
+            for f in fields(Settings)
+            if f.name != "api_key" and getattr(old, f.name) != getattr(fresh, f.name)
+        )
+        live = {name: getattr(fresh, name) for name in changed if name in LIVE}
+        needs_restart = [name for name in changed if name not in LIVE]
+        key_changed = fresh.api_key != old.api_key
+        self.settings = replace(old, **live, api_key=fresh.api_key)
+        self.health.stall_seconds = self.settings.stall_seconds
+        self.executor.reconfigure(
+            retry_policy=self.settings.retry_policy(),
+            limiter=_limiter(self.settings.rate_limit_per_second),
+        )
+        if key_changed:
+            self.client.set_api_key(ApiKey(fresh.api_key))
+            if self.gate.paused:  # a new key: check it now rather than at the pause's end
+                self.gate.pause(self._clock(), self.gate.pause_detail or "key replaced")
+        if "log_level" in live:
+            logs.set_level(self.settings.log_level)
+        log.info("outbox.daemon.reloaded", changed=sorted(live), api_key_changed=key_changed)
+        if needs_restart:
+            log.warning(
+                "outbox.daemon.reload_needs_restart",
+                settings=needs_restart,
+                note="these settings take effect only after a restart",
+            )
 
     # ---- the whole ------------------------------------------------------------------------
 
@@ -433,26 +623,53 @@ class Daemon:
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop)
-        await self.check_schema()
-        if self.stopping.is_set():
-            return
-        services = [
-            asyncio.create_task(self.listener.run(self.stopping), name="listener"),
-            asyncio.create_task(self.writer.run(self.stopping), name="writer"),
-            asyncio.create_task(self.run_rescuer(), name="rescuer"),
-        ]
-        log.info("outbox.daemon.running")
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        self.notifier.status("connecting to the database")
+        if s.metrics_port:
+            self._metrics_server = MetricsServer(
+                self.metrics, self.healthz, s.metrics_host, s.metrics_port
+            )
+            self._metrics_server.start()
+            log.info("outbox.metrics.serving", host=s.metrics_host, port=self._metrics_server.port)
+        services: list[asyncio.Task[None]] = []
         try:
+            await self.check_schema()
+            if self.stopping.is_set():
+                return
+            services = [
+                asyncio.create_task(self.listener.run(self.stopping), name="listener"),
+                asyncio.create_task(self.writer.run(self.stopping), name="writer"),
+                asyncio.create_task(self.run_rescuer(), name="rescuer"),
+            ]
+            # READY=1 only with the database reachable, the schema current and LISTEN active.
+            await _wait_any(self.listener.ready, self.stopping, timeout=math.inf)
+            if self.stopping.is_set():
+                return
+            self.health.tick()
+            await self.monitor_once()
+            self.notifier.ready(self.health.status_line())
+            services.append(asyncio.create_task(self.run_monitor(), name="monitor"))
+            if self.notifier.watchdog_seconds:
+                services.append(
+                    asyncio.create_task(
+                        self.run_watchdog(self.notifier.watchdog_seconds / 2), name="watchdog"
+                    )
+                )
+            log.info("outbox.daemon.running")
             await self.run_claimer()
         finally:
             await self._shutdown(services)
+            if self._metrics_server is not None:
+                self._metrics_server.stop()
             if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
+            self.notifier.close()
 
     def request_stop(self) -> None:
         if not self.stopping.is_set():
             log.info("outbox.daemon.stopping")
+            self.notifier.stopping(f"stopping: {len(self._tasks)} call(s) in flight")
             self.stopping.set()
 
     async def _shutdown(self, services: list[asyncio.Task[None]]) -> None:
@@ -465,15 +682,13 @@ class Daemon:
             if pending:
                 await asyncio.wait(pending)
         for task in services:
-            if task.get_name() != "writer":
-                task.cancel()
-        writer_task = next(t for t in services if t.get_name() == "writer")
-        writer_task.cancel()
+            task.cancel()
         await asyncio.gather(*services, return_exceptions=True)
         await self.writer.flush(time.monotonic() + max(grace, 5.0))
         await self.client.aclose()
         await self.claim_store.close()
         await self.write_store.close()
+        await self.monitor_store.close()
         log.info(
             "outbox.daemon.stopped",
             delivered=self.health.delivered,
@@ -488,7 +703,11 @@ async def _wait_any(*events: asyncio.Event, timeout: float) -> None:
         return
     waiters = [asyncio.create_task(e.wait()) for e in events]
     try:
-        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            waiters,
+            timeout=None if math.isinf(timeout) else timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     finally:
         for w in waiters:
             w.cancel()

@@ -111,6 +111,7 @@ class Executor:
         clock: Callable[[], datetime] | None = None,
         rand: Callable[[], float] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        observe: Callable[[Exchange], None] | None = None,
     ) -> None:
         self._client = client
         self._owner = owner
@@ -121,6 +122,7 @@ class Executor:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._rand = rand or random.random
         self._monotonic = monotonic
+        self._observe = observe
         self._progress: dict[int, _Progress] = {}
 
     async def process(self, claimed: Claimed, lease_deadline: float) -> Completion:
@@ -227,7 +229,19 @@ class Executor:
             exchange = await self._client.delete(key)
         else:
             exchange = await self._client.lookup(key)
+        if self._observe is not None:
+            self._observe(exchange)
         return exchange
+
+    def reconfigure(
+        self,
+        *,
+        retry_policy: RetryPolicy,
+        limiter: Callable[[], asyncio.Future[None] | None] | None,
+    ) -> None:
+        """Settings a SIGHUP reload can change while rows are in flight."""
+        self._policy = retry_policy
+        self._limiter = limiter
 
     def _decide(self, event: Event, progress: _Progress, exchange: Exchange) -> Decision:
         now = self._clock()

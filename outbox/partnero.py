@@ -212,6 +212,13 @@ class PartneroClient:
             f"timeout_seconds={self._timeout!r})"
         )
 
+    def set_api_key(self, api_key: ApiKey) -> None:
+        """Use another key from the next call on (key rotation on SIGHUP)."""
+        if not isinstance(api_key, ApiKey):
+            raise ConfigurationError("api_key must be an ApiKey")
+        self._api_key = api_key
+        self._client.headers["Authorization"] = f"Bearer {api_key.reveal()}"
+
     @property
     def base_url(self) -> str:
         return self._base_url

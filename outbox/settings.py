@@ -216,6 +216,33 @@ SPECS: tuple[Spec, ...] = (
         "Turn TLS certificate verification off (testing only; logged loudly).",
     ),
     Spec(
+        "metrics_port",
+        _integer(0, 65535),
+        "0",
+        "Serve Prometheus /metrics and /healthz on this port (0: off).",
+    ),
+    Spec("metrics_host", _text, "127.0.0.1", "Address for /metrics and /healthz."),
+    Spec(
+        "stall_seconds",
+        _number(0.5, 3600),
+        "60",
+        "The delivery loop counts as wedged when one turn overruns its expected wait by this "
+        "much: watchdog pings stop and /healthz fails.",
+    ),
+    Spec(
+        "status_interval_seconds",
+        _number(0.1, 3600),
+        "5",
+        "How often the systemd STATUS= line and the backlog gauges are refreshed.",
+    ),
+    Spec(
+        "env_file",
+        _text,
+        None,
+        "A KEY=VALUE file of settings, read at start and again on SIGHUP (over the "
+        "environment, under the flags); settings that can change live take effect at once.",
+    ),
+    Spec(
         "log_format",
         _choice("auto", "json", "console"),
         "auto",
@@ -225,6 +252,53 @@ SPECS: tuple[Spec, ...] = (
 )
 
 SPECS_BY_NAME = {spec.name: spec for spec in SPECS}
+
+# What a SIGHUP reload can change without a restart (the API key is read again too).
+LIVE = frozenset(
+    {
+        "retry_base_delay_seconds",
+        "retry_max_delay_seconds",
+        "max_attempts",
+        "concurrency",
+        "rate_limit_per_second",
+        "batch_size",
+        "poll_interval_seconds",
+        "blocked_recheck_seconds",
+        "orphan_refund_grace_seconds",
+        "auth_pause_seconds",
+        "shutdown_grace_seconds",
+        "stall_seconds",
+        "status_interval_seconds",
+        "log_level",
+    }
+)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """KEY=VALUE lines (blank lines and # comments skipped; values may be quoted), the format of
+    systemd's EnvironmentFile=."""
+    values: dict[str, str] = {}
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingError(
+            "OUTBOX_ENV_FILE (--env-file)", f"cannot read {path}: {exc.strerror}"
+        ) from None
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "").isalnum():
+            raise SettingError(
+                "OUTBOX_ENV_FILE (--env-file)", f"{path} line {number} is not KEY=VALUE"
+            )
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        values[key] = value
+    return values
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +321,11 @@ class Settings:
     owner: str
     api_key_file: str | None
     insecure_skip_tls_verify: bool
+    metrics_port: int
+    metrics_host: str
+    stall_seconds: float
+    status_interval_seconds: float
+    env_file: str | None
     log_format: str
     log_level: str
     api_key: str = field(default="", repr=False)
@@ -338,3 +417,22 @@ def _read_key_file(path: Path, source: str) -> str:
     if not key:
         raise SettingError(source, f"{path} is empty")
     return key
+
+
+def resolve(
+    flags: Mapping[str, str | None],
+    environ: Mapping[str, str] | None = None,
+    *,
+    need_api_key: bool = True,
+) -> Settings:
+    """Flags over OUTBOX_ENV_FILE over the environment over the defaults. Called at start and
+    again on SIGHUP with the same flags."""
+    environ = dict(os.environ if environ is None else environ)
+    env_file = flags.get("env_file") or environ.get(SPECS_BY_NAME["env_file"].envvar)
+    if env_file:
+        environ.update(read_env_file(env_file))
+    raw: dict[str, str | None] = {}
+    for spec in SPECS:
+        value = flags.get(spec.name)
+        raw[spec.name] = value if value is not None else environ.get(spec.envvar)
+    return load(raw, environ=environ, need_api_key=need_api_key)

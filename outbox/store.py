@@ -76,6 +76,13 @@ class CompleteResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Backlog:
+    pending: int
+    oldest_pending_seconds: float | None
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
 class Rescued:
     event_id: int
     transaction_key: str
@@ -202,6 +209,15 @@ class Store:
         (row,) = await self._fetch("next_due")
         value: datetime | None = row["next_due"]
         return value
+
+    async def backlog(self) -> Backlog:
+        (row,) = await self._fetch("status_line")
+        oldest = row["oldest_pending_seconds"]
+        return Backlog(
+            pending=int(row["backlog"]),
+            oldest_pending_seconds=float(oldest) if oldest is not None else None,
+            failed=int(row["failed"]),
+        )
 
     async def notify(self) -> None:
         await self._fetch("notify")

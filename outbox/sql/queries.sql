@@ -168,3 +168,11 @@ SELECT min(next_attempt_at) AS next_due FROM outbox.events WHERE status = 'pendi
 
 -- name: notify
 SELECT pg_notify('outbox_events', '');
+
+-- name: status_line
+-- For the systemd STATUS= line and the gauges: the backlog, its oldest row, the failed rows.
+SELECT
+    (SELECT count(*) FROM outbox.events WHERE status = 'pending') AS backlog,
+    (SELECT extract(epoch FROM now() - min(created_at))
+       FROM outbox.events WHERE status = 'pending') AS oldest_pending_seconds,
+    (SELECT count(*) FROM outbox.events WHERE status = 'failed') AS failed;

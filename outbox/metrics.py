@@ -1,0 +1,120 @@
+"""Prometheus metrics and the /healthz endpoint (both optional: `--metrics-port`).
+
+One small WSGI server in a background thread serves `/metrics` (prometheus-client's exposition)
+and `/healthz` (200 when the delivery loop turns and the database answers, 503 otherwise, with
+the reasons as JSON). It binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from outbox.domain import Exchange
+
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.settled = Counter(
+            "outbox_rows_settled",
+            "Rows that reached a final state, by status and outcome.",
+            ["status", "outcome"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "outbox_retries",
+            "Rows scheduled for another attempt, by reason class.",
+            ["reason"],
+            registry=r,
+        )
+        self.attempts = Counter(
+            "outbox_http_attempts",
+            "HTTP calls to Partnero by kind and answer (the status code, or the transport error).",
+            ["kind", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "outbox_http_request_duration_seconds",
+            "Duration of HTTP calls to Partnero.",
+            ["kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backlog = Gauge("outbox_backlog_rows", "Pending rows in outbox.events.", registry=r)
+        self.oldest_pending = Gauge(
+            "outbox_oldest_pending_age_seconds", "Age of the oldest pending row.", registry=r
+        )
+        self.failed = Gauge("outbox_failed_rows", "Failed rows waiting for a person.", registry=r)
+        self.leases = Gauge("outbox_leases_held", "Rows this daemon holds a lease on.", registry=r)
+        self.loop_lag = Gauge(
+            "outbox_loop_lag_seconds", "How late the event loop ran a timed wake-up.", registry=r
+        )
+        self.paused = Gauge("outbox_paused", "1 while sending is paused (401/403).", registry=r)
+        self.healthy = Gauge("outbox_healthy", "1 while /healthz would answer 200.", registry=r)
+
+    def observe_exchange(self, exchange: Exchange) -> None:
+        status = (
+            exchange.transport_error.value
+            if exchange.transport_error is not None
+            else str(exchange.status_code)
+        )
+        self.attempts.labels(exchange.kind.value, status).inc()
+        if exchange.started_at is not None and exchange.finished_at is not None:
+            seconds = (exchange.finished_at - exchange.started_at).total_seconds()
+            self.latency.labels(exchange.kind.value).observe(max(0.0, seconds))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # the daemon logs with structlog; scrapes are not news
+
+
+class _Server(WSGIServer):
+    daemon_threads = True
+
+
+class MetricsServer:
+    def __init__(self, metrics: Metrics, health: HealthCheck, host: str, port: int) -> None:
+        self._metrics_app = make_wsgi_app(metrics.registry)
+        self._health = health
+        self._metrics = metrics
+        self._server = make_server(
+            host, port, self._app, server_class=_Server, handler_class=_QuietHandler
+        )
+        self.port = self._server.server_port
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="outbox-metrics", daemon=True
+        )
+
+    def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            ok, detail = self._health()
+            self._metrics.healthy.set(1 if ok else 0)
+            body = json.dumps({"healthy": ok, **detail}, default=str).encode()
+            start_response(
+                "200 OK" if ok else "503 Service Unavailable",
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        result: Iterable[bytes] = self._metrics_app(environ, start_response)
+        return result
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
