@@ -196,11 +196,15 @@ def free_port() -> int:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
-    found = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-    assert found, f"{name}{{{wanted}}} not in the scrape"
-    return float(found.group(1))
+    """The value of one sample in a Prometheus exposition (labels in any order)."""
+    for line in text.splitlines():
+        found = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if found is None or found.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', found.group(2) or ""))
+        if have == labels:
+            return float(found.group(3))
+    raise AssertionError(f"{name}{labels} not in the scrape")
 
 
 def test_metrics_and_healthz_are_scraped_for_real(
@@ -222,8 +226,13 @@ def test_metrics_and_healthz_are_scraped_for_real(
     with DaemonThread(settings):
         wait_until(lambda: settled(engine, 4))
         base = f"http://127.0.0.1:{port}"
-        wait_until(lambda: "outbox_failed_rows 1.0" in httpx.get(f"{base}/metrics").text)
-        text = httpx.get(f"{base}/metrics").text
+
+        def scraped() -> str | None:
+            text = httpx.get(f"{base}/metrics").text
+            done = "outbox_failed_rows 1.0" in text and 'outcome="customer_not_found"' in text
+            return text if done and 'outcome="created"' in text else None
+
+        text = wait_until(scraped, what="the counters and gauges to show every row")
         assert metric(text, "outbox_rows_settled_total", status="delivered", outcome="created") == 3
         assert (
             metric(text, "outbox_rows_settled_total", status="failed", outcome="customer_not_found")
