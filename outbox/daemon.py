@@ -451,7 +451,8 @@ class Daemon:
         self.notifier.status(self.health.status_line())
         pause = max(0.0, (until - self._clock()).total_seconds())
         self.health.tick(waiting=pause + self.settings.request_timeout_seconds)
-        await _wait_any(self.stopping, timeout=pause)
+        self.gate.changed.clear()
+        await _wait_any(self.stopping, self.gate.changed, timeout=pause)
         if self.stopping.is_set():
             return
         exchange = await self.client.ping()
@@ -590,8 +591,7 @@ class Daemon:
         )
         if key_changed:
             self.client.set_api_key(ApiKey(fresh.api_key))
-            if self.gate.paused:  # a new key: check it now rather than at the pause's end
-                self.gate.pause(self._clock(), self.gate.pause_detail or "key replaced")
+            self.gate.check_now()  # paused on the old key: try the new one at once
         if "log_level" in live:
             logs.set_level(self.settings.log_level)
         log.info("outbox.daemon.reloaded", changed=sorted(live), api_key_changed=key_changed)

@@ -65,6 +65,17 @@ class Gate:
         self.pause_detail = detail
         self._changed.set()
 
+    def check_now(self) -> None:
+        """End the current pause early (a new API key): the key is checked at once."""
+        if self.paused_until is not None:
+            self.paused_until = self._clock()
+            self._changed.set()
+
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set whenever the pause starts, ends or is cut short."""
+        return self._changed
+
     def resume(self) -> None:
         self.paused_until = None
         self.pause_detail = None
@@ -359,12 +370,14 @@ class Executor:
                 error=decision.detail,
                 **fields,
             )
+            # Due again at once: this daemon's gate holds all sending while it is paused, and
+            # the row must go as soon as a new key works, not when the pause would have ended.
             return self._completion(
                 claimed,
                 progress,
                 status="pending",
                 outcome=None,
-                next_attempt_at=decision.until,
+                next_attempt_at=now,
                 lookup_required=progress.lookup_required,
                 last_error=decision.detail,
             )
@@ -381,13 +394,12 @@ class Executor:
             type=event.event_type.value,
             reason=reason,
         )
-        next_at = self._gate.paused_until if self._gate.paused_until else self._clock()
         return self._completion(
             claimed,
             progress,
             status="pending",
             outcome=None,
-            next_attempt_at=next_at,
+            next_attempt_at=self._clock(),
             lookup_required=progress.lookup_required,
             last_error=None,
         )

@@ -151,7 +151,7 @@ def test_sighup_reloads_live_settings_and_a_rotated_key(
     key_file.write_text(API_KEY)
     env_file = tmp_path / "outbox.env"
     env_file.write_text("OUTBOX_RATE_LIMIT_PER_SECOND=0\n")
-    env = env_for(database_url, fake.url, log_level="info", auth_pause_seconds=0.5)
+    env = env_for(database_url, fake.url, log_level="info", auth_pause_seconds=600)
     env.update(
         NOTIFY_SOCKET=notify_socket.path,
         OUTBOX_API_KEY_FILE=str(key_file),
