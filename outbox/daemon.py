@@ -93,7 +93,7 @@ class Health:
         if not self.listening:
             found.append("not listening for new rows")
         if not self.database_ok:
-            found.append("database unreachable")
+            found.append("database not answering")
         return found
 
     def status_line(self) -> str:

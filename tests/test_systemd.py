@@ -251,8 +251,14 @@ def test_metrics_and_healthz_are_scraped_for_real(
         assert healthy.json()["healthy"] is True and healthy.json()["failed"] == 1
         with engine.connect() as locker:  # wedge the loop: /healthz must say so
             locker.execute(sa.text("LOCK TABLE outbox.events IN ACCESS EXCLUSIVE MODE"))
-            wait_until(lambda: httpx.get(f"{base}/healthz").status_code == 503, timeout=15)
-            assert "delivery loop wedged" in httpx.get(f"{base}/healthz").json()["problems"]
+
+            def wedged() -> bool:
+                answer = httpx.get(f"{base}/healthz")
+                return answer.status_code == 503 and (
+                    "delivery loop wedged" in answer.json()["problems"]
+                )
+
+            wait_until(wedged, timeout=15, what="/healthz to report the wedged loop")
             locker.rollback()
         wait_until(lambda: httpx.get(f"{base}/healthz").status_code == 200, timeout=15)
 
