@@ -133,6 +133,10 @@ def _register_commands() -> None:
     main.add_command(demo_command)
     main.add_command(fake_partnero_command)
 
+    from outbox.ops_cli import register
+
+    register(main)
+
 
 _register_commands()
 

@@ -233,9 +233,12 @@ class Writer:
         written = len(self._batch)
         lost = written - result.completed
         self._account(self._batch, lost)
+        # Rows written back as pending (a retry, a row given back) may be due before the time
+        # the claimer last planned to wake, and parked rows woken here are due now.
+        rescheduled = sum(1 for c in self._batch if c.status == "pending")
         self._batch = []
-        if result.woken:
-            self._on_woken(result.woken)
+        if result.woken or rescheduled:
+            self._on_woken(result.woken + rescheduled)
         return WriteRound(written, result)
 
     def _account(self, batch: list[Completion], lost: int) -> None:

@@ -98,6 +98,7 @@ DAEMON_COLUMNS: list[tuple[str, Any]] = [
     ("attempts", 3),
     ("lookup_required", True),
     ("parked", True),
+    ("order_released", True),
     ("lease_owner", "host:1"),
     ("last_error", "boom"),
     ("last_status_code", 500),

@@ -353,7 +353,8 @@ def test_retry_after_is_honoured(
 ) -> None:
     fake.configure(rate_429=1.0, retry_after_seconds=1.0)
     insert_sales(engine, ["inv_429"])
-    with DaemonThread(make_settings(database_url, fake.url)):
+    # Retry-After is honoured up to OUTBOX_RETRY_MAX_DELAY_SECONDS (0.3 s in FAST).
+    with DaemonThread(make_settings(database_url, fake.url, retry_max_delay_seconds=5)):
         wait_until(lambda: attempts_of(engine, "inv_429"), what="the 429")
         fake.configure(rate_429=0.0)
         wait_until(lambda: settled(engine, 1))
@@ -363,6 +364,24 @@ def test_retry_after_is_honoured(
     assert first.decision == "retry:rate_limited"
     # The backoff alone would be ~0.05 s; Partnero asked for 1 s.
     assert second.started_at - first.finished_at >= timedelta(seconds=0.95)
+
+
+def test_a_retry_due_before_the_lease_ends_is_picked_up_on_time(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    """The claimer planned its sleep while the row was leased (next due = lease expiry, 30 s
+    away); writing the retry back must wake it, or the retry waits out the lease."""
+    fake.configure(rate_429=1.0)
+    insert_sales(engine, ["inv_soon"])
+    settings = make_settings(database_url, fake.url, lease_seconds=30, poll_interval_seconds=3600)
+    with DaemonThread(settings):
+        wait_until(lambda: attempts_of(engine, "inv_soon"), what="the 429")
+        fake.configure(rate_429=0.0)
+        wait_until(lambda: settled(engine, 1), timeout=10, what="the retry, well before 30 s")
+    assert [d for _, d, _ in attempts_of(engine, "inv_soon")] == [
+        "retry:rate_limited",
+        "delivered:created",
+    ]
 
 
 def test_attempts_run_out_and_the_row_fails_with_its_class(

@@ -7,11 +7,12 @@
 -- are parked instead (SPEC rule 2): they leave the head of the queue until recheck_seconds pass
 -- or the row they wait for settles (see `complete`). Per key, every sale comes before every
 -- refund, and rows of one type go in id order. A refund needs a delivered sale; with no sale row
--- at all it waits orphan_grace_seconds for one to commit. A leased row's next_attempt_at is its
--- lease expiry, so an expired lease makes the row due again: it is claimed with
--- lookup_required set (an earlier call may have reached Partnero, SPEC rule 1).
+-- at all it waits orphan_grace_seconds for one to commit. A refund a person released behind a
+-- discarded sale (order_released: `outbox discard --refunds release`) needs neither. A leased
+-- row's next_attempt_at is its lease expiry, so an expired lease makes the row due again: it is
+-- claimed with lookup_required set (an earlier call may have reached Partnero, SPEC rule 1).
 WITH candidates AS (
-    SELECT e.id, e.event_type, e.transaction_key, e.created_at
+    SELECT e.id, e.event_type, e.transaction_key, e.created_at, e.order_released
     FROM outbox.events e
     WHERE e.status = 'pending' AND e.next_attempt_at <= now()
     ORDER BY e.next_attempt_at, e.id
@@ -19,40 +20,44 @@ WITH candidates AS (
     FOR UPDATE SKIP LOCKED
 ),
 judged AS (
+    -- Everything the verdict needs about the other rows of the key, read in one scan of the key
+    -- index. The status tests sit in the aggregates, not in a WHERE clause, so the planner can
+    -- never pick a status-partial index here (events_delivered_at_idx, say) and scan all of it
+    -- once per candidate: that made a claim cost O(delivered rows).
     SELECT
         c.id,
         c.created_at,
         CASE
-            WHEN EXISTS (
-                SELECT 1 FROM outbox.events p
-                WHERE p.transaction_key = c.transaction_key
-                  AND p.id <> c.id
-                  AND p.status IN ('pending', 'failed')
-                  AND CASE WHEN c.event_type = 'sale'
-                           THEN p.event_type = 'sale' AND p.id < c.id
-                           ELSE p.event_type = 'sale' OR p.id < c.id END
-            ) THEN 'blocked'
-            WHEN c.event_type = 'refund' AND NOT EXISTS (
-                SELECT 1 FROM outbox.events s
-                WHERE s.transaction_key = c.transaction_key
-                  AND s.event_type = 'sale' AND s.status = 'delivered'
-            ) THEN CASE
-                WHEN EXISTS (
-                    SELECT 1 FROM outbox.events s
-                    WHERE s.transaction_key = c.transaction_key AND s.event_type = 'sale'
-                ) THEN 'blocked'
-                WHEN c.created_at <= now() - make_interval(secs => %(orphan_grace_seconds)s)
-                    THEN 'ready'
-                ELSE 'orphan'
-            END
+            WHEN k.blocking THEN 'blocked'
+            WHEN c.event_type = 'refund' AND NOT c.order_released AND NOT k.delivered_sale
+                THEN CASE
+                    WHEN k.any_sale THEN 'blocked'
+                    WHEN c.created_at <= now() - make_interval(secs => %(orphan_grace_seconds)s)
+                        THEN 'ready'
+                    ELSE 'orphan'
+                END
             ELSE 'ready'
         END AS verdict,
-        c.event_type = 'sale' AND EXISTS (
-            SELECT 1 FROM outbox.events s
-            WHERE s.transaction_key = c.transaction_key AND s.event_type = 'sale'
-              AND s.status = 'delivered' AND s.id < c.id
-        ) AS known_duplicate
+        c.event_type = 'sale' AND k.earlier_delivered_sale AS known_duplicate
     FROM candidates c
+    CROSS JOIN LATERAL (
+        SELECT
+            coalesce(bool_or(
+                p.id <> c.id
+                AND p.status IN ('pending', 'failed')
+                AND CASE WHEN c.event_type = 'sale'
+                         THEN p.event_type = 'sale' AND p.id < c.id
+                         ELSE p.event_type = 'sale' OR p.id < c.id END
+            ), false) AS blocking,
+            coalesce(bool_or(p.event_type = 'sale' AND p.status = 'delivered'), false)
+                AS delivered_sale,
+            coalesce(bool_or(p.event_type = 'sale'), false) AS any_sale,
+            coalesce(bool_or(
+                p.event_type = 'sale' AND p.status = 'delivered' AND p.id < c.id
+            ), false) AS earlier_delivered_sale
+        FROM outbox.events p
+        WHERE p.transaction_key = c.transaction_key
+    ) k
 ),
 parked AS (
     UPDATE outbox.events e

@@ -1,0 +1,910 @@
+"""The operator commands: `outbox status | failed | show | retry | discard | prune`.
+
+Click options and rendering only; the queries and actions are in outbox/ops.py. Every command
+takes `--database-url` (or OUTBOX_DATABASE_URL) and `--json`; the JSON shapes are documented in
+docs/operations.md. Human output is rich tables sized to the terminal (80 columns when piped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, NoReturn, TypeVar
+
+import click
+import sqlalchemy as sa
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from outbox import db, migrate, ops
+from outbox.ops import JSONDict, format_duration
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Exit codes
+EXIT_OK = 0
+EXIT_ERROR = 1  # unknown id, a row in the wrong state, database errors; status: attention needed
+EXIT_USAGE = 2  # a bad option or setting
+EXIT_UNKNOWN = 3  # status only: the database could not be asked
+
+STATUS_EXIT_CODES = """\b
+Exit status (for monitoring scripts):
+  0  all is well
+  1  attention needed: a failed row, a row blocked behind a failed or
+     discarded row, the oldest waiting row older than --max-pending-age, or
+     the last call to Partnero refused with 401/403 (sending is paused)
+  2  bad option or setting
+  3  the database could not be asked (unreachable, not migrated)"""
+
+EXIT_CODES = """\b
+Exit status: 0 done (or nothing to do), 1 an error (unknown id, a row in a
+state the action does not apply to, database unreachable), 2 a bad option."""
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    from outbox.cli import fail  # late: outbox.cli imports this module to register it
+
+    fail(message, code)
+
+
+def _database_url(value: str | None) -> str:
+    from outbox.cli import database_url_from
+
+    return database_url_from(value)
+
+
+def _first_line(exc: BaseException | None) -> str:
+    text = str(exc or "").strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Iterator[sa.Engine]:
+    """An engine on a database at this build's schema; database trouble is one clear line."""
+    url = _database_url(database_url)
+    engine = db.create_engine(url, poolclass=sa.NullPool)
+    try:
+        migrate.check_current(engine)
+        yield engine
+    except ops.OpsError as exc:
+        _fail(str(exc))
+    except migrate.MigrationError as exc:
+        _fail(str(exc), db_error_code)
+    except sa.exc.OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) is None:
+            _fail(
+                f"cannot reach the database at {db.redact(url)}: {_first_line(exc.orig)}",
+                db_error_code,
+            )
+        _fail(f"database error: {_first_line(exc.orig)}", db_error_code)
+    except sa.exc.DBAPIError as exc:
+        _fail(f"database error: {_first_line(exc.orig)}", db_error_code)
+    finally:
+        engine.dispose()
+
+
+def _parse(option: str, parse: Callable[[str], Any], value: str | None) -> Any:
+    """Parse one option value; a bad one is `outbox: --since: '2x' is not ...` and exit 2."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as exc:
+        _fail(f"{option}: {exc}", EXIT_USAGE)
+
+
+def _positive_int(value: str) -> int:
+    if not (value.strip().isascii() and value.strip().isdigit()) or int(value) < 1:
+        raise ValueError(f"{value!r} is not a whole number of at least 1")
+    return int(value)
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _console() -> Console:
+    return Console(highlight=False, markup=False, emoji=False, soft_wrap=False)
+
+
+def _emit_json(data: JSONDict) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+# ---- shared options ----------------------------------------------------------------------------
+
+
+def database_options(func: F) -> F:
+    func = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        help="Print one JSON object (its fields: docs/operations.md).",
+    )(func)
+    return click.option(
+        "--database-url", metavar="URL", help="PostgreSQL URL [env OUTBOX_DATABASE_URL]"
+    )(func)
+
+
+def filter_options(func: F) -> F:
+    options = [
+        click.option(
+            "--state", metavar="STATE", help="failed or blocked (a pending row behind one)."
+        ),
+        click.option(
+            "--outcome",
+            metavar="REASON",
+            help="The failed row's reason: " + ", ".join(ops.FAILED_OUTCOMES) + ".",
+        ),
+        click.option("--status-code", metavar="CODE", help="The last HTTP status, e.g. 400."),
+        click.option(
+            "--since",
+            metavar="WHEN",
+            help="Recorded at or after WHEN: a duration ago (30m, 2h, 7d) or an ISO time (UTC "
+            "unless it has an offset).",
+        ),
+        click.option("--until", metavar="WHEN", help="Recorded before WHEN (as --since)."),
+        click.option("--key", metavar="KEY", help="Transaction key (exact)."),
+        click.option("--customer", metavar="KEY", help="Customer key (exact)."),
+        click.option("--type", "event_type", metavar="TYPE", help="sale or refund."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _filters(options: dict[str, Any]) -> ops.Filters:
+    return ops.Filters(
+        state=_parse("--state", _choice(*ops.STATES), options.pop("state")),
+        outcome=_parse("--outcome", _choice(*ops.FAILED_OUTCOMES), options.pop("outcome")),
+        status_code=_parse("--status-code", ops.parse_status_code, options.pop("status_code")),
+        since=_parse("--since", ops.parse_time_bound, options.pop("since")),
+        until=_parse("--until", ops.parse_time_bound, options.pop("until")),
+        key=options.pop("key"),
+        customer=options.pop("customer"),
+        event_type=_parse("--type", _choice(*ops.EVENT_TYPES), options.pop("event_type")),
+    )
+
+
+def action_options(func: F) -> F:
+    options = [
+        click.option(
+            "--all", "all_rows", is_flag=True, help="Every row the action applies to, no filter."
+        ),
+        click.option(
+            "--dry-run", is_flag=True, help="Show exactly what would change; change nothing."
+        ),
+        click.option(
+            "--reason", metavar="TEXT", help="Why (required unless --dry-run); it is recorded."
+        ),
+        click.option(
+            "--actor",
+            metavar="NAME",
+            help="Who is acting, for the record [default: $SUDO_USER or $USER @ hostname].",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _selection(ids: tuple[str, ...], filters: ops.Filters, all_rows: bool) -> ops.Selection:
+    parsed: list[int] = _parse("ID", ops.parse_ids, " ".join(ids)) if ids else []
+    if parsed and (filters.given() or all_rows):
+        _fail("give event ids or filters (or --all), not both", EXIT_USAGE)
+    if not parsed and not filters.given() and not all_rows:
+        _fail(
+            "say which rows: event ids, filters (--outcome, --status-code, --since, --until, "
+            "--key, --customer, --type, --state) or --all",
+            EXIT_USAGE,
+        )
+    return ops.Selection(ids=tuple(parsed), filters=filters, all_rows=all_rows)
+
+
+def _reason(reason: str | None, dry_run: bool) -> str | None:
+    if reason is not None and not reason.strip():
+        reason = None
+    if reason is None and not dry_run:
+        _fail("--reason is required: say why (it is recorded with the action)", EXIT_USAGE)
+    return reason.strip() if reason else None
+
+
+# ---- rendering helpers -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Col:
+    name: str
+    right: bool = False
+    shrink_to: int | None = None  # may be cut (with an ellipsis) down to this width
+    optional: bool = False  # left out when the table does not fit even after cutting
+
+
+def _print_table(console: Console, columns: list[Col], rows: list[list[str]]) -> None:
+    """An aligned table no wider than the console: columns that may shrink are cut with an
+    ellipsis, widest first, and the others keep their full width."""
+    widths = [max([len(c.name), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+
+    def floor(i: int) -> int:
+        return max(columns[i].shrink_to or widths[i], len(columns[i].name))
+
+    while True:
+        # Two characters between columns (a space of padding and the box's blank divider).
+        excess = sum(widths) + 2 * (len(columns) - 1) - console.width
+        if excess <= 0 or sum(widths[i] - floor(i) for i in range(len(columns))) >= excess:
+            break
+        optional = [i for i, c in enumerate(columns) if c.optional]
+        if not optional:
+            break
+        drop = optional[-1]
+        columns = columns[:drop] + columns[drop + 1 :]
+        widths = widths[:drop] + widths[drop + 1 :]
+        rows = [r[:drop] + r[drop + 1 :] for r in rows]
+    while excess > 0:
+        candidates = [i for i in range(len(columns)) if widths[i] > floor(i)]
+        if not candidates:
+            break
+        widest = max(candidates, key=lambda i: widths[i] - floor(i))
+        cut = min(excess, widths[widest] - floor(widest), max(1, excess // len(candidates)))
+        widths[widest] -= cut
+        excess -= cut
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        show_edge=False,
+        header_style="bold",
+        padding=(0, 1, 0, 0),
+    )
+    for c, width in zip(columns, widths, strict=True):
+        table.add_column(
+            c.name,
+            justify="right" if c.right else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            width=width,
+        )
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _print_pairs(console: Console, pairs: list[tuple[str, str]]) -> None:
+    """`name   value` lines, values wrapped under themselves to the console width."""
+    if not pairs:
+        return
+    indent = max(len(name) for name, _ in pairs) + 2
+    width = max(40, console.width - indent)
+    for name, value in pairs:
+        lines = textwrap.wrap(value, width, break_on_hyphens=False) or [""]
+        console.print(Text(name.ljust(indent), style="bold") + Text(lines[0]))
+        for line in lines[1:]:
+            console.print(" " * indent + line)
+
+
+def _when(value: str | None) -> str:
+    """An ISO time from the JSON as 2026-01-31 14:05:09 (UTC)."""
+    if value is None:
+        return "-"
+    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{format_duration(seconds)} ago"
+
+
+def _dash(value: Any) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _one_line(text: str | None, width: int | None = None) -> str:
+    flat = " ".join((text or "").split())
+    if width is not None and len(flat) > width:
+        return flat[: width - 1] + "…"
+    return flat or "-"
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 'es' if word.endswith('ch') else 's'}"
+
+
+def _state(row: JSONDict) -> str:
+    """`failed: customer_not_found`, `pending (parked)`, `delivered: created`..."""
+    status = row.get("status") or row.get("previous_status")
+    outcome = row.get("outcome") if "status" in row else row.get("previous_outcome")
+    return f"{status}: {outcome}" if outcome else str(status)
+
+
+def _behind(blocked_by: JSONDict) -> str:
+    text = f"behind #{blocked_by['id']} ({blocked_by['event_type']}, {blocked_by['status']}"
+    return text + (f": {blocked_by['outcome']})" if blocked_by["outcome"] else ")")
+
+
+# ---- outbox status -----------------------------------------------------------------------------
+
+
+def render_status(data: JSONDict, console: Console) -> None:
+    if data["ok"]:
+        console.print(Text("outbox status: OK", style="bold green"))
+    else:
+        console.print(Text("outbox status: attention needed", style="bold red"))
+        for problem in data["problems"]:
+            console.print(f"  - {problem}")
+    console.print()
+    _print_table(
+        console,
+        [Col("type"), Col("status"), Col("outcome"), Col("rows", True), Col("oldest", True)],
+        [
+            [
+                row["event_type"],
+                row["status"],
+                _dash(row["outcome"]),
+                str(row["events"]),
+                format_duration(row["oldest_age_seconds"]),
+            ]
+            for row in data["counts"]
+        ]
+        or [["-", "no events yet", "", "", ""]],
+    )
+    console.print()
+    pending = data["pending"]
+    details = f"{pending['in_flight']} in flight, {pending['blocked']} blocked"
+    line = f"{_plural(pending['events'], 'row')} ({details})"
+    if pending["events"]:
+        line += f"; oldest {_ago(pending['oldest_age_seconds'])}"
+        waiting = pending["oldest_waiting_age_seconds"]
+        if waiting is not None and waiting != pending["oldest_age_seconds"]:
+            line += f", oldest not blocked {_ago(waiting)}"
+    pairs = [("pending", line)]
+    last = data["last_delivered_at"]
+    pairs.append(
+        (
+            "last delivery",
+            "never"
+            if last is None
+            else f"{_when(last)} UTC ({_ago(data['last_delivery_age_seconds'])})",
+        )
+    )
+    for n, lease in enumerate(data["leases"]):
+        expired = f", {lease['expired']} expired" if lease["expired"] else ""
+        when = lease["expires_in_seconds"]
+        expiry = (
+            f"expires in {format_duration(when)}"
+            if when > 0
+            else f"expired {format_duration(-when)} ago"
+        )
+        pairs.append(
+            (
+                "leases" if n == 0 else "",
+                f"{lease['owner']}: {_plural(lease['events'], 'row')}{expired}, last {expiry}",
+            )
+        )
+    if not data["leases"]:
+        pairs.append(("leases", "none (nothing in flight)"))
+    attempt = data["last_attempt"]
+    if attempt is not None:
+        answer = str(attempt["status_code"]) if attempt["status_code"] else "no answer"
+        pairs.append(
+            (
+                "last call",
+                f"{attempt['method']} {attempt['path']} -> {answer} {attempt['decision']}, "
+                f"{_ago(attempt['age_seconds'])} by {attempt['daemon']} "
+                f"(event {attempt['event_id']})",
+            )
+        )
+    _print_pairs(console, pairs)
+
+
+@click.command(
+    "status",
+    epilog=STATUS_EXIT_CODES,
+    short_help="Backlog, failed and blocked rows, lag, leases; exit 1 if attention is needed.",
+)
+@database_options
+@click.option(
+    "--max-pending-age",
+    metavar="DURATION",
+    default="15m",
+    show_default=True,
+    envvar="OUTBOX_MAX_PENDING_AGE",
+    help="Attention needed when the oldest pending row that is not blocked is older than this "
+    "[env OUTBOX_MAX_PENDING_AGE].",
+)
+def status_command(database_url: str | None, as_json: bool, max_pending_age: str) -> None:
+    """The backlog, what needs a person, and whether the daemons keep up.
+
+    Counts by type, status and outcome; pending rows (in flight, blocked behind a failed or
+    discarded row); the oldest pending row; the last delivery; the daemons holding leases; the
+    last HTTP call.
+    """
+    limit: timedelta = _parse("--max-pending-age", ops.parse_duration, max_pending_age)
+    with _engine(database_url, db_error_code=EXIT_UNKNOWN) as engine:
+        data = ops.status(engine, limit)
+    if as_json:
+        _emit_json(data)
+    else:
+        render_status(data, _console())
+    sys.exit(EXIT_OK if data["ok"] else EXIT_ERROR)
+
+
+# ---- outbox failed -----------------------------------------------------------------------------
+
+
+def _problem_cell(row: JSONDict) -> str:
+    if row["state"] == "blocked":
+        return f"behind #{row['blocked_by']['id']} ({row['blocked_by']['status']})"
+    return str(row["outcome"])
+
+
+def _reason_cell(row: JSONDict) -> str:
+    if row["state"] == "blocked":
+        b = row["blocked_by"]
+        return f"waits for {b['event_type']} #{b['id']}: " + _state(b)
+    # The daemon's last_error starts with the outcome, which the problem column shows already.
+    error = _one_line(row["last_error"])
+    return error.removeprefix(f"{row['outcome']}: ")
+
+
+def render_failed(data: JSONDict, console: Console) -> None:
+    rows = data["rows"]
+    if not rows:
+        console.print("no failed or blocked rows" + (" match" if data["filters"] else ""))
+        return
+    _print_table(
+        console,
+        [
+            Col("id", True),
+            Col("type"),
+            Col("key", shrink_to=12),
+            Col("customer", shrink_to=10),
+            Col("problem", shrink_to=18),
+            Col("http", True),
+            Col("tries", True),
+            Col("age", True),
+            Col("reason", shrink_to=12, optional=True),
+        ],
+        [
+            [
+                str(row["id"]),
+                row["event_type"],
+                row["transaction_key"],
+                _dash(row["customer_key"]),
+                _problem_cell(row),
+                _dash(row["last_status_code"]),
+                str(row["attempts"]),
+                format_duration(row["age_seconds"]),
+                _reason_cell(row),
+            ]
+            for row in rows
+        ],
+    )
+    first = (data["page"] - 1) * data["limit"] + 1
+    footer = f"rows {first}-{first + len(rows) - 1} of {data['total']}, newest first"
+    if data["page"] < data["pages"]:
+        footer += f"; next: --page {data['page'] + 1}"
+    console.print(footer)
+    console.print("details: outbox show ID; act: outbox retry ID / outbox discard ID")
+
+
+@click.command(
+    "failed",
+    epilog=EXIT_CODES,
+    short_help="Failed rows and rows blocked behind them, newest first.",
+)
+@database_options
+@filter_options
+@click.option("--limit", default="50", metavar="N", show_default=True, help="Rows per page.")
+@click.option("--page", default="1", metavar="N", show_default=True, help="Which page.")
+def failed_command(
+    database_url: str | None, as_json: bool, limit: str, page: str, **options: Any
+) -> None:
+    """Failed rows, and rows blocked behind a failed or discarded row, newest first.
+
+    A blocked row is pending but cannot be sent until a person retries or discards the row it
+    waits for (its `problem` says which). Filters apply to the row itself and combine with AND;
+    times are when the shop recorded the event (created_at).
+    """
+    filters = _filters(options)
+    per_page = _parse("--limit", _positive_int, limit)
+    page_no = _parse("--page", _positive_int, page)
+    with _engine(database_url) as engine:
+        data = ops.failed(engine, filters, limit=per_page, page=page_no)
+    if as_json:
+        _emit_json(data)
+    else:
+        render_failed(data, _console())
+
+
+# ---- outbox show -------------------------------------------------------------------------------
+
+
+def _render_event(event: JSONDict, console: Console) -> None:
+    title = f"event {event['id']}: {event['event_type']} {event['transaction_key']}"
+    console.print(Text(title, style="bold"))
+    pairs = [("status", _state(event) + (" (parked)" if event["parked"] else ""))]
+    if event["blocked_by"] is not None:
+        pairs.append(("waits for", _behind(event["blocked_by"])[len("behind ") :]))
+    pairs.append(("customer", _dash(event["customer_key"])))
+    if event["amount"] is not None:
+        pairs.append(("amount", f"{event['amount']} {event['currency'] or ''}".strip()))
+    if event["payload"]:
+        pairs.append(("payload", json.dumps(event["payload"], sort_keys=True)))
+    pairs.append(("attempts", str(event["attempts"])))
+    pairs.append(("recorded", f"{_when(event['created_at'])} UTC ({_ago(event['age_seconds'])})"))
+    if event["delivered_at"]:
+        pairs.append(("delivered", _when(event["delivered_at"]) + " UTC"))
+    elif event["status"] == "pending":
+        pairs.append(("next attempt", _when(event["next_attempt_at"]) + " UTC"))
+    if event["last_error"] and event["status"] != "delivered":
+        pairs.append(("last error", _one_line(event["last_error"])))
+    elif event["last_status_code"] is not None:
+        pairs.append(("last answer", f"HTTP {event['last_status_code']}"))
+    # lookup_required: an earlier create may have reached Partnero; it is looked up first.
+    flags = [name for name in ("lookup_required", "order_released") if event[name]]
+    if flags:
+        pairs.append(("flags", ", ".join(flags)))
+    if event["lease_owner"]:
+        pairs.append(
+            ("leased by", f"{event['lease_owner']} until {_when(event['lease_expires_at'])} UTC")
+        )
+    if event["blocked_by"] is not None:
+        b = event["blocked_by"]
+        if b["status"] == "discarded":
+            hint = (
+                f"outbox discard {b['id']} --refunds release (send it anyway), or "
+                f"outbox discard {event['id']} (give up on it)"
+            )
+        else:
+            hint = f"outbox retry {b['id']} or outbox discard {b['id']} (see its history)"
+        pairs.append(("to unblock", hint))
+    _print_pairs(console, pairs)
+    console.print()
+    history = event["attempt_history"]
+    console.print(
+        Text(f"HTTP calls ({len(history)})", style="bold") if history else "no HTTP calls"
+    )
+    for a in history:
+        code = f"HTTP {a['status_code']}" if a["status_code"] is not None else "no answer"
+        console.print(
+            f"  {a['attempt']:>2}  {_when(a['started_at'])}  {a['method']} {a['path']}  "
+            f"({a['duration_ms']:.0f} ms)"
+        )
+        console.print(f"      {code}, {a['decision']}")
+        answer = _one_line(a["error"] or a["response_excerpt"])
+        _print_wrapped(console, answer, indent=6, max_lines=3)
+    if event["operator_actions"]:
+        console.print()
+        console.print(Text("operator actions", style="bold"))
+    for a in event["operator_actions"]:
+        console.print(f"  #{a['action_id']}  {_when(a['at'])}  {a['change']} by {a['actor']}")
+        _print_wrapped(
+            console,
+            f"was {_state(a)} after {_plural(a['previous_attempts'], 'attempt')}; "
+            f"reason: {a['reason']}",
+            indent=6,
+            max_lines=3,
+        )
+
+
+def _print_wrapped(console: Console, text: str, *, indent: int, max_lines: int) -> None:
+    lines = textwrap.wrap(text, max(20, console.width - indent), break_on_hyphens=False) or ["-"]
+    if len(lines) > max_lines:
+        lines = [*lines[: max_lines - 1], lines[max_lines - 1][:-1] + "…"]
+    for line in lines:
+        console.print(" " * indent + line)
+
+
+@click.command(
+    "show", epilog=EXIT_CODES, short_help="One event (or a key's events) with its full history."
+)
+@database_options
+@click.argument("event_id", metavar="[ID]", required=False)
+@click.option("--key", metavar="KEY", help="Every event of this transaction key, in order.")
+def show_command(
+    database_url: str | None, as_json: bool, event_id: str | None, key: str | None
+) -> None:
+    """One event and its full history: every HTTP call (time, request, status, answer,
+    decision) and every operator action; or, with --key, every event of a transaction key in
+    delivery order (sales before refunds, then by id)."""
+    if (event_id is None) == (key is None):
+        _fail("give an event ID or --key KEY (one of them)", EXIT_USAGE)
+    with _engine(database_url) as engine:
+        if event_id is not None:
+            parsed: list[int] = _parse("ID", ops.parse_ids, event_id)
+            if len(parsed) != 1:
+                _fail(f"ID: {event_id!r} is not one event id", EXIT_USAGE)
+            data = ops.show_event(engine, parsed[0])
+        else:
+            assert key is not None
+            data = ops.show_key(engine, key)
+    if as_json:
+        _emit_json(data)
+        return
+    console = _console()
+    events = [data["event"]] if "event" in data else data["events"]
+    for n, event in enumerate(events):
+        if n:
+            console.print()
+        _render_event(event, console)
+
+
+# ---- outbox retry / outbox discard -------------------------------------------------------------
+
+
+def _summary(changes: list[JSONDict], *, conditional: bool) -> str:
+    """`discard 1 row and release 1 row` (or `would ...`), parked rows woken last."""
+    counts: dict[str, int] = {}
+    for c in changes:
+        counts[c["change"]] = counts.get(c["change"], 0) + 1
+    words = {"retry": "retry", "discard": "discard", "release": "release", "wake": "wake"}
+    if not conditional:
+        words = {"retry": "retried", "discard": "discarded", "release": "released", "wake": "woke"}
+    parts = [
+        f"{words[change]} {_plural(n, 'parked row' if change == 'wake' else 'row')}"
+        for change, n in counts.items()
+    ]
+    text = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return ("would " if conditional else "") + text
+
+
+def render_action(data: JSONDict, console: Console) -> None:
+    changes = data["changes"]
+    if not changes:
+        console.print(f"nothing to {data['action']}: no row matches")
+    else:
+        if data["dry_run"]:
+            console.print(f"dry run: {_summary(changes, conditional=True)}; nothing was changed")
+        _print_table(
+            console,
+            [
+                Col("id", True),
+                Col("type"),
+                Col("key", shrink_to=12),
+                Col("customer", shrink_to=10),
+                Col("change"),
+                Col("before", shrink_to=16),
+                Col("tries", True),
+            ],
+            [
+                [
+                    str(c["event_id"]),
+                    c["event_type"],
+                    c["transaction_key"],
+                    _dash(c["customer_key"]),
+                    c["change"],
+                    _state(c),
+                    str(c["previous_attempts"]),
+                ]
+                for c in changes
+            ],
+        )
+    for row in data.get("left_blocked", []):
+        _print_wrapped(
+            console,
+            f"refund {row['event_id']} ({row['transaction_key']}) stays blocked behind its "
+            f"discarded sale {row['sale_id']} (--refunds keep). Decide later: outbox discard "
+            f"{row['sale_id']} --refunds release|discard",
+            indent=0,
+            max_lines=4,
+        )
+    if changes and not data["dry_run"]:
+        _print_wrapped(
+            console,
+            f"{_summary(changes, conditional=False)}: action {data['action_id']} by "
+            f"{data['actor']} ({data['reason']}); running daemons were notified",
+            indent=0,
+            max_lines=4,
+        )
+
+
+def _run_action(
+    as_json: bool, database_url: str | None, run: Callable[[sa.Engine], JSONDict]
+) -> None:
+    with _engine(database_url) as engine:
+        data = run(engine)
+    if as_json:
+        _emit_json(data)
+    else:
+        render_action(data, _console())
+
+
+@click.command(
+    "retry",
+    epilog=EXIT_CODES,
+    short_help="Send failed rows again now (by id or filter; --dry-run).",
+)
+@database_options
+@click.argument("ids", metavar="[ID]...", nargs=-1)
+@filter_options
+@action_options
+def retry_command(
+    database_url: str | None,
+    as_json: bool,
+    ids: tuple[str, ...],
+    all_rows: bool,
+    dry_run: bool,
+    reason: str | None,
+    actor: str | None,
+    **options: Any,
+) -> None:
+    """Send failed rows again, now: by id (failed or discarded rows), or the failed rows the
+    filters select (as `outbox failed` lists them).
+
+    The row goes back to pending, due at once, with its attempt count reset so every retry class
+    has its full budget; a sale whose earlier create may have reached Partnero is still looked
+    up first. Rows parked behind it are woken and running daemons are notified. Recorded in
+    outbox.operator_actions with --reason and --actor.
+    """
+    selection = _selection(ids, _filters(options), all_rows)
+    if selection.filters.state == "blocked":
+        _fail(
+            "--state blocked: retry takes failed rows; the rows blocked behind them are woken "
+            "with them",
+            EXIT_USAGE,
+        )
+    why = _reason(reason, dry_run)
+    who = actor or ops.default_actor()
+    _run_action(
+        as_json,
+        database_url,
+        lambda engine: ops.retry(engine, selection, dry_run=dry_run, actor=who, reason=why),
+    )
+
+
+@click.command(
+    "discard",
+    epilog=EXIT_CODES,
+    short_help="Give up on rows (by id or filter; --refunds; --dry-run).",
+)
+@database_options
+@click.argument("ids", metavar="[ID]...", nargs=-1)
+@filter_options
+@action_options
+@click.option(
+    "--refunds",
+    metavar="WHAT",
+    default="keep",
+    show_default=True,
+    help="What becomes of pending refunds queued behind a discarded sale: keep (they stay "
+    "blocked, visibly), discard (discarded too), release (sent anyway; Partnero will most "
+    "likely answer not_found).",
+)
+def discard_command(
+    database_url: str | None,
+    as_json: bool,
+    ids: tuple[str, ...],
+    all_rows: bool,
+    dry_run: bool,
+    reason: str | None,
+    actor: str | None,
+    refunds: str,
+    **options: Any,
+) -> None:
+    """Give up on rows: by id (failed, or pending and not in flight), or the failed and blocked
+    rows the filters select (as `outbox failed` lists them).
+
+    A discarded row is never sent. Recorded in outbox.operator_actions with --reason and
+    --actor, with every row's status before.
+    """
+    selection = _selection(ids, _filters(options), all_rows)
+    what = _parse("--refunds", _choice(*ops.REFUND_CHOICES), refunds)
+    why = _reason(reason, dry_run)
+    who = actor or ops.default_actor()
+    _run_action(
+        as_json,
+        database_url,
+        lambda engine: ops.discard(
+            engine, selection, refunds=what, dry_run=dry_run, actor=who, reason=why
+        ),
+    )
+
+
+# ---- outbox prune ------------------------------------------------------------------------------
+
+
+def render_prune(data: JSONDict, console: Console) -> None:
+    pruned = data["pruned"]
+    what = _plural(pruned["delivered"], "delivered row")
+    if data["include_discarded"]:
+        what += f", {_plural(pruned['discarded'], 'discarded row')}"
+    verb = "would prune" if data["dry_run"] else "pruned"
+    console.print(
+        f"{verb} {what} and {_plural(pruned['attempts'], 'attempt')} in "
+        f"{_plural(data['batches'], 'batch')} of at most {data['batch_size']} "
+        f"(older than {format_duration(data['older_than_seconds'])}: before "
+        f"{_when(data['cutoff'])} UTC)" + ("; nothing was changed" if data["dry_run"] else "")
+    )
+    if data["kept_open_key"]:
+        console.print(
+            f"kept {_plural(data['kept_open_key'], 'old row')} whose transaction key still has "
+            "a pending or failed row"
+        )
+
+
+@click.command(
+    "prune",
+    epilog=EXIT_CODES,
+    short_help="Delete old delivered rows and their attempts, in batches.",
+)
+@database_options
+@click.option(
+    "--older-than",
+    metavar="DURATION",
+    envvar="OUTBOX_PRUNE_OLDER_THAN",
+    help="Delete rows delivered (or discarded) longer ago than this, e.g. 30d "
+    "[required; env OUTBOX_PRUNE_OLDER_THAN].",
+)
+@click.option(
+    "--include-discarded", is_flag=True, help="Delete discarded rows too (by when discarded)."
+)
+@click.option(
+    "--batch-size", default="1000", metavar="N", show_default=True, help="Rows per transaction."
+)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option(
+    "--reason", metavar="TEXT", default="retention", show_default=True, help="For the record."
+)
+@click.option("--actor", metavar="NAME", help="Who is acting [default: $SUDO_USER or $USER@host].")
+def prune_command(
+    database_url: str | None,
+    as_json: bool,
+    older_than: str | None,
+    include_discarded: bool,
+    batch_size: str,
+    dry_run: bool,
+    reason: str,
+    actor: str | None,
+) -> None:
+    """Delete delivered rows and their attempts older than --older-than, in short batches.
+
+    Failed and pending rows are never deleted, nor any row whose transaction key still has a
+    pending or failed row; discarded rows only with --include-discarded. Each batch is its own
+    transaction, so the table is never locked for long. A run that deleted rows is recorded in
+    outbox.operator_actions.
+    """
+    if older_than is None:
+        _fail("--older-than is required, e.g. --older-than 30d", EXIT_USAGE)
+    age: timedelta = _parse("--older-than", ops.parse_duration, older_than)
+    size: int = _parse("--batch-size", _positive_int, batch_size)
+    who = actor or ops.default_actor()
+    with _engine(database_url) as engine:
+        data = ops.prune(
+            engine,
+            age,
+            include_discarded=include_discarded,
+            batch_size=size,
+            dry_run=dry_run,
+            actor=who,
+            reason=reason.strip() or "retention",
+        )
+    if as_json:
+        _emit_json(data)
+    else:
+        render_prune(data, _console())
+
+
+COMMANDS = (
+    status_command,
+    failed_command,
+    show_command,
+    retry_command,
+    discard_command,
+    prune_command,
+)
+
+
+def register(main: click.Group) -> None:
+    """Add the operator commands to the `outbox` group."""
+    for command in COMMANDS:
+        main.add_command(command)
