@@ -636,7 +636,12 @@ class Daemon:
             log.info("outbox.metrics.serving", host=s.metrics_host, port=self._metrics_server.port)
         services: list[asyncio.Task[None]] = []
         try:
-            await self.check_schema()
+            try:
+                await self.check_schema()
+            except DB_ERRORS:
+                if self.stopping.is_set():  # stopped while still waiting for the database
+                    return
+                raise
             if self.stopping.is_set():
                 return
             services = [

@@ -508,7 +508,14 @@ def _validate_create(body: object) -> tuple[JSONDict, dict[str, list[str]]]:
     created_at = data.get("created_at")
     if created_at is not None and (not isinstance(created_at, int) or isinstance(created_at, bool)):
         errors["created_at"] = ["The created_at field must be an integer."]
+    elif created_at is not None and not _MIN_TIMESTAMP <= created_at <= _MAX_TIMESTAMP:
+        errors["created_at"] = ["The created_at field must be a valid Unix timestamp."]
     return data, errors
+
+
+# What datetime.fromtimestamp can turn into a date (years 1 to 9999, UTC).
+_MIN_TIMESTAMP: Final = -62135596800
+_MAX_TIMESTAMP: Final = 253402300799
 
 
 # ---- the server --------------------------------------------------------------------------------

@@ -85,8 +85,16 @@ def _database_url(raw: str) -> str:
 
 def _http_url(raw: str) -> str:
     parts = urlsplit(raw)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError(f"{raw!r} is not an http(s) URL")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("must not carry credentials (the API key goes in PARTNERO_API_KEY)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{raw!r} must not have a query or a fragment")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port range only when asked
+    except ValueError:
+        raise ValueError(f"{raw!r} has a port outside 1-65535") from None
     return raw.rstrip("/")
 
 
