@@ -19,6 +19,9 @@ install: $(STAMP) ## create .venv and install outbox with its dev tools
 test: $(STAMP) ## run the test suite (embedded Postgres, or OUTBOX_TEST_DATABASE_URL)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+chaos: $(STAMP) ## the full chaos run: kill -9, a Postgres restart, a Partnero outage (~1 min)
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
 demo: $(STAMP) ## run the whole thing on a throwaway Postgres and a fake Partnero, then report
 	$(BIN)/outbox demo
 
@@ -35,4 +38,4 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
 
-.PHONY: help install test demo lint format clean
+.PHONY: help install test chaos demo lint format clean

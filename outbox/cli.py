@@ -134,8 +134,10 @@ def _register_commands() -> None:
     main.add_command(fake_partnero_command)
 
     from outbox.ops_cli import register
+    from outbox.roles_cli import register as register_roles
 
     register(main)
+    register_roles(main)
 
 
 _register_commands()

@@ -40,6 +40,8 @@ class Notifier:
                 self._socket = socket.socket(
                     socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                 )
+                # Never block the event loop on a socket nobody reads: drop the message.
+                self._socket.setblocking(False)
             self._socket.sendto(message.encode(), self._address)
         except OSError:
             return False

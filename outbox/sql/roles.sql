@@ -1,0 +1,67 @@
+-- outbox: two least-privilege roles, one for applications and one for the daemon.
+--
+-- Run it as the role that ran `outbox migrate` (the owner of the outbox schema), in the shop's
+-- database, after every `outbox migrate`: it is idempotent, and grants made on a table survive
+-- its later ALTERs. Roles belong to the whole PostgreSQL cluster, grants to one database.
+--
+--     psql "$OWNER_URL" -v ON_ERROR_STOP=1 -f outbox/sql/roles.sql
+--
+-- Both roles are NOLOGIN groups. Give each program a login role of its own and make it a
+-- member, so that passwords and connection limits stay per program:
+--
+--     CREATE ROLE shop_app LOGIN PASSWORD '...' IN ROLE outbox_app;
+--     CREATE ROLE partnero_sync LOGIN PASSWORD '...' IN ROLE outbox_daemon;
+--
+-- To use other names, replace outbox_app and outbox_daemon throughout this file.
+--
+-- outbox_app: may only add events. INSERT on the six contract columns, SELECT on `id` only
+-- (for `INSERT ... RETURNING id`, which outbox.record_sale/record_refund and the Python helpers
+-- use: they are SECURITY INVOKER, so they run with the caller's rights and need exactly these).
+-- The identity column, the column defaults, the CHECK constraints and the triggers (the daemon-
+-- owned-columns guard and the NOTIFY) need no further privilege. It cannot read events back,
+-- change or delete them, or see outbox.attempts.
+--
+-- outbox_daemon: exactly what `outbox run` does. SELECT and UPDATE on outbox.events (claim with
+-- FOR UPDATE SKIP LOCKED, complete, rescue, the status line), INSERT on outbox.attempts (its
+-- identity column needs nothing more; `RETURNING 1` reads no column), SELECT on
+-- outbox.schema_migrations (the start-up check that the schema is current). LISTEN and
+-- pg_notify need no privilege. It cannot INSERT or DELETE events, read or change attempts, or
+-- create anything.
+--
+-- Operators (`outbox status | failed | show | retry | discard | prune`) and `outbox migrate` run
+-- as the schema owner; neither role here is meant for them.
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_app') THEN
+        CREATE ROLE outbox_app NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_daemon') THEN
+        CREATE ROLE outbox_daemon NOLOGIN;
+    END IF;
+END
+$$;
+
+COMMENT ON ROLE outbox_app IS 'outbox: applications; may only INSERT into outbox.events';
+COMMENT ON ROLE outbox_daemon IS 'outbox: the outbox run daemon; exactly what it needs';
+
+-- Start from nothing (a table-level REVOKE also takes back column grants), so that running this
+-- again after a change removes what is no longer granted.
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM outbox_app, outbox_daemon;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM outbox_app, outbox_daemon;
+REVOKE ALL ON SCHEMA outbox FROM outbox_app, outbox_daemon;
+
+-- Applications.
+GRANT USAGE ON SCHEMA outbox TO outbox_app;
+GRANT INSERT (event_type, transaction_key, customer_key, amount, currency, payload)
+    ON outbox.events TO outbox_app;
+GRANT SELECT (id) ON outbox.events TO outbox_app;
+GRANT EXECUTE ON FUNCTION outbox.record_sale(text, text, numeric, text, jsonb),
+                          outbox.record_refund(text, text, jsonb)
+    TO outbox_app;
+
+-- The daemon.
+GRANT USAGE ON SCHEMA outbox TO outbox_daemon;
+GRANT SELECT, UPDATE ON outbox.events TO outbox_daemon;
+GRANT INSERT ON outbox.attempts TO outbox_daemon;
+GRANT SELECT ON outbox.schema_migrations TO outbox_daemon;

@@ -1,0 +1,262 @@
+"""Least privilege (outbox/sql/roles.sql): an application role that may only INSERT events and a
+daemon role with exactly what `outbox run` needs. The daemon runs and the application inserts
+under login roles that are members of them; what each must not do is refused by PostgreSQL.
+
+Roles belong to the whole cluster (OUTBOX_TEST_DATABASE_URL may be shared), so the test renders
+the SQL with names of its own and drops them afterwards."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from click.testing import CliRunner
+from psycopg import errors
+from sqlalchemy.orm import Session
+
+import outbox
+from outbox import db
+from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.roles_cli import register, roles_sql
+from tests.daemon_helpers import API_KEY, DaemonThread, make_settings, settled, wait_until
+from tests.helpers import psql
+
+APP_COLUMNS = ("event_type", "transaction_key", "customer_key", "amount", "currency", "payload")
+
+
+@dataclass(frozen=True)
+class Roles:
+    app_group: str
+    daemon_group: str
+    app_url: str
+    daemon_url: str
+    owner_url: str
+
+
+def login_url(url: str, user: str, password: str) -> str:
+    parsed = sa.engine.make_url(db.sqlalchemy_url(url)).set(username=user, password=password)
+    return db.libpq_url(parsed.render_as_string(hide_password=False))
+
+
+@pytest.fixture
+def roles(database_url: str, tmp_path: Path) -> Iterator[Roles]:
+    suffix = uuid.uuid4().hex[:8]
+    app_group, daemon_group = f"outbox_app_{suffix}", f"outbox_daemon_{suffix}"
+    app_login, daemon_login = f"shop_app_{suffix}", f"outbox_run_{suffix}"
+    script = tmp_path / "roles.sql"
+    script.write_text(roles_sql(app_group, daemon_group))
+    created = [app_login, daemon_login, app_group, daemon_group]
+    try:
+        for _ in range(2):  # idempotent: a second run changes nothing and fails nothing
+            result = psql(database_url, f"\\i {script}")
+            assert result.returncode == 0, result.stderr
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for login, group, password in (
+                (app_login, app_group, f"app-pw-{suffix}"),
+                (daemon_login, daemon_group, f"run-pw-{suffix}"),
+            ):
+                conn.execute(f"CREATE ROLE {login} LOGIN PASSWORD '{password}' IN ROLE {group}")
+        yield Roles(
+            app_group,
+            daemon_group,
+            login_url(database_url, app_login, f"app-pw-{suffix}"),
+            login_url(database_url, daemon_login, f"run-pw-{suffix}"),
+            database_url,
+        )
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            for role in created:
+                exists = conn.execute(
+                    "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)
+                ).fetchone()
+                if exists:
+                    conn.execute(f"DROP OWNED BY {role}")
+                    conn.execute(f"DROP ROLE {role}")
+
+
+def refused(url: str, sql: str) -> bool:
+    """True when PostgreSQL refuses the statement for lack of privilege."""
+    with psycopg.connect(url) as conn:
+        try:
+            conn.execute(sql)
+        except errors.InsufficientPrivilege:
+            return True
+        finally:
+            conn.rollback()
+    return False
+
+
+def test_the_daemon_and_an_application_work_under_the_least_privilege_roles(
+    roles: Roles,
+) -> None:
+    # The application, in every way the README shows: the SQL functions (SECURITY INVOKER, so
+    # they run with the caller's rights), a plain INSERT ... RETURNING id, the Python helper.
+    with psycopg.connect(roles.app_url) as conn:
+        sale_id = conn.execute(
+            "SELECT outbox.record_sale('inv_r1', 'cust_1', 10.50, 'EUR', '{\"product_id\": \"p\"}')"
+        ).fetchone()
+        plain_id = conn.execute(
+            "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
+            "VALUES ('sale', 'inv_r2', 'cust_2', 20) RETURNING id"
+        ).fetchone()
+        conn.execute("SELECT outbox.record_refund('inv_r1')")
+    assert sale_id is not None and plain_id is not None
+    app_engine = db.create_engine(roles.app_url, poolclass=sa.NullPool)
+    try:
+        with Session(app_engine) as session, session.begin():
+            helper_id = outbox.record_sale(
+                session, transaction_key="inv_r3", customer_key="cust_3", amount=Decimal("3.30")
+            )
+            outbox.record_refund(session, transaction_key="inv_r3")
+        assert helper_id > 0
+        # A broken row still names its rule for this role (the CHECKs need no privilege).
+        with (
+            pytest.raises(sa.exc.IntegrityError, match="sale_requires_positive_amount"),
+            Session(app_engine) as session,
+            session.begin(),
+        ):
+            outbox.record_sale(session, transaction_key="inv_r4", customer_key="c", amount=0)
+    finally:
+        app_engine.dispose()
+
+    # The daemon, delivering (claim, complete, attempts, rescue, status line, LISTEN).
+    owner = db.create_engine(roles.owner_url, poolclass=sa.NullPool)
+    try:
+        with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as fake:
+            fake.configure(fail_5xx_rate=0.5, seed=3)  # some retries: more write paths
+            settings = make_settings(roles.daemon_url, fake.url, status_interval_seconds=0.2)
+            with DaemonThread(settings) as daemon:
+                wait_until(lambda: settled(owner, 5), what="every row delivered")
+                assert daemon.daemon is not None
+                wait_until(lambda: daemon.daemon.health.backlog == 0, what="the status line")
+            ledger = fake.ledger()
+        with owner.connect() as conn:
+            outcomes = sorted(
+                conn.execute(
+                    sa.text(
+                        "SELECT transaction_key, event_type, status, outcome FROM outbox.events"
+                    )
+                ).all()
+            )
+            attempts = conn.execute(sa.text("SELECT count(*) FROM outbox.attempts")).scalar_one()
+    finally:
+        owner.dispose()
+    assert outcomes == [
+        ("inv_r1", "refund", "delivered", "deleted"),
+        ("inv_r1", "sale", "delivered", "created"),
+        ("inv_r2", "sale", "delivered", "created"),
+        ("inv_r3", "refund", "delivered", "deleted"),
+        ("inv_r3", "sale", "delivered", "created"),
+    ]
+    assert attempts >= 5
+    assert sorted(t["key"] for t in ledger) == ["inv_r1", "inv_r2", "inv_r3"]
+
+
+APP_REFUSED = [
+    "UPDATE outbox.events SET status = 'delivered'",
+    "UPDATE outbox.events SET amount = 1",
+    "DELETE FROM outbox.events",
+    "TRUNCATE outbox.events",
+    "SELECT status, last_error FROM outbox.events",
+    "SELECT * FROM outbox.events",
+    "SELECT * FROM outbox.attempts",
+    "INSERT INTO outbox.attempts (event_id, attempt, started_at, finished_at, method, path, "
+    "decision) VALUES (1, 1, now(), now(), 'POST', '/', 'x')",
+    "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount, status) "
+    "VALUES ('sale', 'k', 'c', 1, 'delivered')",
+    "SELECT * FROM outbox.schema_migrations",
+    "CREATE TABLE outbox.mine (x int)",
+]
+
+DAEMON_REFUSED = [
+    "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
+    "VALUES ('sale', 'k', 'c', 1)",
+    "DELETE FROM outbox.events",
+    "TRUNCATE outbox.events",
+    "SELECT * FROM outbox.attempts",
+    "UPDATE outbox.attempts SET error = NULL",
+    "DELETE FROM outbox.attempts",
+    "INSERT INTO outbox.schema_migrations (version, name, checksum) VALUES ('9', 'x', 'x')",
+    "CREATE TABLE outbox.mine (x int)",
+]
+
+
+def test_what_each_role_may_not_do_is_refused(roles: Roles) -> None:
+    with psycopg.connect(roles.app_url, autocommit=True) as conn:  # a row to aim at
+        conn.execute("SELECT outbox.record_sale('inv_x', 'c', 1)")
+    allowed_app = [sql for sql in APP_REFUSED if not refused(roles.app_url, sql)]
+    allowed_daemon = [sql for sql in DAEMON_REFUSED if not refused(roles.daemon_url, sql)]
+    assert (allowed_app, allowed_daemon) == ([], [])
+
+
+def test_the_grants_are_exactly_these(roles: Roles) -> None:
+    """Every privilege either role holds in the database, table by table and column by column:
+    nothing more than the daemon and the insert contract need."""
+    with psycopg.connect(roles.owner_url) as conn:
+        tables = conn.execute(
+            """
+            SELECT a.grantee::regrole::text, c.relname, a.privilege_type
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace,
+                 aclexplode(c.relacl) a
+            WHERE n.nspname = 'outbox' AND a.grantee::regrole::text = ANY(%s)
+            """,
+            ([roles.app_group, roles.daemon_group],),
+        ).fetchall()
+        columns = conn.execute(
+            """
+            SELECT a.grantee::regrole::text, att.attname, a.privilege_type
+            FROM pg_attribute att JOIN pg_class c ON c.oid = att.attrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(att.attacl) a
+            WHERE n.nspname = 'outbox' AND c.relname = 'events'
+              AND a.grantee::regrole::text = ANY(%s)
+            """,
+            ([roles.app_group, roles.daemon_group],),
+        ).fetchall()
+        schema = conn.execute(
+            """
+            SELECT a.grantee::regrole::text, a.privilege_type
+            FROM pg_namespace n, aclexplode(n.nspacl) a
+            WHERE n.nspname = 'outbox' AND a.grantee::regrole::text = ANY(%s)
+            """,
+            ([roles.app_group, roles.daemon_group],),
+        ).fetchall()
+    app, daemon = roles.app_group, roles.daemon_group
+    assert sorted(tables) == sorted(
+        [
+            (daemon, "attempts", "INSERT"),
+            (daemon, "events", "SELECT"),
+            (daemon, "events", "UPDATE"),
+            (daemon, "schema_migrations", "SELECT"),
+        ]
+    )
+    assert sorted(columns) == sorted(
+        [(app, name, "INSERT") for name in APP_COLUMNS] + [(app, "id", "SELECT")]
+    )
+    assert sorted(schema) == [(app, "USAGE"), (daemon, "USAGE")]
+
+
+def test_roles_sql_command_prints_the_sql_with_chosen_names() -> None:
+    import click
+
+    @click.group()
+    def main() -> None:
+        pass
+
+    register(main)
+    runner = CliRunner()
+    result = runner.invoke(main, ["roles-sql", "--app-role", "shop", "--daemon-role", "sync"])
+    assert result.exit_code == 0, result.output
+    assert "GRANT INSERT (event_type" in result.output and "TO shop;" in result.output
+    statements = [line for line in result.output.splitlines() if not line.startswith("--")]
+    assert not [line for line in statements if "outbox_app" in line or "outbox_daemon" in line]
+    assert result.output == roles_sql("shop", "sync")
+    bad = runner.invoke(main, ["roles-sql", "--app-role", "x; DROP TABLE y"])
+    assert bad.exit_code == 2 and "not a plain role name" in bad.output
+    same = runner.invoke(main, ["roles-sql", "--app-role", "a", "--daemon-role", "a"])
+    assert same.exit_code == 2 and "must differ" in same.output
