@@ -35,7 +35,16 @@ format: $(STAMP) ## apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix $(PY_PATHS)
 	$(BIN)/ruff format $(PY_PATHS)
 
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## benchmarks, side by side with pgqueuer (~13 min; BENCH_ARGS=--quick: < 1 min)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
 
-.PHONY: help install test chaos demo lint format clean
+.PHONY: help install test chaos demo lint format bench clean

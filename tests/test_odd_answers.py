@@ -18,7 +18,6 @@ from urllib.parse import unquote
 import pytest
 import sqlalchemy as sa
 
-import outbox.partnero
 from outbox.partnero import BODY_EXCERPT_CHARS, ERROR_MAX_CHARS
 from outbox.policy import DETAIL_MAX_CHARS
 from tests.daemon_helpers import DaemonThread, make_settings, rows, wait_until
@@ -450,14 +449,6 @@ def pending(engine: sa.Engine) -> int:
     return int(rows(engine, "SELECT count(*) FROM outbox.events WHERE status = 'pending'")[0][0])
 
 
-@pytest.mark.xfail(
-    hasattr(outbox.partnero, "AiohttpTransport"),
-    strict=True,
-    reason="bug: outbox/partnero.py AiohttpTransport keeps aiohttp's automatic retry of "
-    "idempotent requests (ClientSession._retry_connection): a DELETE whose connection dropped "
-    "after it was applied is re-sent by aiohttp, the daemon sees only the second answer (404) "
-    "and records not_found instead of deleted, and the first call never becomes an attempt row",
-)
 def test_a_delete_whose_answer_was_lost_is_sent_again_by_the_daemon_not_the_transport(
     engine: sa.Engine, database_url: str
 ) -> None:

@@ -1,0 +1,169 @@
+"""`python -m bench [--quick] [--only NAME ...] [--profile]`: the outbox benchmarks.
+
+Starts its own embedded Postgres and a fake Partnero (its own process) on this host, runs the
+daemon as `outbox run` processes, and writes bench/results/<time>-<mode>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import harness, report, scenarios
+
+ALL = ("throughput", "latency", "inserts", "memory", "backlog", "peers")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain: int  # sales per throughput run
+    concurrency: tuple[int, ...]  # the daemon's OUTBOX_CONCURRENCY settings to sweep
+    side_by_side: int  # concurrency of the memory, backlog and side-by-side runs
+    default: int  # the daemon's default concurrency (the latency run)
+    latency_seconds: float
+    latency_rate: float
+    insert_seconds: float
+    insert_rounds: int
+    memory: int
+    history: int
+    history_pending: int
+    naive: int
+
+
+FULL = Sizes(
+    drain=50_000,
+    concurrency=(8, 16, 64),
+    side_by_side=64,
+    default=16,
+    latency_seconds=30,
+    latency_rate=200,
+    insert_seconds=8,
+    insert_rounds=2,
+    memory=200_000,
+    history=1_000_000,
+    history_pending=100_000,
+    naive=5_000,
+)
+QUICK = Sizes(
+    drain=2_000,
+    concurrency=(64,),
+    side_by_side=64,
+    default=16,
+    latency_seconds=4,
+    latency_rate=200,
+    insert_seconds=2,
+    insert_rounds=1,
+    memory=4_000,
+    history=50_000,
+    history_pending=2_000,
+    naive=300,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
+    parser.add_argument("--only", nargs="+", choices=ALL, default=list(ALL), metavar="NAME")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also drain once under py-spy (pip install py-spy) and summarise the profile",
+    )
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--drain", type=int, help="sales per throughput run (overrides the mode)")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", help="concurrency settings to sweep (overrides)"
+    )
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    if args.drain:
+        sizes = replace(sizes, drain=args.drain)
+    if args.concurrency:
+        sizes = replace(sizes, concurrency=tuple(args.concurrency))
+    mode = "quick" if args.quick else "full"
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "mode": mode,
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sizes": sizes.__dict__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out / f"{stamp}-{mode}"
+
+    def step(where: dict[str, Any], key: str, name: str, fn: Any, *a: Any, **kw: Any) -> None:
+        """Run one measurement, keep its result in where[key], and save everything so far."""
+        t0 = time.monotonic()
+        print(f"bench: {name} ...", flush=True)
+        where[key] = fn(*a, **kw)
+        print(f"bench: {name} done in {time.monotonic() - t0:.0f} s", flush=True)
+        results.setdefault("step_seconds", {})[name] = round(time.monotonic() - t0, 1)
+        out.with_suffix(".json").write_text(harness.dumps(results))
+
+    pg = harness.Postgres()
+    fake = harness.Fake()
+    try:
+        results["machine"] = harness.machine(pg)
+        only = set(args.only)
+        c = sizes.side_by_side
+        if only & {"throughput", "peers", "backlog"}:
+            sweep = results.setdefault("throughput", {})
+            for n in sizes.concurrency if "throughput" in only else (c,):
+                step(
+                    sweep, str(n), f"throughput c={n}",
+                    scenarios.daemon_drain, pg, fake, sizes.drain, n,
+                )  # fmt: skip
+        if args.profile:
+            profile = out.with_suffix(".pyspy.txt")
+            step(
+                results, "profile", "profile",
+                scenarios.daemon_drain, pg, fake, sizes.drain // 2, c, profile=profile,
+            )  # fmt: skip
+        if "latency" in only:
+            step(
+                results, "latency", "latency",
+                scenarios.latency, pg, fake, sizes.latency_rate, sizes.latency_seconds,
+                sizes.default,
+            )  # fmt: skip
+        if "inserts" in only:
+            step(
+                results, "inserts", "inserts",
+                scenarios.inserts, pg, sizes.insert_seconds, 8, sizes.insert_rounds,
+            )  # fmt: skip
+        if "memory" in only:
+            step(results, "memory", "memory", scenarios.memory, pg, fake, sizes.memory, c)
+        if "backlog" in only:
+            baseline = results.get("throughput", {}).get(str(c))
+            step(
+                results, "backlog", "backlog",
+                scenarios.backlog, pg, fake, sizes.history, sizes.history_pending, c, baseline,
+            )  # fmt: skip
+        if "peers" in only:
+            peers = results.setdefault("peers", {})
+            step(peers, "ceiling", "ceiling", scenarios.ceiling, pg, fake, sizes.drain, c)
+            step(peers, "naive", "naive", scenarios.naive, pg, fake, sizes.naive, 1)
+            step(
+                peers, "pgqueuer", "pgqueuer",
+                scenarios.pgqueuer, pg, fake, sizes.drain, c, max(1, c // 2),
+            )  # fmt: skip
+    finally:
+        fake.close()
+        pg.close()
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    out.with_suffix(".json").write_text(harness.dumps(results))
+    text = report.render(results)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    print(f"bench: results in {out}.json and {out}.md ({results['total_seconds']:.0f} s)")
+    json.dumps(results)  # fail loudly here rather than in a later reader
+
+
+if __name__ == "__main__":
+    main()
