@@ -85,7 +85,7 @@ def migrate_command(database_url: str | None, show_status: bool) -> None:
     except migrate.MigrationError as exc:
         fail(str(exc))
     except sa.exc.OperationalError as exc:
-        fail(f"cannot reach the database at {db.redact(url)}: {_first_line(exc.orig)}")
+        fail(f"cannot reach the database at {db.redact(url)}: {db.first_line(exc.orig)}")
     finally:
         engine.dispose()
     if applied:
@@ -118,11 +118,6 @@ def run_command(**options: Any) -> None:
         fail(str(exc))
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc or "").strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _register_commands() -> None:

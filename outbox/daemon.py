@@ -34,7 +34,7 @@ from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
 from outbox import db, logs, migrate
-from outbox.db import libpq_url
+from outbox.db import first_line, libpq_url
 from outbox.executor import Executor, Gate
 from outbox.metrics import Metrics, MetricsServer
 from outbox.partnero import ApiKey, PartneroClient
@@ -56,21 +56,13 @@ def utcnow() -> datetime:
 class Health:
     """What the daemon knows about itself; read by the status line, metrics and the watchdog."""
 
-    started_at: float = field(default_factory=time.monotonic)
     database_ok: bool = False
     listening: bool = False
-    last_loop_at: float = field(default_factory=time.monotonic)
     last_delivery_at: datetime | None = None
     last_error: str | None = None
-    claimed: int = 0
-    completed: int = 0
     delivered: int = 0
     failed: int = 0
     retried: int = 0
-    released: int = 0
-    rescued: int = 0
-    lost_leases: int = 0
-    in_flight: int = 0
     stall_seconds: float = 60.0
     # The claimer promises to turn again by this monotonic time; past it, the loop is wedged.
     next_tick_due: float = field(default_factory=lambda: time.monotonic() + 3600)
@@ -81,9 +73,7 @@ class Health:
 
     def tick(self, waiting: float = 0.0) -> None:
         """The claimer turned; it may now wait up to `waiting` seconds before turning again."""
-        now = time.monotonic()
-        self.last_loop_at = now
-        self.next_tick_due = now + waiting + self.stall_seconds
+        self.next_tick_due = time.monotonic() + waiting + self.stall_seconds
 
     def problems(self) -> list[str]:
         """Why the daemon is not healthy (empty when it is)."""
@@ -146,7 +136,7 @@ def _retrying(stopping: asyncio.Event, what: str) -> AsyncRetrying:
     def before_sleep(state: object) -> None:
         outcome = getattr(state, "outcome", None)
         error = outcome.exception() if outcome is not None else None
-        log.warning("outbox.db.retrying", operation=what, error=_first_line(error))
+        log.warning("outbox.db.retrying", operation=what, error=first_line(error))
 
     return AsyncRetrying(
         retry=retry_if_exception_type(DB_ERRORS),
@@ -155,11 +145,6 @@ def _retrying(stopping: asyncio.Event, what: str) -> AsyncRetrying:
         before_sleep=before_sleep,
         reraise=True,
     )
-
-
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc or "").strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class Listener:
@@ -242,7 +227,6 @@ class Writer:
         return WriteRound(written, result)
 
     def _account(self, batch: list[Completion], lost: int) -> None:
-        self._health.completed += len(batch)
         m = self._metrics
         for c in batch:
             if c.status == "delivered":
@@ -252,15 +236,12 @@ class Writer:
                 self._health.failed += 1
             elif c.attempt_records:
                 self._health.retried += 1
-            else:
-                self._health.released += 1
             if m is not None:
                 if c.status in ("delivered", "failed"):
                     m.settled.labels(c.status, c.outcome or "").inc()
                 elif c.attempt_records and c.last_error:
                     m.retries.labels(c.last_error.split(":", 1)[0]).inc()
         if lost:
-            self._health.lost_leases += lost
             log.warning(
                 "outbox.writer.lease_lost",
                 results=lost,
@@ -283,7 +264,7 @@ class Writer:
                     log.error(
                         "outbox.writer.unflushed",
                         results=self.backlog,
-                        error=_first_line(exc),
+                        error=first_line(exc),
                         note="their leases will expire and the rows be picked up again",
                     )
                     return False
@@ -292,14 +273,12 @@ class Writer:
 
 
 class Rescuer:
-    def __init__(self, store: Store, health: Health) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._health = health
 
     async def run_once(self) -> list[Rescued]:
         rescued = await self._store.rescue()
         if rescued:
-            self._health.rescued += len(rescued)
             owners = sorted({r.lease_owner or "?" for r in rescued})
             log.warning(
                 "outbox.rescue.expired_leases",
@@ -353,7 +332,7 @@ class Daemon:
         self.write_store = Store(settings.database_url)
         self.monitor_store = Store(settings.database_url)
         self.writer = Writer(self.write_store, self.health, self._on_woken, self.metrics)
-        self.rescuer = Rescuer(self.claim_store, self.health)
+        self.rescuer = Rescuer(self.claim_store)
         self.listener = Listener(
             settings.database_url, self._wake, self.health, settings.poll_interval_seconds
         )
@@ -376,7 +355,7 @@ class Daemon:
                 try:
                     await asyncio.to_thread(check)
                 except sa.exc.OperationalError as exc:
-                    raise psycopg.OperationalError(_first_line(exc.orig)) from None
+                    raise psycopg.OperationalError(first_line(exc.orig)) from None
         self.health.database_ok = True
 
     # ---- the claimer ------------------------------------------------------------------------
@@ -405,8 +384,6 @@ class Daemon:
             task = asyncio.create_task(self._deliver(claimed, deadline))
             self._tasks[task] = claimed
             task.add_done_callback(self._task_done)
-        self.health.claimed += len(result.claimed)
-        self.health.in_flight = len(self._tasks)
         return ClaimRound(asked, len(result.claimed), result.parked)
 
     async def _deliver(self, claimed: Claimed, deadline: float) -> None:
@@ -425,7 +402,6 @@ class Daemon:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
-        self.health.in_flight = len(self._tasks)
         self._slot_free.set()
 
     async def _idle_wait(self) -> None:
@@ -485,8 +461,8 @@ class Daemon:
                 round_ = await self.claim_once()
             except DB_ERRORS as exc:
                 self.health.database_ok = False
-                self.health.last_error = f"database: {_first_line(exc)}"
-                log.warning("outbox.claimer.db_error", error=_first_line(exc))
+                self.health.last_error = f"database: {first_line(exc)}"
+                log.warning("outbox.claimer.db_error", error=first_line(exc))
                 self.health.tick(waiting=1.0)
                 await _wait_any(self.stopping, timeout=1.0)
                 continue
@@ -511,7 +487,7 @@ class Daemon:
             )
         except (TimeoutError, *DB_ERRORS) as exc:
             self.health.database_ok = False
-            self.health.last_error = f"database: {_first_line(exc) or 'no answer in time'}"
+            self.health.last_error = f"database: {first_line(exc) or 'no answer in time'}"
             await self.monitor_store.close()
         if backlog is not None:
             self.health.database_ok = True

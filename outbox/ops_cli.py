@@ -60,11 +60,6 @@ def _database_url(value: str | None) -> str:
     return database_url_from(value)
 
 
-def _first_line(exc: BaseException | None) -> str:
-    text = str(exc or "").strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 @contextlib.contextmanager
 def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Iterator[sa.Engine]:
     """An engine on a database at this build's schema; database trouble is one clear line."""
@@ -80,12 +75,12 @@ def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Ite
     except sa.exc.OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) is None:
             _fail(
-                f"cannot reach the database at {db.redact(url)}: {_first_line(exc.orig)}",
+                f"cannot reach the database at {db.redact(url)}: {db.first_line(exc.orig)}",
                 db_error_code,
             )
-        _fail(f"database error: {_first_line(exc.orig)}", db_error_code)
+        _fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
     except sa.exc.DBAPIError as exc:
-        _fail(f"database error: {_first_line(exc.orig)}", db_error_code)
+        _fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
     finally:
         engine.dispose()
 
