@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import sqlalchemy as sa
 from outbox.partnero import BODY_EXCERPT_CHARS, ERROR_MAX_CHARS
 from outbox.policy import DETAIL_MAX_CHARS
 from tests.daemon_helpers import DaemonThread, make_settings, rows, wait_until
+from tests.helpers import LoopbackServer
 
 
 def response(
@@ -243,55 +243,22 @@ async def read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> by
     return await reader.readexactly(int(headers.get("content-length", "0")))
 
 
-class OddServer:
+class OddServer(LoopbackServer):
     """Plays Partnero on loopback: the scripted odd answers first, then plain good ones (a
     ledger of applied creates answers lookups and deletes). One request per connection."""
 
     def __init__(self, scripts: dict[str, list[Odd]]) -> None:
+        super().__init__()
         self._scripts = {key: list(answers) for key, answers in scripts.items()}
         self.creates: Counter[str] = Counter()
         self.deleted: set[str] = set()
         self.requests: Counter[tuple[str, str]] = Counter()  # (key, method) -> requests read
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self.url = ""
 
-    def __enter__(self) -> OddServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def _stop(self) -> None:
-        """Close everything and wait for it, so no socket outlives the loop."""
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        for writer in list(self._writers):
-            writer.close()
-        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-        self._writers.add(writer)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
@@ -332,7 +299,7 @@ class OddServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
-            self._writers.discard(writer)
+            self.untrack(writer)
 
     def _good(self, method: str, key: str) -> bytes:
         if method == "POST":

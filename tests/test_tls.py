@@ -16,7 +16,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ import sqlalchemy as sa
 from outbox import db, pgtemp
 from outbox.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import API_KEY, env_for, insert_sales, rows, settled, wait_until
+from tests.helpers import LoopbackServer
 
 
 @pytest.fixture(scope="module")
@@ -47,61 +47,24 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-class TlsProxy:
+class TlsProxy(LoopbackServer):
     """HTTPS on loopback in front of a plain HTTP server: terminates TLS, pipes the bytes."""
 
     def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        super().__init__(context)
         self._target = target_port
-        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._context.load_cert_chain(cert, key)
-        self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(lambda loop, context: None)  # refused handshakes
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
 
-    def __enter__(self) -> TlsProxy:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self._context)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _stop(self) -> None:
-        """Close everything and wait for it, so no socket outlives the loop."""
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._handlers):
-            task.cancel()
-        await asyncio.gather(*self._handlers, return_exceptions=True)
-        for writer in list(self._writers):
-            writer.close()
-        await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
-        self._writers.add(writer)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
         except OSError:
             writer.close()
-            self._writers.discard(writer)
+            self.untrack(writer)
             return
-        self._writers.add(up_writer)
+        self.track(up_writer)
 
         async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
             try:
@@ -115,8 +78,8 @@ class TlsProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         await asyncio.gather(writer.wait_closed(), up_writer.wait_closed(), return_exceptions=True)
-        self._writers.discard(writer)
-        self._writers.discard(up_writer)
+        self.untrack(writer)
+        self.untrack(up_writer)
 
 
 def start_daemon(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
