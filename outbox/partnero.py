@@ -306,24 +306,20 @@ class PartneroClient:
             )
         self._api_key = api_key
         self._base_url = str(url)
+        # Paths are appended to the base URL as it is given (with any path prefix of its own).
+        self._prefix = self._base_url.rstrip("/")
         self._timeout = float(timeout_seconds)
+        # httpx's per-phase timeouts, as httpx.Timeout(timeout_seconds) would set them.
+        self._timeouts = {phase: self._timeout for phase in ("connect", "read", "write", "pool")}
+        self._user_agent = user_agent
+        self._headers = self._base_headers()
         if transport is None:
             transport = AiohttpTransport(max_connections=max_connections, verify_tls=verify_tls)
-        self._client = httpx.AsyncClient(
-            base_url=url,
-            transport=transport,
-            timeout=httpx.Timeout(self._timeout),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            verify=verify_tls,
-            follow_redirects=False,
-            headers={
-                "Authorization": f"Bearer {api_key.reveal()}",
-                "Accept": "application/json",
-                "User-Agent": user_agent,
-            },
-        )
+        # The requests go straight to the transport: httpx.AsyncClient's per-request machinery
+        # (URL merging, cookies, auth and redirect flows) cost more CPU than the HTTP exchange
+        # itself, and the client uses none of it (docs/benchmarks.md).
+        self._transport = transport
+        self._closed = False
 
     def __repr__(self) -> str:
         return (
@@ -336,7 +332,14 @@ class PartneroClient:
         if not isinstance(api_key, ApiKey):
             raise ConfigurationError("api_key must be an ApiKey")
         self._api_key = api_key
-        self._client.headers["Authorization"] = f"Bearer {api_key.reveal()}"
+        self._headers = self._base_headers()
+
+    def _base_headers(self) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {self._api_key.reveal()}",
+            "Accept": "application/json",
+            "User-Agent": self._user_agent,
+        }
 
     @property
     def base_url(self) -> str:
@@ -358,7 +361,9 @@ class PartneroClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if not self._closed:
+            self._closed = True
+            await self._transport.aclose()
 
     # ---- the calls ---------------------------------------------------------------------------
 
@@ -375,7 +380,7 @@ class PartneroClient:
             "POST",
             TRANSACTIONS_PATH,
             content=content,
-            headers={"Content-Type": "application/json"},
+            content_type="application/json",
         )
 
     async def delete(self, transaction_key: str) -> Exchange:
@@ -421,10 +426,13 @@ class PartneroClient:
         path: str,
         *,
         content: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
     ) -> Exchange:
-        if self._client.is_closed:
+        if self._closed:
             raise ClientClosedError("the Partnero client is closed")
+        headers = self._headers
+        if content_type is not None:
+            headers = {**headers, "Content-Type": content_type}
         started_at = _utcnow()
         response: httpx.Response | None = None
         body = bytearray()
@@ -433,15 +441,23 @@ class PartneroClient:
         error: str | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._client.stream(
-                    method, path, content=content, headers=headers
-                ) as response:
+                request = httpx.Request(
+                    method,
+                    self._prefix + path,
+                    headers=headers,
+                    content=content,
+                    extensions={"timeout": self._timeouts},
+                )
+                response = await self._transport.handle_async_request(request)
+                try:
                     async for chunk in response.aiter_bytes():
                         body += chunk
                         if len(body) > MAX_BODY_BYTES:
                             break
                     else:
                         complete = True
+                finally:
+                    await response.aclose()
         except TimeoutError:
             # The total deadline; httpx's own timeouts are httpx.TimeoutException, not this.
             transport_error = TransportError.UNKNOWN_OUTCOME
