@@ -3,8 +3,9 @@
 Four services, each a loop around a `run_once()` that returns a small result (the River way):
 
 - Claimer: claims due rows in batches under leases and hands each to the executor, keeping at
-  most `concurrency` calls in flight; sleeps until a NOTIFY, the next due row, or the poll
-  interval.
+  most `concurrency` calls in flight and, while they are all busy, up to `prefetch` more rows
+  claimed ahead so that a freed slot never waits for a claim; sleeps until a NOTIFY, the next
+  due row, or the poll interval.
 - Writer: writes results in batches, each guarded by its lease token; keeps them in memory and
   retries while the database is away, so a result is never dropped.
 - Listener: LISTEN outbox_events on its own connection; reconnects with back-off (tenacity).
@@ -22,6 +23,7 @@ import contextlib
 import math
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -289,6 +291,46 @@ class Rescuer:
         return rescued
 
 
+class Slots:
+    """At most `limit` holders at once, first come first served; the limit can change while
+    rows wait (a SIGHUP reload of `concurrency`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # resolved by _hand_out, which counts the slot as used for us
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot, then cancelled before using it
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.used -= 1
+        self._hand_out()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        while self._waiters and self.used < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.used += 1
+                waiter.set_result(None)
+
+
 class Daemon:
     def __init__(
         self,
@@ -336,7 +378,9 @@ class Daemon:
         self.listener = Listener(
             settings.database_url, self._wake, self.health, settings.poll_interval_seconds
         )
+        # Every claimed row has a task; a task holds one of the slots while its call runs.
         self._tasks: dict[asyncio.Task[None], Claimed] = {}
+        self._slots = Slots(settings.concurrency)
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -363,10 +407,19 @@ class Daemon:
     def _on_woken(self, count: int) -> None:
         self._wake.set()
 
+    def _prefetch(self) -> int:
+        """Rows claimed ahead of free slots: enough that slots freed during a claim's round
+        trip find work waiting, and few enough that a queued row does not wait long."""
+        return min(self.settings.batch_size, self.settings.concurrency)
+
+    def _claim_room(self) -> int:
+        """How many rows the next claim may take: the free slots plus the prefetch, minus the
+        rows already claimed."""
+        return self.settings.concurrency + self._prefetch() - len(self._tasks)
+
     async def claim_once(self) -> ClaimRound:
         s = self.settings
-        free = s.concurrency - len(self._tasks)
-        asked = min(free, s.batch_size)
+        asked = min(self._claim_room(), s.batch_size)
         if asked <= 0:
             return ClaimRound(0, 0, 0)
         self._wake.clear()
@@ -388,7 +441,15 @@ class Daemon:
 
     async def _deliver(self, claimed: Claimed, deadline: float) -> None:
         try:
-            completion = await self.executor.process(claimed, deadline)
+            await self._slots.acquire()  # a row claimed ahead waits here for a free slot
+            try:
+                if self.stopping.is_set():
+                    # Claimed ahead and never started: give it back, do not start a call now.
+                    completion = self.executor.cut_short(claimed)
+                else:
+                    completion = await self.executor.process(claimed, deadline)
+            finally:
+                self._slots.release()
         except asyncio.CancelledError:
             self.writer.put(self.executor.cut_short(claimed))
             raise
@@ -452,7 +513,9 @@ class Daemon:
             if self.gate.paused:
                 await self._paused()
                 continue
-            if len(self._tasks) >= self.settings.concurrency:
+            # Claim again once the room is at least half the prefetch (or a whole slot when
+            # nothing is queued ahead), so that claims stay batches while rows keep flowing.
+            if self._claim_room() < max(1, self._prefetch() // 2):
                 self._slot_free.clear()
                 self.health.tick(waiting=1.0)
                 await _wait_any(self._slot_free, self.stopping, timeout=1.0)
@@ -564,6 +627,7 @@ class Daemon:
         key_changed = fresh.api_key != old.api_key
         self.settings = replace(old, **live, api_key=fresh.api_key)
         self.health.stall_seconds = self.settings.stall_seconds
+        self._slots.resize(self.settings.concurrency)
         self.executor.reconfigure(
             retry_policy=self.settings.retry_policy(),
             limiter=_limiter(self.settings.rate_limit_per_second),
@@ -653,7 +717,7 @@ class Daemon:
     def request_stop(self) -> None:
         if not self.stopping.is_set():
             log.info("outbox.daemon.stopping")
-            self.notifier.stopping(f"stopping: {len(self._tasks)} call(s) in flight")
+            self.notifier.stopping(f"stopping: {self._slots.used} call(s) in flight")
             self.stopping.set()
 
     async def _shutdown(self, services: list[asyncio.Task[None]]) -> None:

@@ -548,6 +548,40 @@ def test_concurrency_limit_bounds_calls_in_flight(
     assert 1 <= most <= 3
 
 
+def test_rows_claimed_ahead_wait_for_a_slot_and_go_back_unsent_on_stop(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    # While every slot is busy the daemon holds a few rows claimed ahead (up to
+    # min(batch_size, concurrency) more), so a freed slot never waits for a claim. Those rows
+    # must not raise the number of calls in flight, and on stop they go back without a call.
+    fake.configure(latency_ms=400)
+    insert_sales(engine, [f"inv_q{i}" for i in range(20)])
+    held: list[int] = []
+
+    def leases() -> int:
+        n = int(scalar(engine, "SELECT count(*) FROM outbox.events WHERE lease_owner IS NOT NULL"))
+        held.append(n)
+        return n
+
+    with DaemonThread(make_settings(database_url, fake.url, concurrency=2, batch_size=10)):
+        wait_until(lambda: leases() == 4, what="2 rows in flight and 2 claimed ahead")
+    assert max(held) == 4
+    spans = [(r["received_at"], r["time"]) for r in fake.requests()]
+    assert max(sum(1 for s, e in spans if s <= t < e) for t, _ in spans) <= 2
+    sent = {r["key"] for r in fake.ledger()}
+    assert 2 <= len(sent) < 20
+    assert statuses(engine) == {"delivered": len(sent), "pending": 20 - len(sent)}
+    unsent = rows(
+        engine,
+        "SELECT e.attempts, e.lease_owner, e.lookup_required, count(a.id) AS calls "
+        "FROM outbox.events e LEFT JOIN outbox.attempts a ON a.event_id = e.id "
+        "WHERE e.status = 'pending' GROUP BY e.id",
+    )
+    assert {(r.attempts, r.lease_owner, r.lookup_required, r.calls) for r in unsent} == {
+        (0, None, False, 0)
+    }
+
+
 def test_rate_limit_bounds_calls_per_second(
     engine: sa.Engine, database_url: str, fake: FakePartneroThread
 ) -> None:
