@@ -49,6 +49,9 @@ log = structlog.get_logger("outbox.daemon")
 
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 
+# Full claims in a row after which this daemon stops asking INSERTs to NOTIFY (a backlog).
+DISARM_AFTER_FULL_CLAIMS = 3
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -381,6 +384,8 @@ class Daemon:
         # Every claimed row has a task; a task holds one of the slots while its call runs.
         self._tasks: dict[asyncio.Task[None], Claimed] = {}
         self._slots = Slots(settings.concurrency)
+        self._doorbell: int | None = None  # the claim connection's generation it is armed on
+        self._full_claims = 0
 
     # ---- start-up ---------------------------------------------------------------------------
 
@@ -522,15 +527,45 @@ class Daemon:
                 continue
             try:
                 round_ = await self.claim_once()
+                if round_.claimed < round_.asked:
+                    self._full_claims = 0
+                    if not self._doorbell_armed() and await self._arm_doorbell():
+                        continue  # claim once more before sleeping (see _arm_doorbell)
+                    await self._idle_wait()
+                elif round_.asked > 0:
+                    self._full_claims += 1
+                    if self._full_claims >= DISARM_AFTER_FULL_CLAIMS and self._doorbell_armed():
+                        await self.claim_store.disarm_doorbell()
+                        self._doorbell = None
             except DB_ERRORS as exc:
                 self.health.database_ok = False
                 self.health.last_error = f"database: {first_line(exc)}"
                 log.warning("outbox.claimer.db_error", error=first_line(exc))
                 self.health.tick(waiting=1.0)
                 await _wait_any(self.stopping, timeout=1.0)
-                continue
-            if round_.claimed < round_.asked:
-                await self._idle_wait()
+
+    # ---- the doorbell (migration 0003) ---------------------------------------------------------
+    #
+    # An INSERT NOTIFYs only while some daemon "holds the doorbell" (an advisory lock held on its
+    # claim connection), because a NOTIFY makes every inserting transaction commit one at a
+    # time. This daemon arms it when a claim comes back short (it has caught up and is about to
+    # sleep) and disarms it after a few full claims in a row (a backlog: it claims again without
+    # being woken, and INSERTs go at full speed).
+
+    def _doorbell_armed(self) -> bool:
+        return self._doorbell is not None and self._doorbell == self.claim_store.generation
+
+    async def _arm_doorbell(self) -> bool:
+        """Arm the doorbell before sleeping. True: claim once more first; False: sleep now.
+
+        'armed': every transaction that inserted without ringing has ended, so one more claim
+        sees its rows; later INSERTs ring. 'busy': such a transaction was still open after the
+        wait: claim what is visible and try again. 'taken': another daemon holds the doorbell,
+        INSERTs ring already, and its disarming NOTIFYs too."""
+        state, generation = await self.claim_store.arm_doorbell(self.settings.doorbell_wait_seconds)
+        if state == "armed":
+            self._doorbell = generation
+        return state != "taken"
 
     async def run_rescuer(self) -> None:
         interval = max(0.5, min(self.settings.lease_seconds / 2, 30.0))

@@ -184,6 +184,14 @@ SPECS: tuple[Spec, ...] = (
         "Fallback polling when no NOTIFY arrives (LISTEN wakes the daemon at once).",
     ),
     Spec(
+        "doorbell_wait_seconds",
+        _number(0.001, 60),
+        "0.2",
+        "How long a daemon that has caught up waits for transactions that inserted without a "
+        "NOTIFY to end before it sleeps (then it claims again and retries); see "
+        "docs/benchmarks.md.",
+    ),
+    Spec(
         "blocked_recheck_seconds",
         _number(0.05, 86400),
         "30",
@@ -271,6 +279,7 @@ LIVE = frozenset(
         "rate_limit_per_second",
         "batch_size",
         "poll_interval_seconds",
+        "doorbell_wait_seconds",
         "blocked_recheck_seconds",
         "orphan_refund_grace_seconds",
         "auth_pause_seconds",
@@ -321,6 +330,7 @@ class Settings:
     concurrency: int
     rate_limit_per_second: float
     batch_size: int
+    doorbell_wait_seconds: float
     poll_interval_seconds: float
     blocked_recheck_seconds: float
     orphan_refund_grace_seconds: float

@@ -95,6 +95,9 @@ class Store:
         self._connect_timeout = connect_timeout
         self._conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
         self._connecting = asyncio.Lock()  # several services may share one Store
+        # Bumped for every new connection: session state (the doorbell lock) lives and dies
+        # with one connection.
+        self.generation = 0
 
     async def _connection(self) -> psycopg.AsyncConnection[dict[str, Any]]:
         async with self._connecting:
@@ -109,6 +112,7 @@ class Store:
                     connect_timeout=max(1, int(self._connect_timeout)),
                     application_name="outbox",
                 )
+                self.generation += 1
             return self._conn
 
     async def _fetch(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -221,6 +225,14 @@ class Store:
 
     async def notify(self) -> None:
         await self._fetch("notify")
+
+    async def arm_doorbell(self, wait_seconds: float) -> tuple[str, int]:
+        """Hold the doorbell on this connection; the state and the connection it holds on."""
+        (row,) = await self._fetch("arm_doorbell", {"wait_ms": max(1, round(wait_seconds * 1000))})
+        return str(row["state"]), self.generation
+
+    async def disarm_doorbell(self) -> None:
+        await self._fetch("disarm_doorbell")
 
 
 def _payload(value: Any) -> dict[str, Any]:

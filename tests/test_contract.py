@@ -163,6 +163,41 @@ def test_one_broken_row_refuses_the_whole_statement(engine: sa.Engine) -> None:
     assert count_events(engine) == 0
 
 
+def test_a_refusal_explains_the_rule_without_repeating_the_row(engine: sa.Engine) -> None:
+    row = sale(currency="eur", payload={"customer": {"email": "jane.doe@example.com"}})
+    with pytest.raises(sa.exc.IntegrityError) as refused, engine.begin() as conn:
+        insert(conn, **row)
+    diag = refused.value.orig.diag  # type: ignore[union-attr]
+    assert (diag.sqlstate, diag.constraint_name, diag.schema_name, diag.table_name) == (
+        "23514",
+        "currency_is_iso_4217_code",
+        "outbox",
+        "events",
+    )
+    assert diag.message_primary == (
+        'new row for relation "events" violates check constraint "currency_is_iso_4217_code"'
+    )
+    assert diag.message_detail == (
+        "See the rule in docs/insert-contract.md: currency is NULL or three capital letters (EUR)."
+    )
+    assert "jane.doe" not in str(refused.value.orig)  # the database error, not SQLAlchemy's
+
+
+def test_an_update_that_breaks_a_rule_is_refused_too(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        event_id = insert(conn, **sale())
+    refused = pytest.raises(sa.exc.IntegrityError, match="sale_requires_positive_amount")
+    with refused, engine.begin() as conn:
+        conn.execute(sa.text("UPDATE outbox.events SET amount = 0 WHERE id = :i"), {"i": event_id})
+    with engine.begin() as conn:  # the daemon's own columns are not the contract's business
+        conn.execute(
+            sa.text(
+                "UPDATE outbox.events SET status = 'failed', outcome = 'rejected' WHERE id = :i"
+            ),
+            {"i": event_id},
+        )
+
+
 VALID_ROWS: list[dict[str, Any]] = [
     sale(),
     sale(currency=None),
@@ -254,33 +289,6 @@ def test_python_helper_joins_the_callers_transaction(engine: sa.Engine) -> None:
     with pytest.raises(TypeError, match="float"), engine.begin() as conn:
         outbox.record_sale(conn, transaction_key="inv_f", customer_key="c", amount=1.1)  # type: ignore[arg-type]
     assert count_events(engine) == 2
-
-
-def test_insert_notifies_once_per_statement(database_url: str) -> None:
-    import psycopg
-
-    from outbox.db import libpq_url
-
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as listener:
-        listener.execute("LISTEN outbox_events")
-        with psycopg.connect(libpq_url(database_url)) as writer:
-            writer.execute(
-                "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
-                "SELECT 'sale', 'bulk_' || g, 'c', 1 FROM generate_series(1, 50) g"
-            )
-            writer.execute("SELECT outbox.record_refund('bulk_1')")
-            writer.commit()
-            # A marker after the commit: notifications arrive in commit order, so everything
-            # the INSERTs sent has arrived once the marker has.
-            writer.execute("NOTIFY outbox_events, 'marker'")
-            writer.commit()
-        received = []
-        for notification in listener.notifies(timeout=10.0):
-            received.append((notification.channel, notification.payload))
-            if notification.payload == "marker":
-                break
-    # Two statements in one transaction fold into one notification, with no payload.
-    assert received == [("outbox_events", ""), ("outbox_events", "marker")]
 
 
 def test_psql_foreign_client_inserts_and_gets_named_errors(

@@ -176,6 +176,16 @@ SELECT min(next_attempt_at) AS next_due FROM outbox.events WHERE status = 'pendi
 -- name: notify
 SELECT pg_notify('outbox_events', '');
 
+-- name: arm_doorbell
+-- This daemon has caught up and will sleep: from now on INSERTs NOTIFY (migration 0003).
+-- 'armed', 'taken' (another daemon holds the doorbell) or 'busy' (inserting transactions that
+-- did not NOTIFY were still open after wait_ms).
+SELECT outbox.arm_doorbell(%(wait_ms)s) AS state;
+
+-- name: disarm_doorbell
+-- This daemon has a backlog and claims without being woken: INSERTs stop NOTIFYing.
+SELECT outbox.disarm_doorbell() AS released;
+
 -- name: status_line
 -- For the systemd STATUS= line and the gauges: the backlog, its oldest row, the failed rows.
 SELECT

@@ -17,14 +17,15 @@
 -- outbox_app: may only add events. INSERT on the six contract columns, SELECT on `id` only
 -- (for `INSERT ... RETURNING id`, which outbox.record_sale/record_refund and the Python helpers
 -- use: they are SECURITY INVOKER, so they run with the caller's rights and need exactly these).
--- The identity column, the column defaults, the CHECK constraints and the triggers (the daemon-
--- owned-columns guard and the NOTIFY) need no further privilege. It cannot read events back,
+-- The identity column, the column defaults and the triggers (the insert contract, which also
+-- guards the daemon-owned columns, and the doorbell NOTIFY) need no further privilege. It cannot read events back,
 -- change or delete them, or see outbox.attempts.
 --
 -- outbox_daemon: exactly what `outbox run` does. SELECT and UPDATE on outbox.events (claim with
 -- FOR UPDATE SKIP LOCKED, complete, rescue, the status line), INSERT on outbox.attempts (its
 -- identity column needs nothing more; `RETURNING 1` reads no column), SELECT on
--- outbox.schema_migrations (the start-up check that the schema is current). LISTEN and
+-- outbox.schema_migrations (the start-up check that the schema is current), EXECUTE on
+-- outbox.arm_doorbell/disarm_doorbell (so that INSERTs NOTIFY only while it waits). LISTEN and
 -- pg_notify need no privilege. It cannot INSERT or DELETE events, read or change attempts, or
 -- create anything.
 --
@@ -65,3 +66,4 @@ GRANT USAGE ON SCHEMA outbox TO outbox_daemon;
 GRANT SELECT, UPDATE ON outbox.events TO outbox_daemon;
 GRANT INSERT ON outbox.attempts TO outbox_daemon;
 GRANT SELECT ON outbox.schema_migrations TO outbox_daemon;
+GRANT EXECUTE ON FUNCTION outbox.arm_doorbell(integer), outbox.disarm_doorbell() TO outbox_daemon;
