@@ -30,6 +30,7 @@ class Sizes:
     latency_rate: float
     insert_seconds: float
     insert_rounds: int
+    bulk_rows: int  # rows of the one-statement INSERT ... SELECT of the insert-cost step
     memory: int
     history: int
     history_pending: int
@@ -45,6 +46,7 @@ FULL = Sizes(
     latency_rate=200,
     insert_seconds=8,
     insert_rounds=2,
+    bulk_rows=200_000,
     memory=200_000,
     history=1_000_000,
     history_pending=100_000,
@@ -59,6 +61,7 @@ QUICK = Sizes(
     latency_rate=200,
     insert_seconds=2,
     insert_rounds=1,
+    bulk_rows=10_000,
     memory=4_000,
     history=50_000,
     history_pending=2_000,
@@ -136,6 +139,7 @@ def main() -> None:
             step(
                 results, "inserts", "inserts",
                 scenarios.inserts, pg, sizes.insert_seconds, 8, sizes.insert_rounds,
+                sizes.bulk_rows,
             )  # fmt: skip
         if "memory" in only:
             step(results, "memory", "memory", scenarios.memory, pg, fake, sizes.memory, c)

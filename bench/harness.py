@@ -131,11 +131,12 @@ def load_sales(url: str, count: int, prefix: str = "s", start: int = 1) -> None:
 def load_history(url: str, count: int) -> None:
     """`count` delivered sales, each with its attempt row: a year of history.
 
-    The insert trigger refuses daemon-owned columns on INSERT (as it should for applications), so
-    the bench turns it off for this one load, in one transaction, instead of inserting pending rows
-    and updating them all (twice the writes and a table full of dead rows)."""
+    The insert-contract trigger refuses daemon-owned columns on INSERT (as it should for
+    applications), so the bench turns it off for this one load of well-formed rows, in one
+    transaction, instead of inserting pending rows and updating them all (twice the writes and a
+    table full of dead rows)."""
     with connect(url, autocommit=False) as conn:
-        conn.execute("ALTER TABLE outbox.events DISABLE TRIGGER events_refuse_daemon_owned_columns")
+        conn.execute("ALTER TABLE outbox.events DISABLE TRIGGER events_check_insert_contract")
         conn.execute(
             f"INSERT INTO outbox.events ({SALE_COLUMNS}, status, outcome, attempts, "
             "next_attempt_at, created_at, updated_at, delivered_at, last_status_code) "
@@ -146,7 +147,7 @@ def load_history(url: str, count: int) -> None:
             "LATERAL (SELECT now() - interval '365 days' + g * interval '30 seconds' AS t) x",
             {"n": count},
         )
-        conn.execute("ALTER TABLE outbox.events ENABLE TRIGGER events_refuse_daemon_owned_columns")
+        conn.execute("ALTER TABLE outbox.events ENABLE TRIGGER events_check_insert_contract")
         conn.execute(
             "INSERT INTO outbox.attempts (event_id, attempt, started_at, finished_at, method, "
             "path, status_code, response_excerpt, decision, daemon) "
@@ -157,6 +158,15 @@ def load_history(url: str, count: int) -> None:
     with connect(url) as conn:
         conn.execute("VACUUM ANALYZE outbox.events")
         conn.execute("VACUUM ANALYZE outbox.attempts")
+
+
+def wait_for(condition: Any, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll `condition()` until it is true; TimeoutError naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
 
 
 def wait_until_empty(url: str, sql: str, timeout: float, interval: float = 0.05) -> float:

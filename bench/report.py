@@ -111,11 +111,21 @@ def render(r: dict[str, Any]) -> str:
             ],
         )
         lines += [
-            f"outbox / plain = **{ins['outbox_vs_plain']:.2f}**, "
+            f"outbox / plain = **{ins['outbox_vs_plain']:.2f}** (no daemon waiting), "
             f"outbox / plain with the same indexes = {ins['outbox_vs_plain_indexes']:.2f}, "
-            f"outbox without its NOTIFY trigger / plain = {ins['outbox_no_notify_vs_plain']:.2f}",
+            f"outbox with a daemon waiting (every INSERT NOTIFYs) / plain = "
+            f"{ins['outbox_waiting_vs_plain']:.2f}",
             "",
         ]
+        lines += [f"One INSERT ... SELECT of {_n(ins['bulk_rows'])} rows:", ""]
+        lines += _table(
+            ["table", "rows/s (mean)", "runs"],
+            [
+                [name, _n(rate), ", ".join(_n(x) for x in ins["bulk_rows_per_second_runs"][name])]
+                for name, rate in ins["bulk_rows_per_second"].items()
+            ],
+        )
+        lines += [f"outbox / plain = {ins['bulk_outbox_vs_plain']:.2f}", ""]
         targets.append(
             [
                 "inserts >= 90% of plain",

@@ -299,47 +299,77 @@ INSERT_TABLES = {
 TABLE_NAMES = {
     "plain": "public.plain_events",
     "plain+indexes": "public.indexed_events",
+    # No daemon holds the doorbell (every daemon busy with a backlog, or none running): the
+    # INSERT takes a share lock on it and does not NOTIFY.
     "outbox": "outbox.events",
-    # outbox.events with its NOTIFY trigger turned off, to tell its cost from the constraints'.
-    "outbox, no NOTIFY": "outbox.events",
+    # A daemon has caught up and holds the doorbell: every INSERT NOTIFYs.
+    "outbox, a daemon waiting": "outbox.events",
 }
-NOTIFY_TRIGGER = "outbox.events {} TRIGGER events_notify_daemon"
+BULK_TABLES = {"plain": "public.plain_events", "outbox": "outbox.events"}
+BULK_INSERT = """INSERT INTO {table}
+    (event_type, transaction_key, customer_key, amount, currency, payload)
+SELECT 'sale', 'bulk-{round}-' || g, 'cust-' || (g % 1000), 10 + (g % 90), 'EUR',
+       '{{"product_id": "plan_pro"}}'
+FROM generate_series(1, {rows}) g"""
 
 
-def _listen(url: str, stop: threading.Event) -> None:
-    """A LISTEN outbox_events connection that reads its notifications, as the daemon's does."""
+def _listen(url: str, stop: threading.Event, doorbell: threading.Event) -> None:
+    """A LISTEN outbox_events connection that reads its notifications, as the daemon's does, and
+    holds the doorbell (as an idle daemon does) while `doorbell` is set."""
+    armed = False
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("LISTEN outbox_events")
         while not stop.is_set():
-            for _ in conn.notifies(timeout=0.2):
+            if doorbell.is_set() != armed:
+                if armed:
+                    conn.execute("SELECT outbox.disarm_doorbell()")
+                else:
+                    row = conn.execute("SELECT outbox.arm_doorbell(10000)").fetchone()
+                    assert row == ("armed",), row
+                armed = not armed
+            for _ in conn.notifies(timeout=0.05):
                 pass
 
 
-def inserts(pg: Postgres, seconds: float, clients: int, rounds: int) -> dict[str, Any]:
-    """INSERT throughput of `clients` pgbench clients, one INSERT per transaction."""
+def inserts(
+    pg: Postgres, seconds: float, clients: int, rounds: int, bulk_rows: int
+) -> dict[str, Any]:
+    """INSERT throughput of `clients` pgbench clients, one INSERT per transaction; then one
+    INSERT ... SELECT of `bulk_rows` rows per table, `rounds` times."""
     url = pg.database()
     try:
         with harness.connect(url) as conn:
             for ddl in INSERT_TABLES.values():
                 conn.execute(ddl)
-        stop = threading.Event()
-        listener = threading.Thread(target=_listen, args=(url, stop), daemon=True)
+        stop, doorbell = threading.Event(), threading.Event()
+        listener = threading.Thread(target=_listen, args=(url, stop, doorbell), daemon=True)
         listener.start()
         tps: dict[str, list[float]] = {name: [] for name in TABLE_NAMES}
         try:
             for _ in range(rounds):
                 for name, table in TABLE_NAMES.items():
-                    quiet = name == "outbox, no NOTIFY"
-                    if quiet:
-                        harness.execute(url, "ALTER TABLE " + NOTIFY_TRIGGER.format("DISABLE"))
+                    waiting = name == "outbox, a daemon waiting"
+                    if waiting:
+                        doorbell.set()
+                        harness.wait_for(
+                            lambda: _doorbell_held(url), timeout=10, what="the doorbell armed"
+                        )
                     try:
                         tps[name].append(_pgbench(url, table, seconds, clients))
                     finally:
-                        if quiet:
-                            harness.execute(url, "ALTER TABLE " + NOTIFY_TRIGGER.format("ENABLE"))
+                        doorbell.clear()
+                        harness.wait_for(
+                            lambda: not _doorbell_held(url), timeout=10, what="disarmed"
+                        )
         finally:
             stop.set()
             listener.join(5)
+        bulk: dict[str, list[float]] = {name: [] for name in BULK_TABLES}
+        for round_ in range(rounds):
+            for name, table in BULK_TABLES.items():
+                t0 = time.perf_counter()
+                harness.execute(url, BULK_INSERT.format(table=table, round=round_, rows=bulk_rows))
+                bulk[name].append(round(bulk_rows / (time.perf_counter() - t0), 1))
         rows = {
             table: harness.scalar(url, f"SELECT count(*) FROM {table}")
             for table in set(TABLE_NAMES.values())
@@ -347,6 +377,7 @@ def inserts(pg: Postgres, seconds: float, clients: int, rounds: int) -> dict[str
     finally:
         pg.drop(url)
     mean = {name: round(statistics.fmean(v), 1) for name, v in tps.items()}
+    bulk_mean = {name: round(statistics.fmean(v), 1) for name, v in bulk.items()}
     return {
         "clients": clients,
         "seconds_per_run": seconds,
@@ -356,8 +387,23 @@ def inserts(pg: Postgres, seconds: float, clients: int, rounds: int) -> dict[str
         "rows": rows,
         "outbox_vs_plain": round(mean["outbox"] / mean["plain"], 3),
         "outbox_vs_plain_indexes": round(mean["outbox"] / mean["plain+indexes"], 3),
-        "outbox_no_notify_vs_plain": round(mean["outbox, no NOTIFY"] / mean["plain"], 3),
+        "outbox_waiting_vs_plain": round(mean["outbox, a daemon waiting"] / mean["plain"], 3),
+        "bulk_rows": bulk_rows,
+        "bulk_rows_per_second_runs": bulk,
+        "bulk_rows_per_second": bulk_mean,
+        "bulk_outbox_vs_plain": round(bulk_mean["outbox"] / bulk_mean["plain"], 3),
     }
+
+
+def _doorbell_held(url: str) -> bool:
+    return bool(
+        harness.scalar(
+            url,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND mode = 'ExclusiveLock' "
+            "AND ((classid::bigint << 32) | objid::bigint) = -778825528700430751",
+        )
+    )
 
 
 def _pgbench(url: str, table: str, seconds: float, clients: int) -> float:
