@@ -308,6 +308,10 @@ class PartneroClient:
         self._base_url = str(url)
         # Paths are appended to the base URL as it is given (with any path prefix of its own).
         self._prefix = self._base_url.rstrip("/")
+        self._host = url.netloc  # the Host header httpx would add
+        # Parsed once: every create goes to the same URL (parsing one costs as much as a call's
+        # whole JSON encoding).
+        self._urls = {p: httpx.URL(self._prefix + p) for p in (TRANSACTIONS_PATH, PING_PATH)}
         self._timeout = float(timeout_seconds)
         # httpx's per-phase timeouts, as httpx.Timeout(timeout_seconds) would set them.
         self._timeouts = {phase: self._timeout for phase in ("connect", "read", "write", "pool")}
@@ -334,12 +338,15 @@ class PartneroClient:
         self._api_key = api_key
         self._headers = self._base_headers()
 
-    def _base_headers(self) -> dict[str, str]:
-        return {
-            "Authorization": f"Bearer {self._api_key.reveal()}",
-            "Accept": "application/json",
-            "User-Agent": self._user_agent,
-        }
+    def _base_headers(self) -> list[tuple[bytes, bytes]]:
+        # Complete, as httpx would send them: the requests are built with stream=, for which
+        # httpx adds no header itself (see _call).
+        return [
+            (b"Host", self._host),
+            (b"Authorization", f"Bearer {self._api_key.reveal()}".encode("ascii")),
+            (b"Accept", b"application/json"),
+            (b"User-Agent", self._user_agent.encode("ascii")),
+        ]
 
     @property
     def base_url(self) -> str:
@@ -431,8 +438,12 @@ class PartneroClient:
         if self._closed:
             raise ClientClosedError("the Partnero client is closed")
         headers = self._headers
-        if content_type is not None:
-            headers = {**headers, "Content-Type": content_type}
+        if content is not None:
+            headers = [
+                *headers,
+                (b"Content-Type", (content_type or "application/octet-stream").encode("ascii")),
+                (b"Content-Length", str(len(content)).encode("ascii")),
+            ]
         started_at = _utcnow()
         response: httpx.Response | None = None
         body = bytearray()
@@ -441,13 +452,16 @@ class PartneroClient:
         error: str | None = None
         try:
             async with asyncio.timeout(self._timeout):
+                # stream= rather than content=: httpx then adds no headers of its own (it would
+                # re-scan and rebuild the header list for Host and Content-Length per call).
                 request = httpx.Request(
                     method,
-                    self._prefix + path,
+                    self._urls.get(path) or self._prefix + path,
                     headers=headers,
-                    content=content,
+                    stream=httpx.ByteStream(content or b""),
                     extensions={"timeout": self._timeouts},
                 )
+                request.read()
                 response = await self._transport.handle_async_request(request)
                 try:
                     async for chunk in response.aiter_bytes():
