@@ -7,9 +7,8 @@
 --    (23514, check_violation), the constraint name in the error and the message text stay as
 --    they were; the DETAIL line now says what the rule wants instead of echoing the whole row
 --    (which put customer data into application logs). The trigger also runs for an UPDATE that
---    sets a contract column, as the CHECK constraints did. The daemon's own bookkeeping rules
---    (status_known, ...) stay CHECK constraints. A bulk INSERT ... SELECT of many rows pays a
---    little more per row than before (docs/benchmarks.md).
+--    sets a contract column, as the CHECK constraints did. The five rules about the daemon's
+--    own bookkeeping (status_known, ...) move into a trigger on UPDATE for the same reason.
 --
 -- 2. NOTIFY only when a daemon is waiting for it. A transaction that NOTIFYs takes a database-
 --    wide lock at commit, so every INSERT into the outbox used to commit one at a time, WAL
@@ -46,7 +45,12 @@ ALTER TABLE outbox.events
     DROP CONSTRAINT payload_does_not_override_columns,
     DROP CONSTRAINT payload_customer_is_object,
     DROP CONSTRAINT payload_does_not_override_customer_key,
-    DROP CONSTRAINT payload_has_no_bulk_transactions;
+    DROP CONSTRAINT payload_has_no_bulk_transactions,
+    DROP CONSTRAINT status_known,
+    DROP CONSTRAINT outcome_known,
+    DROP CONSTRAINT delivered_has_delivered_outcome,
+    DROP CONSTRAINT attempts_not_negative,
+    DROP CONSTRAINT lease_complete_or_absent;
 
 DROP TRIGGER events_refuse_daemon_owned_columns ON outbox.events;
 DROP FUNCTION outbox.refuse_daemon_owned_columns();
@@ -189,6 +193,49 @@ CREATE TRIGGER events_check_insert_contract
     ON outbox.events
     FOR EACH ROW
     EXECUTE FUNCTION outbox.check_insert_contract();
+
+-- The daemon's own bookkeeping stays consistent. These were CHECK constraints too; on an INSERT
+-- they only ever met the defaults (the contract refuses anything else), yet Postgres rebuilt
+-- them for every INSERT statement, which cost an application's one-row INSERT as much as the
+-- whole contract. Now they are checked when an UPDATE sets one of their columns (the daemon's
+-- claims and completions, the operator commands, anyone's manual SQL), with the same names.
+CREATE FUNCTION outbox.check_bookkeeping() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    broken text;
+BEGIN
+    broken := CASE
+        WHEN (NEW.attempts >= 0) IS FALSE
+            THEN 'attempts_not_negative'
+        WHEN (NEW.status <> 'delivered'
+              OR NEW.outcome IN ('created', 'duplicate', 'deleted', 'not_found')) IS FALSE
+            THEN 'delivered_has_delivered_outcome'
+        WHEN ((NEW.lease_token IS NULL) = (NEW.lease_expires_at IS NULL)) IS FALSE
+            THEN 'lease_complete_or_absent'
+        WHEN (NEW.outcome IS NULL OR NEW.outcome IN (
+                'created', 'duplicate', 'deleted', 'not_found',
+                'customer_not_found', 'validation_error', 'rejected', 'network_error',
+                'timeout', 'server_error', 'rate_limited', 'bad_response')) IS FALSE
+            THEN 'outcome_known'
+        WHEN (NEW.status IN ('pending', 'delivered', 'failed', 'discarded')) IS FALSE
+            THEN 'status_known'
+    END;
+    IF broken IS NULL THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = 'check_violation',
+        SCHEMA = 'outbox',
+        TABLE = 'events',
+        CONSTRAINT = broken,
+        MESSAGE = 'new row for relation "events" violates check constraint "' || broken || '"';
+END
+$$;
+
+CREATE TRIGGER events_check_bookkeeping
+    BEFORE UPDATE OF status, outcome, attempts, lease_token, lease_expires_at ON outbox.events
+    FOR EACH ROW
+    EXECUTE FUNCTION outbox.check_bookkeeping();
 
 -- Wake a sleeping daemon, once per INSERT statement, only when one is waiting (see 2. above).
 CREATE OR REPLACE FUNCTION outbox.notify_new_events() RETURNS trigger

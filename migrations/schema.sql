@@ -30,24 +30,10 @@ CREATE TABLE outbox.events (
     last_status_code integer,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
-    delivered_at     timestamptz,
+    delivered_at     timestamptz
 
-    -- The insert contract is checked by the trigger events_check_insert_contract (0003).
-
-    -- The daemon's own bookkeeping stays consistent.
-    CONSTRAINT status_known
-        CHECK (status IN ('pending', 'delivered', 'failed', 'discarded')),
-    CONSTRAINT outcome_known
-        CHECK (outcome IS NULL OR outcome IN (
-            'created', 'duplicate', 'deleted', 'not_found',
-            'customer_not_found', 'validation_error', 'rejected', 'network_error',
-            'timeout', 'server_error', 'rate_limited', 'bad_response')),
-    CONSTRAINT delivered_has_delivered_outcome
-        CHECK (status <> 'delivered' OR outcome IN ('created', 'duplicate', 'deleted', 'not_found')),
-    CONSTRAINT attempts_not_negative
-        CHECK (attempts >= 0),
-    CONSTRAINT lease_complete_or_absent
-        CHECK ((lease_token IS NULL) = (lease_expires_at IS NULL))
+    -- The insert contract and the daemon's bookkeeping rules are checked by the triggers
+    -- events_check_insert_contract and events_check_bookkeeping (0003).
 );
 
 COMMENT ON TABLE outbox.events IS
@@ -200,6 +186,49 @@ CREATE TRIGGER events_check_insert_contract
     ON outbox.events
     FOR EACH ROW
     EXECUTE FUNCTION outbox.check_insert_contract();
+
+-- The daemon's own bookkeeping stays consistent. These were CHECK constraints too; on an INSERT
+-- they only ever met the defaults (the contract refuses anything else), yet Postgres rebuilt
+-- them for every INSERT statement, which cost an application's one-row INSERT as much as the
+-- whole contract. Now they are checked when an UPDATE sets one of their columns (the daemon's
+-- claims and completions, the operator commands, anyone's manual SQL), with the same names.
+CREATE FUNCTION outbox.check_bookkeeping() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    broken text;
+BEGIN
+    broken := CASE
+        WHEN (NEW.attempts >= 0) IS FALSE
+            THEN 'attempts_not_negative'
+        WHEN (NEW.status <> 'delivered'
+              OR NEW.outcome IN ('created', 'duplicate', 'deleted', 'not_found')) IS FALSE
+            THEN 'delivered_has_delivered_outcome'
+        WHEN ((NEW.lease_token IS NULL) = (NEW.lease_expires_at IS NULL)) IS FALSE
+            THEN 'lease_complete_or_absent'
+        WHEN (NEW.outcome IS NULL OR NEW.outcome IN (
+                'created', 'duplicate', 'deleted', 'not_found',
+                'customer_not_found', 'validation_error', 'rejected', 'network_error',
+                'timeout', 'server_error', 'rate_limited', 'bad_response')) IS FALSE
+            THEN 'outcome_known'
+        WHEN (NEW.status IN ('pending', 'delivered', 'failed', 'discarded')) IS FALSE
+            THEN 'status_known'
+    END;
+    IF broken IS NULL THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION USING
+        ERRCODE = 'check_violation',
+        SCHEMA = 'outbox',
+        TABLE = 'events',
+        CONSTRAINT = broken,
+        MESSAGE = 'new row for relation "events" violates check constraint "' || broken || '"';
+END
+$$;
+
+CREATE TRIGGER events_check_bookkeeping
+    BEFORE UPDATE OF status, outcome, attempts, lease_token, lease_expires_at ON outbox.events
+    FOR EACH ROW
+    EXECUTE FUNCTION outbox.check_bookkeeping();
 
 -- Wake a sleeping daemon, once per INSERT statement, only when one is waiting: a daemon that
 -- has caught up holds the advisory lock outbox.doorbell in exclusive mode (0003).

@@ -198,6 +198,30 @@ def test_an_update_that_breaks_a_rule_is_refused_too(engine: sa.Engine) -> None:
         )
 
 
+# The daemon's bookkeeping rules, checked when an UPDATE sets their columns (migration 0003).
+BOOKKEEPING: list[tuple[str, str]] = [
+    ("attempts_not_negative", "attempts = -1"),
+    ("delivered_has_delivered_outcome", "status = 'delivered', outcome = 'rejected'"),
+    ("lease_complete_or_absent", "lease_token = gen_random_uuid()"),
+    ("outcome_known", "outcome = 'paid'"),
+    ("status_known", "status = 'sent'"),
+]
+
+
+@pytest.mark.parametrize(("rule", "assignment"), BOOKKEEPING, ids=[r for r, _ in BOOKKEEPING])
+def test_an_update_that_breaks_a_bookkeeping_rule_is_refused_naming_it(
+    engine: sa.Engine, rule: str, assignment: str
+) -> None:
+    with engine.begin() as conn:
+        event_id = insert(conn, **sale())
+    with pytest.raises(sa.exc.IntegrityError) as refused, engine.begin() as conn:
+        conn.execute(
+            sa.text(f"UPDATE outbox.events SET {assignment} WHERE id = :i"), {"i": event_id}
+        )
+    assert refused.value.orig.diag.constraint_name == rule  # type: ignore[union-attr]
+    assert f'violates check constraint "{rule}"' in str(refused.value.orig)
+
+
 VALID_ROWS: list[dict[str, Any]] = [
     sale(),
     sale(currency=None),
