@@ -8,7 +8,9 @@ import ssl
 import subprocess
 import threading
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
+
+import psycopg
 
 
 def psql_binary() -> str:
@@ -96,3 +98,15 @@ class LoopbackServer:
             writer.close()
         await asyncio.gather(*(w.wait_closed() for w in self._writers), return_exceptions=True)
         await self._server.wait_closed()
+
+
+def notifications(conn: psycopg.Connection[Any]) -> list[str]:
+    """The payloads received so far: send a sentinel and read up to it (NOTIFYs arrive in
+    commit order, so anything committed before comes before it)."""
+    conn.execute("NOTIFY outbox_events, 'sentinel'")
+    seen = []
+    for note in conn.notifies(timeout=10):
+        if note.payload == "sentinel":
+            return seen
+        seen.append(note.payload)
+    raise AssertionError("the sentinel notification never came")

@@ -22,6 +22,7 @@ from tests.daemon_helpers import (
     settled,
     wait_until,
 )
+from tests.helpers import notifications
 
 SALE = (
     "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
@@ -39,18 +40,6 @@ DOORBELL_LOCKS = (
 
 def connect(url: str, *, autocommit: bool = True) -> psycopg.Connection[tuple[object, ...]]:
     return psycopg.connect(libpq_url(url), autocommit=autocommit)
-
-
-def rung(listener: psycopg.Connection[tuple[object, ...]], url: str) -> list[str]:
-    """The notifications that arrived before a marker sent now (they arrive in commit order)."""
-    with connect(url) as conn:
-        conn.execute("NOTIFY outbox_events, 'marker'")
-    payloads = []
-    for notification in listener.notifies(timeout=10.0):
-        if notification.payload == "marker":
-            return payloads
-        payloads.append(notification.payload)
-    raise AssertionError("the marker notification never arrived")
 
 
 def arm(conn: psycopg.Connection[tuple[object, ...]], wait_ms: int = 1000) -> str:
@@ -80,7 +69,7 @@ def test_an_insert_does_not_notify_while_no_daemon_waits(
     with connect(database_url) as writer:
         writer.execute(SALE, ("quiet_1",))
         writer.execute("SELECT outbox.record_refund('quiet_1')")
-    assert rung(listener, database_url) == []
+    assert notifications(listener) == []
 
 
 def test_inserts_ring_once_per_transaction_while_a_daemon_holds_the_doorbell(
@@ -96,12 +85,12 @@ def test_inserts_ring_once_per_transaction_while_a_daemon_holds_the_doorbell(
             writer.execute("SELECT outbox.record_refund('bulk_1')")
             writer.commit()
         # Two statements in one transaction fold into one notification, with no payload.
-        assert rung(listener, database_url) == [""]
+        assert notifications(listener) == [""]
         # Disarming wakes any other daemon (one notification); after it INSERTs are quiet again.
         daemon.execute("SELECT outbox.disarm_doorbell()")
         with connect(database_url) as writer:
             writer.execute(SALE, ("after_disarm",))
-        assert rung(listener, database_url) == [""]
+        assert notifications(listener) == [""]
         assert doorbell(database_url) == (0, 0)
 
 
@@ -114,12 +103,12 @@ def test_one_daemon_holds_the_doorbell_and_it_passes_on_when_that_one_dies(
             assert arm(second) == "taken"  # INSERTs ring for the first one; second may sleep
             with connect(database_url) as writer:
                 writer.execute(SALE, ("while_taken",))
-            assert rung(listener, database_url) == [""]
+            assert notifications(listener) == [""]
         # The first daemon's connection is gone, and its lock with it.
         assert doorbell(database_url) == (0, 0)
         with connect(database_url) as writer:
             writer.execute(SALE, ("after_death",))
-        assert rung(listener, database_url) == []
+        assert notifications(listener) == []
         assert arm(second) == "armed"
 
 
@@ -141,7 +130,7 @@ def test_arming_waits_until_rows_inserted_without_a_ring_are_committed(
             # While a daemon waits to arm, other INSERTs ring at once instead of holding it up.
             with connect(database_url) as other:
                 other.execute(SALE, ("while_arming",))
-            assert rung(listener, database_url) == [""]
+            assert notifications(listener) == [""]
             assert arming.is_alive()
         finally:
             open_writer.commit()

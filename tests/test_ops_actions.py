@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from outbox import db
 from tests.daemon_helpers import rows, scalar
+from tests.helpers import notifications
 from tests.test_ops_seed import cli, cli_json, seed, snapshot
 
 CHANGE_FIELDS = [
@@ -50,18 +51,6 @@ def listener(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     conn.execute("LISTEN outbox_events")
     yield conn
     conn.close()
-
-
-def notifications(conn: psycopg.Connection[Any]) -> list[str]:
-    """The payloads received so far: send a sentinel and read up to it (NOTIFYs arrive in
-    commit order, so anything the command sent comes before it)."""
-    conn.execute("NOTIFY outbox_events, 'sentinel'")
-    seen = []
-    for note in conn.notifies(timeout=10):
-        if note.payload == "sentinel":
-            return seen
-        seen.append(note.payload)
-    raise AssertionError("the sentinel notification never came")
 
 
 def event(engine: sa.Engine, event_id: int) -> sa.Row[Any]:
