@@ -320,8 +320,8 @@ class PartneroClient:
         if transport is None:
             transport = AiohttpTransport(max_connections=max_connections, verify_tls=verify_tls)
         # The requests go straight to the transport: httpx.AsyncClient's per-request machinery
-        # (URL merging, cookies, auth and redirect flows) cost more CPU than the HTTP exchange
-        # itself, and the client uses none of it (docs/benchmarks.md).
+        # (URL merging, cookies, auth and redirect flows) cost about as much CPU as the HTTP
+        # exchange itself, and the client uses none of it (docs/benchmarks.md).
         self._transport = transport
         self._closed = False
 
