@@ -159,7 +159,7 @@ def test_the_daemon_holds_the_doorbell_when_idle_and_lets_go_during_a_backlog(
     settings = make_settings(database_url, fake.url, concurrency=2, batch_size=2)
     with DaemonThread(settings):
         wait_until(lambda: doorbell(database_url) == (1, 0), what="the idle daemon armed")
-        insert_sales(engine, [f"inv_d{i}" for i in range(60)])
+        insert_sales(engine, [f"inv_d{i}" for i in range(100)])
         wait_until(
             lambda: (
                 doorbell(database_url) == (0, 0)
@@ -167,7 +167,7 @@ def test_the_daemon_holds_the_doorbell_when_idle_and_lets_go_during_a_backlog(
             ),
             what="the doorbell let go while rows are pending",
         )
-        wait_until(lambda: settled(engine, 60))
+        wait_until(lambda: settled(engine, 100))
         wait_until(lambda: doorbell(database_url) == (1, 0), what="armed again once caught up")
 
 
@@ -181,12 +181,13 @@ def test_a_row_committed_without_a_ring_is_delivered_without_waiting_for_the_pol
         doorbell_wait_seconds=0.1,
     )  # fmt: skip
     with DaemonThread(settings), connect(database_url, autocommit=False) as open_writer:
-        insert_sales(engine, [f"inv_b{i}" for i in range(40)])
+        # A backlog long enough (about 1 s at 2 x 20 ms) that the INSERT below lands in it.
+        insert_sales(engine, [f"inv_b{i}" for i in range(100)])
         wait_until(lambda: doorbell(database_url) == (0, 0), what="a backlog: no doorbell")
         open_writer.execute(SALE, ("inv_late",))  # rings for no one
-        wait_until(lambda: settled(engine, 40))
+        wait_until(lambda: settled(engine, 100))
         # The daemon has caught up and tries to arm, held up by the open transaction.
         wait_until(lambda: doorbell(database_url) == (0, 1), what="the daemon waiting to arm")
         open_writer.commit()
-        wait_until(lambda: settled(engine, 41), timeout=5, what="inv_late delivered")
+        wait_until(lambda: settled(engine, 101), timeout=5, what="inv_late delivered")
     assert "inv_late" in {t["key"] for t in fake.ledger()}
