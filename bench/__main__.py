@@ -116,7 +116,7 @@ def main() -> None:
         results["machine"] = harness.machine(pg)
         only = set(args.only)
         c = sizes.side_by_side
-        if only & {"throughput", "peers", "backlog"}:
+        if only & {"throughput", "peers"}:
             sweep = results.setdefault("throughput", {})
             for n in sizes.concurrency if "throughput" in only else (c,):
                 step(
@@ -144,10 +144,9 @@ def main() -> None:
         if "memory" in only:
             step(results, "memory", "memory", scenarios.memory, pg, fake, sizes.memory, c)
         if "backlog" in only:
-            baseline = results.get("throughput", {}).get(str(c))
             step(
                 results, "backlog", "backlog",
-                scenarios.backlog, pg, fake, sizes.history, sizes.history_pending, c, baseline,
+                scenarios.backlog, pg, fake, sizes.history, sizes.history_pending, c,
             )  # fmt: skip
         if "peers" in only:
             peers = results.setdefault("peers", {})
