@@ -155,24 +155,7 @@ class Executor:
         progress = self._progress.pop(event.id, None) or _Progress(
             event.attempts, event.lookup_required, []
         )
-        lookup = progress.lookup_required or progress.create_started
-        log.info(
-            "outbox.delivery.released",
-            event_id=event.id,
-            key=event.transaction_key,
-            type=event.event_type.value,
-            reason="shutdown",
-            lookup_required=lookup,
-        )
-        return self._completion(
-            claimed,
-            progress,
-            status="pending",
-            outcome=None,
-            next_attempt_at=self._clock(),
-            lookup_required=lookup,
-            last_error=None,
-        )
+        return self._release(claimed, progress, "shutdown")
 
     # ---- the steps ----------------------------------------------------------------------------
 
@@ -202,7 +185,7 @@ class Executor:
         if event.event_type is EventType.SALE and progress.lookup_required:
             exchange = await self._call(claimed, progress, RequestKind.LOOKUP, deadline)
             if exchange is None:
-                return self._release(claimed, progress)
+                return self._release(claimed, progress, self._unsent_reason())
             decision = self._decide(event, progress, exchange)
             if isinstance(decision, LookupResult):
                 if decision.found:
@@ -213,7 +196,7 @@ class Executor:
         kind = RequestKind.CREATE if event.event_type is EventType.SALE else RequestKind.DELETE
         exchange = await self._call(claimed, progress, kind, deadline)
         if exchange is None:
-            return self._release(claimed, progress)
+            return self._release(claimed, progress, self._unsent_reason())
         return self._finish(claimed, progress, exchange, self._decide(event, progress, exchange))
 
     async def _call(
@@ -384,15 +367,21 @@ class Executor:
         # A LookupResult is handled in _process; reaching here would be a bug in this module.
         raise AssertionError(f"unexpected decision {decision!r}")
 
-    def _release(self, claimed: Claimed, progress: _Progress) -> Completion:
+    def _unsent_reason(self) -> str:
+        return "paused" if self._gate.paused else "lease too short"
+
+    def _release(self, claimed: Claimed, progress: _Progress, reason: str) -> Completion:
+        """Give the row back, due now. A sale whose create had started may have reached
+        Partnero: look it up next time."""
         event = claimed.event
-        reason = "paused" if self._gate.paused else "lease too short"
+        lookup = progress.lookup_required or progress.create_started
         log.info(
             "outbox.delivery.released",
             event_id=event.id,
             key=event.transaction_key,
             type=event.event_type.value,
             reason=reason,
+            lookup_required=lookup,
         )
         return self._completion(
             claimed,
@@ -400,7 +389,7 @@ class Executor:
             status="pending",
             outcome=None,
             next_attempt_at=self._clock(),
-            lookup_required=progress.lookup_required,
+            lookup_required=lookup,
             last_error=None,
         )
 
