@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 
-from outbox.daemon import Daemon
+from outbox import demo
 from outbox.settings import Settings, load
 
 API_KEY = "test-key-0123456789"
@@ -55,43 +53,20 @@ def env_for(database_url: str, partnero_url: str, **overrides: Any) -> dict[str,
     return env
 
 
-class DaemonThread:
-    """The daemon on its own event loop in a background thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.daemon: Daemon | None = None
-        self.error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def _main(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        try:
-            self.daemon = Daemon(self.settings)
-            self._started.set()
-            loop.run_until_complete(self.daemon.run(install_signal_handlers=False))
-        except BaseException as exc:  # surfaced by stop()
-            self.error = exc
-        finally:
-            self._started.set()
-            loop.close()
+class DaemonThread(demo.DaemonThread):
+    """The demo's daemon thread as a context manager; stopping it raises what the daemon
+    raised."""
 
     def __enter__(self) -> DaemonThread:
-        self._thread.start()
-        self._started.wait(30)
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def stop(self, timeout: float = 30) -> None:
-        if self._loop is not None and self.daemon is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self.daemon.request_stop)
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the daemon did not stop"
+        super().stop(timeout)
+        assert not self.alive, "the daemon did not stop"
         if self.error is not None:
             raise self.error
 
