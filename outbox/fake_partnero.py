@@ -8,10 +8,23 @@ the behaviour is a choice made for testing, switchable at runtime, not knowledge
 API calls (every one needs ``Authorization: Bearer <api_key>`` when an api_key is configured)::
 
     POST   /v1/transactions        create (201); 422 invalid; 400 Customer not found, Duplicate key
-    DELETE /v1/transactions/{key}  delete every live entry with the key (200), or 404
-    DELETE /v1/transactions        the same, with the key in a JSON body {"key": ...}
-    GET    /v1/transactions/{key}  the first entry with the key, deleted or not (200), or 404
+    GET    /v1/transactions        the list: ?key= (substring, case-insensitive), limit (1-250,
+                                   default 15), page (>= 1); entries in creation order, deleted
+                                   ones included; Laravel's paginator shape; 422 on a bad limit/page
+    DELETE /v1/transactions        delete every live entry with the key in the JSON body
+                                   {"key": ...} (200), or 404 Transaction not found; 422 no key
+    DELETE /v1/transactions/{key}  the same, with the key as ONE decoded path segment
     GET    /v1/test                200 with a good key, 401 without
+
+Routing is Laravel's: the path (trailing slashes trimmed) is percent-decoded like PHP's
+rawurldecode (``+`` stays ``+``) BEFORE routes are matched. So a key holding ``/``, even sent as
+``%2F``, makes extra segments and gets the route-level 404 ``{"message": "The route {path} could
+not be found."}``, never "Transaction not found" ({path} is Laravel's ``$request->path()``: the
+path as sent, NOT decoded, outer slashes trimmed). There is no ``GET /v1/transactions/{key}``
+(405, ``Allow: DELETE``). 405 messages name the supported methods, as Laravel's do (HEAD is not
+served). Route 404/405 come before auth (401), then ``forbidden`` (403), then the call.
+Successes carry ``"status": 1`` and Partnero's own errors ``"status": 0``; framework errors (401,
+403, 404 route, 405, 422, 429, 5xx) carry only ``message`` (422 also ``errors``).
 
 Admin calls (no auth, never faulted)::
 
@@ -31,13 +44,25 @@ answer), "dropped_after" (applied, no answer; ``would_status`` says what it woul
 "pending"/"timeout" (held by a "timeout" outage, never applied or answered) or "client_closed"
 (the client went away while the fake was still sleeping ``latency_ms``). ``seq`` numbers API calls
 in the order the fake acted on them (after the latency sleep); a ledger entry's ``created_seq`` and
-``deleted_seq`` are the ``seq`` of the call that created or deleted it.
+``deleted_seq`` are the ``seq`` of the call that created or deleted it. ``path`` is the path as
+sent (not decoded); ``key`` is the transaction key the call names: the body key of a create or
+body-form delete, the decoded segment of the path form, the ``key`` query parameter of the list.
 
 Faults are drawn in this order from one ``random.Random(seed)``, each only when its rate is above
-zero: drop_before, 429, 5xx (500, 502 with an HTML body, or 503), then the call is applied, then
-drop_after, then hang_after. Python use: ``FakePartnero`` inside a running event loop,
-``FakePartneroThread`` (its own loop in a daemon thread) from synchronous code; the click command
-``fake-partnero`` serves one from the command line.
+zero, for every API call but ``GET /v1/test`` (which fails only in an outage or with
+``forbidden``, so that the daemon's key check passes while a test faults every row):
+drop_before, 429, 5xx (500, 502 with an HTML body, or 503), then the call is routed and
+answered, then drop_after, then hang_after. Where the real answer is produced (after routing and
+auth) two set-up faults apply, no randomness involved: ``forbidden`` answers every authorised call
+403 (a key that lost its permissions), and ``odd_answers`` maps a transaction key to
+``{"answer": NAME, "applied": false, "times": null}``: a create or delete (body or path form)
+naming that key gets the odd answer NAME (see ``ODD_ANSWERS``) instead of the real one, after
+applying the call first when ``applied`` is true (``would_status`` in the log); ``times`` uses
+(null: every time) before the entry goes away. The log's ``fault`` is then ``"odd:NAME"``.
+
+Python use: ``FakePartnero`` inside a running event loop, ``FakePartneroThread`` (its own loop in
+a daemon thread) from synchronous code; the click command ``fake-partnero`` serves one from the
+command line.
 """
 
 from __future__ import annotations
@@ -49,6 +74,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -58,11 +84,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, Final, Literal, Self, TypeVar, cast
-from urllib.parse import unquote
+from urllib.parse import parse_qs, quote, unquote_to_bytes, urlencode
 
 import click
 
 __all__ = [
+    "ODD_ANSWERS",
     "OUTAGES",
     "FakeConfig",
     "FakePartnero",
@@ -73,6 +100,18 @@ __all__ = [
 
 Outage = Literal["refuse", "503", "timeout"]
 OUTAGES: Final[tuple[str, ...]] = ("refuse", "503", "timeout")
+# Answers a real server (or what stands in front of it) may give instead of the documented one;
+# see FakeConfig.odd_answers.
+ODD_ANSWERS: Final[tuple[str, ...]] = (
+    "status_0",  # 200 {"status": 0}
+    "html_200",  # 200 text/html, a small HTML page
+    "empty_200",  # 200, JSON content type, empty body
+    "route_404",  # Laravel's route-level 404 for the request's path
+    "html_404",  # 404 text/html, an nginx-style page
+    "html_502",  # 502 text/html, an nginx-style page
+    "bad_request",  # 400 {"message": "Duplicate customer key", "status": 0}
+    "forbidden",  # 403 {"message": "This action is unauthorized."}
+)
 
 JSONDict = dict[str, Any]
 _T = TypeVar("_T")
@@ -84,6 +123,15 @@ _JSON: Final = "application/json"
 _HTML_502: Final = (
     b"<html><head><title>502 Bad Gateway</title></head>"
     b"<body><center><h1>502 Bad Gateway</h1></center></body></html>"
+)
+_HTML_404: Final = (
+    b"<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n"
+    b"<center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    b"</body>\r\n</html>\r\n"
+)
+_HTML_200: Final = (
+    b'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Partnero</title>'
+    b"</head><body><h1>Partnero</h1><p>Sign in to continue.</p></body></html>"
 )
 
 
@@ -103,6 +151,11 @@ class FakeConfig:
     hang_after_rate: float = 0.0  # apply the request, never answer (until the client leaves)
     outage: Outage | None = None  # "refuse", "503", "timeout" or None
     seed: int | None = None  # for the random faults
+    forbidden: bool = False  # True: every authorised API call answers 403
+    # transaction key -> {"answer": one of ODD_ANSWERS, "applied": bool, "times": int or None}:
+    # creates and deletes naming the key get that answer instead of the real one (see the
+    # module docstring); "times" counts down and the entry goes away at 0 (None: forever).
+    odd_answers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name, value in _validate_changes(dataclasses.asdict(self)).items():
@@ -116,7 +169,11 @@ class FakeConfig:
         return out
 
     def copy(self) -> FakeConfig:
-        return dataclasses.replace(self, unknown_customers=set(self.unknown_customers))
+        return dataclasses.replace(
+            self,
+            unknown_customers=set(self.unknown_customers),
+            odd_answers={key: dict(spec) for key, spec in self.odd_answers.items()},
+        )
 
 
 _CONFIG_FIELDS: Final = frozenset(f.name for f in dataclasses.fields(FakeConfig))
@@ -149,9 +206,11 @@ def _validate_changes(changes: dict[str, Any]) -> JSONDict:
                 if not _is_number(value) or not 0.0 <= float(value) < math.inf:
                     raise ValueError("retry_after_seconds must be null or a number >= 0")
                 value = float(value)
-        elif name == "dedupe":
+        elif name in ("dedupe", "forbidden"):
             if not isinstance(value, bool):
-                raise ValueError("dedupe must be a boolean")
+                raise ValueError(f"{name} must be a boolean")
+        elif name == "odd_answers":
+            value = _validate_odd_answers(value)
         elif name == "outage":
             if value is not None and value not in OUTAGES:
                 raise ValueError(f"outage must be null or one of {', '.join(OUTAGES)}")
@@ -168,6 +227,36 @@ def _validate_changes(changes: dict[str, Any]) -> JSONDict:
             if not all(isinstance(v, str) for v in value):
                 raise ValueError("unknown_customers must be a list of strings")
         out[name] = value
+    return out
+
+
+_ODD_FIELDS: Final = frozenset({"answer", "applied", "times"})
+
+
+def _validate_odd_answers(value: object) -> dict[str, dict[str, Any]]:
+    """odd_answers normalised to fresh {"answer", "applied", "times"} dicts. Raises ValueError."""
+    if not isinstance(value, dict):
+        raise ValueError("odd_answers must be an object mapping transaction keys to answers")
+    out: dict[str, dict[str, Any]] = {}
+    for key, spec in value.items():
+        if not isinstance(key, str):
+            raise ValueError("odd_answers keys must be strings")
+        if not isinstance(spec, dict) or not set(spec) <= _ODD_FIELDS:
+            raise ValueError(
+                f"odd_answers[{key!r}] must be an object with answer, applied and times"
+            )
+        answer = spec.get("answer")
+        if answer not in ODD_ANSWERS:
+            raise ValueError(f"odd_answers[{key!r}].answer must be one of {', '.join(ODD_ANSWERS)}")
+        applied = spec.get("applied", False)
+        if not isinstance(applied, bool):
+            raise ValueError(f"odd_answers[{key!r}].applied must be a boolean")
+        times = spec.get("times")
+        if times is not None and (
+            not isinstance(times, int) or isinstance(times, bool) or times < 1
+        ):
+            raise ValueError(f"odd_answers[{key!r}].times must be null or an integer >= 1")
+        out[key] = {"answer": answer, "applied": applied, "times": times}
     return out
 
 
@@ -206,9 +295,54 @@ def _json_response(
 _MALFORMED: Final = object()
 _UNSET: Final = object()
 
+# Routes, matched on the decoded path: name -> the methods it supports (in Laravel's order).
+_TEST: Final = "test"
+_TRANSACTIONS: Final = "transactions"
+_TRANSACTION: Final = "transaction"  # /v1/transactions/{key}
+_ALLOWED: Final[dict[str, tuple[str, ...]]] = {
+    _TEST: ("GET",),
+    _TRANSACTIONS: ("GET", "POST", "DELETE"),
+    _TRANSACTION: ("DELETE",),
+}
+_TRANSACTION_PREFIX: Final = "/v1/transactions/"
+
+
+def _rawurldecode(raw: str) -> str:
+    """PHP's rawurldecode of a request-line string (latin-1 text of the raw bytes): %XX decoded,
+    bad escapes and ``+`` kept, the bytes read as UTF-8 (invalid sequences replaced)."""
+    if "%" not in raw and raw.isascii():
+        return raw
+    return unquote_to_bytes(raw.encode("latin-1")).decode("utf-8", "replace")
+
+
+def _match_route(raw_path: str) -> tuple[str | None, str | None]:
+    """(route name or None, the {key} segment) for a raw request path, the way Laravel matches:
+    trailing slashes trimmed, then percent-decoded, then matched segment by segment."""
+    path = _rawurldecode(raw_path.rstrip("/") or "/")
+    if path == "/v1/transactions":
+        return _TRANSACTIONS, None
+    if path == "/v1/test":
+        return _TEST, None
+    if path.startswith(_TRANSACTION_PREFIX):
+        key = path[len(_TRANSACTION_PREFIX) :]
+        if key and "/" not in key:
+            return _TRANSACTION, key
+    return None, None
+
 
 class _Request:
-    __slots__ = ("_json", "body", "headers", "keep_alive", "method", "path", "received_at")
+    __slots__ = (
+        "_json",
+        "_params",
+        "_route",
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "received_at",
+    )
 
     def __init__(
         self,
@@ -217,14 +351,35 @@ class _Request:
         headers: dict[str, str],
         body: bytes,
         keep_alive: bool,
+        query: str = "",
     ) -> None:
         self.method = method
-        self.path = path
+        self.path = path  # raw, as sent, without the query
+        self.query = query  # raw, without the "?"
         self.headers = headers
         self.body = body
         self.keep_alive = keep_alive
         self.received_at = time.time()
         self._json: object = _UNSET
+        self._route: tuple[str | None, str | None] | None = None
+        self._params: dict[str, str] | None = None
+
+    @property
+    def route(self) -> tuple[str | None, str | None]:
+        """(route name or None for Laravel's route-level 404, the decoded {key} segment)."""
+        if self._route is None:
+            self._route = _match_route(self.path)
+        return self._route
+
+    def params(self) -> dict[str, str]:
+        """The query parameters as PHP reads them ("+" and %20 are spaces; the last one wins)."""
+        if self._params is None:
+            query = self.query
+            if not query.isascii():
+                query = query.encode("latin-1").decode("utf-8", "replace")
+            parsed = parse_qs(query, keep_blank_values=True, errors="replace")
+            self._params = {name: values[-1] for name, values in parsed.items()}
+        return self._params
 
     @property
     def is_admin(self) -> bool:
@@ -362,8 +517,8 @@ class _HttpProtocol(asyncio.Protocol):
             keep_alive = "close" not in connection
         else:
             keep_alive = "keep-alive" in connection
-        path = target.partition("?")[0]
-        return _Request(method.upper(), path, headers, body, keep_alive)
+        path, _, query = target.partition("#")[0].partition("?")
+        return _Request(method.upper(), path, headers, body, keep_alive, query)
 
     def send(self, resp: _Response, keep_alive: bool) -> None:
         if self.closed or self._transport is None:
@@ -471,6 +626,65 @@ class _Entry:
 
 
 _NOT_FOUND: Final = {"message": "Transaction not found", "status": 0}
+_FORBIDDEN: Final = _json_response(403, {"message": "This action is unauthorized."})
+_ODD_FIXED: Final = {
+    "status_0": _json_response(200, {"status": 0}),
+    "html_200": _Response(200, _HTML_200, "text/html; charset=UTF-8"),
+    "empty_200": _Response(200, b"", _JSON),
+    "html_404": _Response(404, _HTML_404, "text/html"),
+    "html_502": _Response(502, _HTML_502, "text/html"),
+    "bad_request": _json_response(400, {"message": "Duplicate customer key", "status": 0}),
+    "forbidden": _FORBIDDEN,
+}
+
+
+def _laravel_path(req: _Request) -> str:
+    """Laravel's $request->path(): the path as sent (not decoded), without outer slashes."""
+    return req.path.strip("/") or "/"
+
+
+def _route_not_found(req: _Request) -> _Response:
+    return _json_response(404, {"message": f"The route {_laravel_path(req)} could not be found."})
+
+
+def _method_not_allowed(req: _Request, allowed: tuple[str, ...]) -> _Response:
+    methods = ", ".join(allowed)
+    return _json_response(
+        405,
+        {
+            "message": f"The {req.method} method is not supported for route "
+            f"{_laravel_path(req)}. Supported methods: {methods}."
+        },
+        (("Allow", methods),),
+    )
+
+
+def _odd_response(answer: str, req: _Request) -> _Response:
+    if answer == "route_404":
+        return _route_not_found(req)
+    return _ODD_FIXED[answer]
+
+
+# What PHP's filter_var(FILTER_VALIDATE_INT), behind Laravel's `integer` rule, accepts.
+_INTEGER: Final = re.compile(r"\s*[+-]?(?:0|[1-9][0-9]*)\s*")
+
+
+def _int_param(
+    params: dict[str, str], name: str, default: int, most: int | None, errors: dict[str, list[str]]
+) -> int:
+    """A Laravel ``integer|min:1|max:most`` query parameter (empty or absent: the default)."""
+    text = params.get(name, "")
+    if text == "":
+        return default
+    if not _INTEGER.fullmatch(text):
+        errors[name] = [f"The {name} field must be an integer."]
+        return default
+    value = int(text)
+    if value < 1:
+        errors[name] = [f"The {name} field must be at least 1."]
+    elif most is not None and value > most:
+        errors[name] = [f"The {name} field must not be greater than {most}."]
+    return value
 
 
 def _validate_create(body: object) -> tuple[JSONDict, dict[str, list[str]]]:
@@ -754,11 +968,17 @@ class FakePartnero:
                 if not fut.done():
                     fut.set_result(None)
 
-    def _request_key(self, req: _Request) -> str | None:
-        path = req.path
-        if path.startswith("/v1/transactions/"):
-            return unquote(path[len("/v1/transactions/") :])
-        if path == "/v1/transactions":
+    @staticmethod
+    def _request_key(req: _Request) -> str | None:
+        """The transaction key a call names (see the module docstring), or None."""
+        if req.is_admin:
+            return None
+        name, key = req.route
+        if name == _TRANSACTION:
+            return key
+        if name == _TRANSACTIONS:
+            if req.method == "GET":
+                return req.params().get("key") or None
             body = req.json()
             if isinstance(body, dict) and isinstance(body.get("key"), str):
                 return cast(str, body["key"])
@@ -839,6 +1059,10 @@ class FakePartnero:
         entry = self._log_entry(req)
         rng = self._rng
         resp: _Response | None = None
+        # The random faults hit the transaction calls; the key check (GET /v1/test) fails only
+        # in an outage or with `forbidden`, so a test can fault every call of a row while the
+        # daemon's start-up check still passes.
+        faulty = req.path != "/v1/test"
         if cfg.outage is not None:
             entry["fault"] = "outage"
             if cfg.outage == "503":
@@ -848,15 +1072,15 @@ class FakePartnero:
                 conn.close()
                 self._changed()
                 return
-        elif cfg.drop_before_rate > 0 and rng.random() < cfg.drop_before_rate:
+        elif faulty and cfg.drop_before_rate > 0 and rng.random() < cfg.drop_before_rate:
             entry["status"], entry["fault"] = "dropped_before", "drop_before"
             conn.close()
             self._changed()
             return
-        elif cfg.rate_429 > 0 and rng.random() < cfg.rate_429:
+        elif faulty and cfg.rate_429 > 0 and rng.random() < cfg.rate_429:
             entry["fault"] = "rate_429"
             resp = _json_response(429, {"message": "Too Many Attempts."}, self._retry_after())
-        elif cfg.fail_5xx_rate > 0 and rng.random() < cfg.fail_5xx_rate:
+        elif faulty and cfg.fail_5xx_rate > 0 and rng.random() < cfg.fail_5xx_rate:
             entry["fault"] = "fail_5xx"
             status = rng.choice((500, 502, 503))
             if status == 502:
@@ -866,14 +1090,14 @@ class FakePartnero:
             else:
                 resp = _json_response(500, {"message": "Server Error"})
         if resp is None:
-            resp = self._route_api(req, entry["seq"])
-            if cfg.drop_after_rate > 0 and rng.random() < cfg.drop_after_rate:
+            resp = self._route_api(req, entry)
+            if faulty and cfg.drop_after_rate > 0 and rng.random() < cfg.drop_after_rate:
                 entry["status"], entry["fault"] = "dropped_after", "drop_after"
                 entry["would_status"] = resp.status
                 conn.close()
                 self._changed()
                 return
-            if cfg.hang_after_rate > 0 and rng.random() < cfg.hang_after_rate:
+            if faulty and cfg.hang_after_rate > 0 and rng.random() < cfg.hang_after_rate:
                 # Applied, and the answer never comes: the connection stays open until the
                 # client gives up or dies (a daemon killed while this call is in flight).
                 entry["status"], entry["fault"] = "hung_after", "hang_after"
@@ -903,52 +1127,114 @@ class FakePartnero:
             token.strip().encode("latin-1"), expected.encode()
         )
 
-    def _route_api(self, req: _Request, seq: int) -> _Response:
-        path, method = req.path, req.method
-        key: str | None = None
-        if path == "/v1/test":
-            allowed: tuple[str, ...] = ("GET",)
-        elif path == "/v1/transactions":
-            allowed = ("POST", "DELETE")
-        elif path.startswith("/v1/transactions/") and "/" not in path[len("/v1/transactions/") :]:
-            key = unquote(path[len("/v1/transactions/") :])
-            allowed = ("GET", "DELETE")
-            if not key:
-                return _json_response(404, {"message": "Not found"})
-        else:
-            return _json_response(404, {"message": "Not found"})
+    def _route_api(self, req: _Request, entry: JSONDict) -> _Response:
+        """The answer to an API call that drew no random fault, as Laravel and Partnero give it."""
+        method = req.method
+        name, key = req.route
+        if name is None:
+            return _route_not_found(req)
+        allowed = _ALLOWED[name]
         if method not in allowed:
-            return _json_response(
-                405,
-                {"message": f"The {method} method is not supported for route {path.lstrip('/')}."},
-                (("Allow", ", ".join(allowed)),),
-            )
+            return _method_not_allowed(req, allowed)
         if not self._authorized(req):
             return _json_response(401, {"message": "Unauthenticated."})
-        if path == "/v1/test":
+        cfg = self._config
+        if cfg.forbidden:
+            return _FORBIDDEN
+        if name == _TEST:
             return _json_response(200, {"status": 1})
-        if key is None:
-            body = req.json()
-            if body is _MALFORMED:
-                return _json_response(400, {"message": "Malformed JSON"})
-            if method == "POST":
-                return self._create(body, seq)
-            body_key = body.get("key") if isinstance(body, dict) else None
-            if not isinstance(body_key, str) or not body_key:
-                return _json_response(
-                    422,
-                    {
-                        "message": "The given data was invalid.",
-                        "errors": {"key": ["The key field is required."]},
-                    },
-                )
-            return self._delete(body_key, seq)
-        if method == "DELETE":
+        seq: int = entry["seq"]
+        if name == _TRANSACTION:
+            assert key is not None
+            if cfg.odd_answers and key in cfg.odd_answers:
+                return self._odd(req, entry, key, lambda: self._delete(key, seq))
             return self._delete(key, seq)
-        entries = self._by_key.get(key)
-        if not entries:
-            return _json_response(404, _NOT_FOUND)
-        return _json_response(200, {"data": entries[0].api(), "status": 1})
+        if method == "GET":
+            return self._list(req)
+        body = req.json()
+        if body is _MALFORMED:
+            return _json_response(400, {"message": "Malformed JSON"})
+        body_key = body.get("key") if isinstance(body, dict) else None
+        if method == "POST":
+            if cfg.odd_answers and isinstance(body_key, str) and body_key in cfg.odd_answers:
+                return self._odd(req, entry, body_key, lambda: self._create(body, seq))
+            return self._create(body, seq)
+        if not isinstance(body_key, str) or not body_key:
+            return _json_response(
+                422,
+                {
+                    "message": "The given data was invalid.",
+                    "errors": {"key": ["The key field is required."]},
+                },
+            )
+        if cfg.odd_answers and body_key in cfg.odd_answers:
+            return self._odd(req, entry, body_key, lambda: self._delete(body_key, seq))
+        return self._delete(body_key, seq)
+
+    def _odd(
+        self, req: _Request, entry: JSONDict, key: str, apply: Callable[[], _Response]
+    ) -> _Response:
+        """Answer with the odd answer configured for `key` (applying the call first if asked)."""
+        odd = self._config.odd_answers
+        spec = odd[key]
+        times = spec["times"]
+        if times is not None:
+            if times <= 1:
+                del odd[key]
+            else:
+                spec["times"] = times - 1
+        answer: str = spec["answer"]
+        entry["fault"] = f"odd:{answer}"
+        if spec["applied"]:
+            entry["would_status"] = apply().status
+        return _odd_response(answer, req)
+
+    def _list(self, req: _Request) -> _Response:
+        """GET /v1/transactions: Laravel's paginator over the ledger, filtered by ?key=."""
+        params = req.params()
+        errors: dict[str, list[str]] = {}
+        limit = _int_param(params, "limit", 15, 250, errors)
+        page = _int_param(params, "page", 1, None, errors)
+        if errors:
+            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
+        wanted = params.get("key") or None  # Laravel turns an empty string into null
+        rows: list[_Entry] = self._ledger
+        if wanted is not None:
+            needle = wanted.casefold()
+            rows = [e for e in rows if e.key is not None and needle in e.key.casefold()]
+        total = len(rows)
+        last_page = max(1, -(-total // limit))
+        start = (page - 1) * limit
+        chunk = rows[start : start + limit]
+        base = f"{self.url}/v1/transactions"
+        query: JSONDict = {"key": wanted} if wanted is not None else {}
+        query["limit"] = limit
+
+        def link(number: int) -> str:
+            return f"{base}?{urlencode(query | {'page': number}, quote_via=quote)}"
+
+        return _json_response(
+            200,
+            {
+                "data": [e.api() for e in chunk],
+                "links": {
+                    "first": link(1),
+                    "last": link(last_page),
+                    "prev": link(page - 1) if page > 1 else None,
+                    "next": link(page + 1) if page < last_page else None,
+                },
+                "meta": {
+                    "current_page": page,
+                    "from": start + 1 if chunk else None,
+                    "last_page": last_page,
+                    "path": base,
+                    "per_page": limit,
+                    "to": start + len(chunk) if chunk else None,
+                    "total": total,
+                },
+                "status": 1,
+            },
+        )
 
     def _create(self, body: object, seq: int) -> _Response:
         data, errors = _validate_create(body)

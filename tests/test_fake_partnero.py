@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from outbox.fake_partnero import (
+    ODD_ANSWERS,
     FakeConfig,
     FakePartnero,
     FakePartneroThread,
@@ -54,6 +55,18 @@ async def client(fake: FakePartnero) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+async def lookup(client: httpx.AsyncClient, key: str, **params: Any) -> list[dict[str, Any]]:
+    """The rows of a `GET /v1/transactions?key=...` list answer whose key is exactly `key`."""
+    resp = await client.get("/v1/transactions", params={"key": key, **params})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["status"] == 1
+    return [row for row in resp.json()["data"] if row["key"] == key]
+
+
+def route_404(path: str) -> dict[str, str]:
+    return {"message": f"The route {path} could not be found."}
+
+
 # ---- the API -------------------------------------------------------------------------------------
 
 
@@ -73,24 +86,21 @@ async def test_create_lookup_delete(fake: FakePartnero, client: httpx.AsyncClien
     assert data["deleted_at"] is None
     assert data["created_at"].endswith("Z")
 
-    found = await client.get("/v1/transactions/t-1")
-    assert found.status_code == 200
-    assert found.json()["data"]["deleted_at"] is None
+    [found] = await lookup(client, "t-1")
+    assert found["deleted_at"] is None
 
     deleted = await client.delete("/v1/transactions/t-1")
     assert (deleted.status_code, deleted.json()) == (200, {"status": 1})
 
-    found = await client.get("/v1/transactions/t-1")
-    assert found.status_code == 200
-    assert found.json()["data"]["deleted_at"] is not None
+    [found] = await lookup(client, "t-1")  # deleted entries are listed too
+    assert found["deleted_at"] is not None
 
     again = await client.delete("/v1/transactions/t-1")
     assert (again.status_code, again.json()) == (
         404,
         {"message": "Transaction not found", "status": 0},
     )
-    missing = await client.get("/v1/transactions/nope")
-    assert missing.status_code == 404
+    assert await lookup(client, "nope") == []
 
     [entry] = fake.ledger()
     assert entry["key"] == "t-1"
@@ -102,17 +112,224 @@ async def test_create_lookup_delete(fake: FakePartnero, client: httpx.AsyncClien
 async def test_delete_with_key_in_body(fake: FakePartnero, client: httpx.AsyncClient) -> None:
     await client.post("/v1/transactions", json=sale("t-body"))
     resp = await client.request("DELETE", "/v1/transactions", json={"key": "t-body"})
-    assert resp.status_code == 200
+    assert (resp.status_code, resp.json()) == (200, {"status": 1})
     assert fake.ledger()[0]["deleted_seq"] is not None
     no_key = await client.request("DELETE", "/v1/transactions", json={})
     assert no_key.status_code == 422
+    assert "status" not in no_key.json()
+    assert no_key.json()["errors"] == {"key": ["The key field is required."]}
 
 
-async def test_key_with_reserved_characters(client: httpx.AsyncClient) -> None:
-    await client.post("/v1/transactions", json=sale("order/42 #a"))
-    found = await client.get("/v1/transactions/order%2F42%20%23a")
-    assert found.status_code == 200
-    assert found.json()["data"]["key"] == "order/42 #a"
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/transactions/FV%2F2026%2F11%2F7",
+        "/v1/transactions/FV%2f2026%2f11%2f7",
+        "/v1/transactions/FV/2026/11/7",
+        "/v1/transactions/FV%2F2026%2F11%2F7/",
+    ],
+)
+async def test_key_with_slash_in_a_path_reaches_no_route(
+    fake: FakePartnero, client: httpx.AsyncClient, path: str
+) -> None:
+    """Laravel decodes the path before routing: `%2F` makes extra segments, a route-level 404
+    (not Partnero's "Transaction not found"), and nothing is deleted."""
+    assert (await client.post("/v1/transactions", json=sale("FV/2026/11/7"))).status_code == 201
+    for method in ("DELETE", "GET"):
+        resp = await client.request(method, path)
+        assert (resp.status_code, resp.json()) == (404, route_404(path.strip("/"))), method
+    assert fake.ledger()[0]["deleted_seq"] is None
+    assert [e["key"] for e in fake.requests()] == ["FV/2026/11/7", None, None]
+    # The body form and the list filter are the ways that work.
+    [found] = await lookup(client, "FV/2026/11/7")
+    assert found["deleted_at"] is None
+    resp = await client.request("DELETE", "/v1/transactions", json={"key": "FV/2026/11/7"})
+    assert (resp.status_code, resp.json()) == (200, {"status": 1})
+    assert fake.ledger()[0]["deleted_seq"] is not None
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["FV/2026/11/7", "a?b=c", "x#frag", "100%", "%2F", "two words", "a+b", "ü€ ключ", "../x"],
+)
+async def test_body_delete_and_list_take_any_key(
+    fake: FakePartnero, client: httpx.AsyncClient, key: str
+) -> None:
+    assert (await client.post("/v1/transactions", json=sale(key))).status_code == 201
+    assert len(await lookup(client, key)) == 1
+    resp = await client.request("DELETE", "/v1/transactions", json={"key": key})
+    assert (resp.status_code, resp.json()) == (200, {"status": 1})
+    [entry] = fake.ledger()
+    assert (entry["key"], entry["deleted_seq"] is not None) == (key, True)
+    assert [e["key"] for e in fake.requests()] == [key, key, key]
+
+
+@pytest.mark.parametrize(
+    ("path", "key"),
+    [
+        ("/v1/transactions/a%20b", "a b"),
+        ("/v1/transactions/a+b", "a+b"),  # rawurldecode: "+" stays "+" in a path
+        ("/v1/transactions/100%25", "100%"),
+        ("/v1/transactions/100%", "100%"),  # a bad escape is kept as it is
+        ("/v1/transactions/%C3%BC%E2%82%AC", "ü€"),
+        ("/v1/transactions/a%3Fb%23c", "a?b#c"),
+        ("/v1/transactions/t-1/", "t-1"),  # trailing slashes are trimmed before routing
+    ],
+)
+async def test_path_delete_decodes_one_segment(
+    fake: FakePartnero, client: httpx.AsyncClient, path: str, key: str
+) -> None:
+    await client.post("/v1/transactions", json=sale(key))
+    resp = await client.delete(path)
+    assert (resp.status_code, resp.json()) == (200, {"status": 1})
+    assert fake.ledger()[0]["deleted_seq"] is not None
+    assert fake.requests()[-1]["key"] == key
+
+
+async def test_no_lookup_by_path(fake: FakePartnero, client: httpx.AsyncClient) -> None:
+    await client.post("/v1/transactions", json=sale("t-1"))
+    resp = await client.get("/v1/transactions/t-1")
+    assert resp.status_code == 405
+    assert resp.json() == {
+        "message": "The GET method is not supported for route v1/transactions/t-1. "
+        "Supported methods: DELETE."
+    }
+    assert resp.headers["Allow"] == "DELETE"
+    assert fake.requests()[-1]["key"] == "t-1"
+
+
+# ---- the list ------------------------------------------------------------------------------------
+
+
+async def test_list_filter_is_a_case_insensitive_substring(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    for key in ("INV-100", "inv-1001", "x-Inv-10-y", "other", "inv-2"):
+        await client.post("/v1/transactions", json=sale(key))
+    await client.delete("/v1/transactions/inv-1001")
+    resp = await client.get("/v1/transactions", params={"key": "inv-10"})
+    rows = resp.json()["data"]
+    assert [(r["key"], r["deleted_at"] is not None) for r in rows] == [
+        ("INV-100", False),
+        ("inv-1001", True),
+        ("x-Inv-10-y", False),
+    ]
+    assert resp.json()["meta"]["total"] == 3
+    assert fake.requests()[-1]["key"] == "inv-10"
+    # Only an exact key is "found"; a prefix of another key is not.
+    assert await lookup(client, "inv-10") == []
+    everything = (await client.get("/v1/transactions")).json()
+    assert [r["key"] for r in everything["data"]] == [
+        "INV-100",
+        "inv-1001",
+        "x-Inv-10-y",
+        "other",
+        "inv-2",
+    ]
+    assert fake.requests()[-1]["key"] is None
+    assert (await client.get("/v1/transactions?key=")).json()["meta"]["total"] == 5
+
+
+async def test_list_query_is_decoded_like_php(client: httpx.AsyncClient) -> None:
+    for key in ("a b", "a+b"):
+        await client.post("/v1/transactions", json=sale(key))
+
+    async def keys(query: str) -> list[str]:
+        resp = await client.get(f"/v1/transactions?{query}")
+        return [r["key"] for r in resp.json()["data"]]
+
+    assert await keys("key=a+b") == ["a b"]
+    assert await keys("key=a%20b") == ["a b"]
+    assert await keys("key=a%2Bb") == ["a+b"]
+    assert await keys("key=zzz&key=a%2Bb") == ["a+b"]  # the last one wins
+
+
+async def test_list_paginates(fake: FakePartnero, client: httpx.AsyncClient) -> None:
+    for i in range(7):
+        await client.post("/v1/transactions", json=sale(f"k {i}/x"))
+    base = f"{fake.url}/v1/transactions"
+
+    def url(page: int) -> str:
+        return f"{base}?key=k%20&limit=3&page={page}"
+
+    first = await client.get("/v1/transactions", params={"key": "k ", "limit": 3})
+    body = first.json()
+    assert [r["key"] for r in body["data"]] == ["k 0/x", "k 1/x", "k 2/x"]
+    assert body["links"] == {"first": url(1), "last": url(3), "prev": None, "next": url(2)}
+    assert body["meta"] == {
+        "current_page": 1,
+        "from": 1,
+        "last_page": 3,
+        "path": base,
+        "per_page": 3,
+        "to": 3,
+        "total": 7,
+    }
+    assert body["status"] == 1
+    second = (await client.get(body["links"]["next"])).json()  # absolute and followable
+    assert [r["key"] for r in second["data"]] == ["k 3/x", "k 4/x", "k 5/x"]
+    assert (second["links"]["prev"], second["links"]["next"]) == (url(1), url(3))
+    assert (second["meta"]["from"], second["meta"]["to"]) == (4, 6)
+    last = (await client.get(second["links"]["next"])).json()
+    assert [r["key"] for r in last["data"]] == ["k 6/x"]
+    assert (last["links"]["prev"], last["links"]["next"]) == (url(2), None)
+    assert (last["meta"]["current_page"], last["meta"]["from"], last["meta"]["to"]) == (3, 7, 7)
+    back = (await client.get(last["links"]["prev"])).json()
+    assert back["meta"]["current_page"] == 2
+    beyond = (await client.get(url(9))).json()
+    assert beyond["data"] == []
+    assert (beyond["meta"]["from"], beyond["meta"]["to"], beyond["meta"]["total"]) == (
+        None,
+        None,
+        7,
+    )
+    assert (beyond["links"]["next"], beyond["links"]["prev"]) == (None, url(8))
+
+
+async def test_list_defaults_and_empty(fake: FakePartnero, client: httpx.AsyncClient) -> None:
+    empty = (await client.get("/v1/transactions", params={"key": "none"})).json()
+    assert empty["data"] == []
+    assert empty["links"]["next"] is None
+    assert empty["links"]["last"] == f"{fake.url}/v1/transactions?key=none&limit=15&page=1"
+    assert empty["meta"] | {"path": None} == {
+        "current_page": 1,
+        "from": None,
+        "last_page": 1,
+        "path": None,
+        "per_page": 15,
+        "to": None,
+        "total": 0,
+    }
+    for i in range(16):
+        await client.post("/v1/transactions", json=sale(f"t-{i}"))
+    body = (await client.get("/v1/transactions")).json()
+    assert len(body["data"]) == 15
+    assert body["meta"]["last_page"] == 2
+    assert body["links"]["next"] == f"{fake.url}/v1/transactions?limit=15&page=2"
+    assert len((await client.get("/v1/transactions?limit=250")).json()["data"]) == 16
+
+
+@pytest.mark.parametrize(
+    ("query", "errors"),
+    [
+        ("limit=0", {"limit": ["The limit field must be at least 1."]}),
+        ("limit=251", {"limit": ["The limit field must not be greater than 250."]}),
+        ("limit=abc", {"limit": ["The limit field must be an integer."]}),
+        ("limit=1.5", {"limit": ["The limit field must be an integer."]}),
+        ("page=0", {"page": ["The page field must be at least 1."]}),
+        (
+            "page=-1&limit=x",
+            {"page": ["The page field must be at least 1."]}
+            | {"limit": ["The limit field must be an integer."]},
+        ),
+    ],
+)
+async def test_list_validates_limit_and_page(
+    client: httpx.AsyncClient, query: str, errors: dict[str, list[str]]
+) -> None:
+    resp = await client.get(f"/v1/transactions?{query}")
+    assert resp.status_code == 422
+    assert resp.json() == {"message": "The given data was invalid.", "errors": errors}
 
 
 async def test_reward_without_amount_is_accepted(client: httpx.AsyncClient) -> None:
@@ -186,12 +403,19 @@ async def test_malformed_requests(client: httpx.AsyncClient) -> None:
         "/v1/transactions", content=b"{not json", headers={"Content-Type": "application/json"}
     )
     assert (bad_json.status_code, bad_json.json()) == (400, {"message": "Malformed JSON"})
-    assert (await client.get("/v1/nothing-here")).status_code == 404
+    nothing = await client.get("/v1/nothing-here")
+    assert (nothing.status_code, nothing.json()) == (404, route_404("v1/nothing-here"))
     assert (await client.get("/_fake/nothing-here")).status_code == 404
     wrong_method = await client.put("/v1/transactions/t-1")
     assert wrong_method.status_code == 405
-    assert wrong_method.headers["Allow"] == "GET, DELETE"
-    assert (await client.get("/v1/transactions")).status_code == 405
+    assert wrong_method.headers["Allow"] == "DELETE"
+    wrong_method = await client.put("/v1/transactions")
+    assert wrong_method.json() == {
+        "message": "The PUT method is not supported for route v1/transactions. "
+        "Supported methods: GET, POST, DELETE."
+    }
+    assert wrong_method.headers["Allow"] == "GET, POST, DELETE"
+    assert (await client.post("/v1/test")).headers["Allow"] == "GET"
     assert (await client.delete("/_fake/ledger")).status_code == 405
 
 
@@ -204,6 +428,10 @@ async def test_auth(fake: FakePartnero) -> None:
             assert resp.status_code == 401
         ok = await anonymous.get("/v1/test", headers=AUTH)
         assert (ok.status_code, ok.json()) == (200, {"status": 1})
+        # Routing comes before auth, as in Laravel.
+        assert (await anonymous.get("/v1/nothing")).status_code == 404
+        assert (await anonymous.get("/v1/transactions/t-a")).status_code == 405
+        assert (await anonymous.get("/v1/transactions")).status_code == 401
         # Admin endpoints need no key.
         assert (await anonymous.get("/_fake/ledger")).json() == {"transactions": []}
     assert fake.ledger() == []
@@ -219,14 +447,59 @@ async def test_api_key_is_never_shown(fake: FakePartnero, client: httpx.AsyncCli
 
 
 async def test_config_endpoint_validates(fake: FakePartnero, client: httpx.AsyncClient) -> None:
-    for bad in ({"bogus": 1}, {"outage": "sometimes"}, {"rate_429": 2}, {"dedupe": "yes"}):
+    bad_changes: list[dict[str, Any]] = [
+        {"bogus": 1},
+        {"outage": "sometimes"},
+        {"rate_429": 2},
+        {"dedupe": "yes"},
+        {"forbidden": 1},
+        {"odd_answers": []},
+        {"odd_answers": {"k": "status_0"}},
+        {"odd_answers": {"k": {"answer": "teapot"}}},
+        {"odd_answers": {"k": {}}},
+        {"odd_answers": {"k": {"answer": "status_0", "times": 0}}},
+        {"odd_answers": {"k": {"answer": "status_0", "times": -1}}},
+        {"odd_answers": {"k": {"answer": "status_0", "times": 1.5}}},
+        {"odd_answers": {"k": {"answer": "status_0", "times": True}}},
+        {"odd_answers": {"k": {"answer": "status_0", "applied": "yes"}}},
+        {"odd_answers": {"k": {"answer": "status_0", "when": "always"}}},
+    ]
+    for bad in bad_changes:
         resp = await client.post("/_fake/config", json=bad)
         assert resp.status_code == 400, bad
+        assert "message" in resp.json()
+    assert fake.config.odd_answers == {}
+    assert fake.config.forbidden is False
     ok = await client.post("/_fake/config", json={"dedupe": False, "latency_ms": 1})
     assert ok.status_code == 200
     assert (fake.config.dedupe, fake.config.latency_ms) == (False, 1.0)
     with pytest.raises(ValueError, match="fail_5xx_rate"):
         FakeConfig(fail_5xx_rate=1.5)
+    with pytest.raises(ValueError, match="answer must be one of"):
+        FakeConfig(odd_answers={"k": {"answer": "nope"}})
+
+
+async def test_config_odd_answers_and_forbidden_round_trip(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    odd = {"a": {"answer": "html_200"}, "b": {"answer": "status_0", "applied": True, "times": 2}}
+    resp = await client.post("/_fake/config", json={"odd_answers": odd, "forbidden": True})
+    assert resp.status_code == 200
+    normalised = {
+        "a": {"answer": "html_200", "applied": False, "times": None},
+        "b": {"answer": "status_0", "applied": True, "times": 2},
+    }
+    assert resp.json()["odd_answers"] == normalised
+    assert resp.json()["forbidden"] is True
+    assert (await client.get("/_fake/config")).json()["odd_answers"] == normalised
+    odd["a"]["answer"] = "forbidden"  # the fake keeps its own copy
+    assert fake.config.odd_answers == normalised
+    snapshot = fake.config.copy()
+    snapshot.odd_answers["b"]["times"] = 9
+    del snapshot.odd_answers["a"]
+    assert fake.config.odd_answers == normalised
+    await fake.configure(odd_answers={}, forbidden=False)
+    assert fake.config.public()["odd_answers"] == {}
 
 
 # ---- faults --------------------------------------------------------------------------------------
@@ -256,12 +529,22 @@ async def test_faults_are_reproducible_with_a_seed(fake: FakePartnero) -> None:
         fake.reset()
         await fake.configure(fail_5xx_rate=0.5, seed=42)
         async with httpx.AsyncClient(base_url=fake.url, headers=AUTH) as http:
-            return [(await http.get("/v1/test")).status_code for _ in range(20)]
+            return [(await http.get("/v1/transactions")).status_code for _ in range(20)]
 
     first, second = await run(), await run()
     assert first == second
     assert 200 in first
     assert set(first) - {200}
+
+
+async def test_the_key_check_is_never_randomly_faulted(fake: FakePartnero) -> None:
+    """GET /v1/test fails only in an outage or with `forbidden`: a test that faults every
+    transaction call still gets past the daemon's start-up check."""
+    await fake.configure(fail_5xx_rate=1.0, drop_before_rate=1.0, rate_429=1.0)
+    async with httpx.AsyncClient(base_url=fake.url, headers=AUTH) as http:
+        assert [(await http.get("/v1/test")).status_code for _ in range(5)] == [200] * 5
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get("/v1/transactions")
 
 
 async def test_drop_before_is_not_applied(fake: FakePartnero, client: httpx.AsyncClient) -> None:
@@ -284,7 +567,7 @@ async def test_drop_after_is_applied(fake: FakePartnero, client: httpx.AsyncClie
     assert (logged["status"], logged["would_status"]) == ("dropped_after", 201)
     await fake.configure(drop_after_rate=0.0)
     # A client that looks the key up finds the create it never heard about.
-    assert (await client.get("/v1/transactions/t-drop")).status_code == 200
+    assert len(await lookup(client, "t-drop")) == 1
 
 
 async def test_hang_after_is_applied_and_never_answered(
@@ -357,6 +640,140 @@ async def test_latency_delays_but_answers(fake: FakePartnero, client: httpx.Asyn
     assert len(fake.ledger()) == 10
 
 
+# ---- odd answers and forbidden ------------------------------------------------------------------
+
+
+ODD_EXPECTED: dict[str, tuple[int, str, bytes | None]] = {
+    # answer: (status, content type prefix, exact body or None when checked below)
+    "status_0": (200, "application/json", b'{"status":0}'),
+    "html_200": (200, "text/html", None),
+    "empty_200": (200, "application/json", b""),
+    "route_404": (404, "application/json", None),
+    "html_404": (404, "text/html", None),
+    "html_502": (502, "text/html", None),
+    "bad_request": (400, "application/json", b'{"message":"Duplicate customer key","status":0}'),
+    "forbidden": (403, "application/json", b'{"message":"This action is unauthorized."}'),
+}
+
+
+def test_every_odd_answer_is_tested() -> None:
+    assert set(ODD_EXPECTED) == set(ODD_ANSWERS)
+
+
+def check_odd(resp: httpx.Response, answer: str) -> None:
+    status, content_type, body = ODD_EXPECTED[answer]
+    assert resp.status_code == status
+    assert resp.headers["Content-Type"].startswith(content_type)
+    if body is not None:
+        assert resp.content == body
+    elif answer == "route_404":
+        path = resp.request.url.raw_path.decode().partition("?")[0].strip("/")
+        assert resp.json() == route_404(path)
+    else:
+        assert resp.content.lstrip().startswith((b"<html", b"<!DOCTYPE html"))
+        if answer != "html_200":
+            assert str(status).encode() in resp.content
+
+
+@pytest.mark.parametrize("answer", ODD_ANSWERS)
+@pytest.mark.parametrize("applied", [False, True])
+async def test_odd_answer_to_a_create(
+    fake: FakePartnero, client: httpx.AsyncClient, answer: str, applied: bool
+) -> None:
+    await fake.configure(odd_answers={"t-odd": {"answer": answer, "applied": applied}})
+    check_odd(await client.post("/v1/transactions", json=sale("t-odd")), answer)
+    assert [e["key"] for e in fake.ledger()] == (["t-odd"] if applied else [])
+    [logged] = fake.requests()
+    assert (logged["key"], logged["fault"], logged["status"]) == (
+        "t-odd",
+        f"odd:{answer}",
+        ODD_EXPECTED[answer][0],
+    )
+    assert logged.get("would_status") == (201 if applied else None)
+    # Other keys get real answers; times=None keeps the odd answer for good.
+    assert (await client.post("/v1/transactions", json=sale("t-real"))).status_code == 201
+    check_odd(await client.post("/v1/transactions", json=sale("t-odd")), answer)
+    assert fake.config.odd_answers["t-odd"]["times"] is None
+
+
+@pytest.mark.parametrize("answer", ODD_ANSWERS)
+@pytest.mark.parametrize("applied", [False, True])
+@pytest.mark.parametrize("form", ["body", "path"])
+async def test_odd_answer_to_a_delete(
+    fake: FakePartnero, client: httpx.AsyncClient, answer: str, applied: bool, form: str
+) -> None:
+    await client.post("/v1/transactions", json=sale("t odd"))
+    await fake.configure(odd_answers={"t odd": {"answer": answer, "applied": applied}})
+    if form == "body":
+        resp = await client.request("DELETE", "/v1/transactions", json={"key": "t odd"})
+    else:
+        resp = await client.delete("/v1/transactions/t%20odd")
+    check_odd(resp, answer)
+    assert (fake.ledger()[0]["deleted_seq"] is not None) is applied
+    logged = fake.requests()[-1]
+    assert (logged["method"], logged["key"], logged["fault"]) == (
+        "DELETE",
+        "t odd",
+        f"odd:{answer}",
+    )
+    assert logged.get("would_status") == (200 if applied else None)
+
+
+async def test_odd_answer_runs_out(fake: FakePartnero, client: httpx.AsyncClient) -> None:
+    await client.post(
+        "/_fake/config",
+        json={"odd_answers": {"t-1": {"answer": "html_502", "times": 2}}},
+    )
+    first = await client.post("/v1/transactions", json=sale("t-1"))
+    assert first.status_code == 502
+    assert fake.config.odd_answers["t-1"]["times"] == 1
+    second = await client.post("/v1/transactions", json=sale("t-1"))
+    assert second.status_code == 502
+    assert fake.config.odd_answers == {}
+    third = await client.post("/v1/transactions", json=sale("t-1"))
+    assert third.status_code == 201
+    assert [e["fault"] for e in fake.requests()] == ["odd:html_502", "odd:html_502", None]
+    assert len(fake.ledger()) == 1
+
+
+async def test_odd_answers_leave_lookups_and_key_checks_alone(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    await client.post("/v1/transactions", json=sale("t-1"))
+    await fake.configure(odd_answers={"t-1": {"answer": "status_0", "times": 1}})
+    assert len(await lookup(client, "t-1")) == 1
+    assert (await client.get("/v1/test")).json() == {"status": 1}
+    assert fake.config.odd_answers["t-1"]["times"] == 1  # not used up
+    # A route-level 404 or an unauthorised call never reaches the odd answer either.
+    assert (await client.delete("/v1/transactions/t-1/x")).status_code == 404
+    resp = await client.delete("/v1/transactions/t-1", headers={"Authorization": "Bearer no"})
+    assert resp.status_code == 401
+    assert fake.config.odd_answers["t-1"]["times"] == 1
+
+
+async def test_forbidden(fake: FakePartnero, client: httpx.AsyncClient) -> None:
+    await client.post("/v1/transactions", json=sale("t-1"))
+    await client.post("/_fake/config", json={"forbidden": True})
+    denied = {"message": "This action is unauthorized."}
+    for method, path, body in (
+        ("GET", "/v1/test", None),
+        ("GET", "/v1/transactions?key=t-1", None),
+        ("POST", "/v1/transactions", sale("t-2")),
+        ("DELETE", "/v1/transactions", {"key": "t-1"}),
+        ("DELETE", "/v1/transactions/t-1", None),
+    ):
+        resp = await client.request(method, path, json=body)
+        assert (resp.status_code, resp.json()) == (403, denied), (method, path)
+    [entry] = fake.ledger()
+    assert entry["deleted_seq"] is None
+    # A bad key is still 401, a missing route still 404.
+    async with httpx.AsyncClient(base_url=fake.url) as anonymous:
+        assert (await anonymous.get("/v1/test")).status_code == 401
+    assert (await client.get("/v1/nothing")).status_code == 404
+    await fake.configure(forbidden=False)
+    assert (await client.get("/v1/test")).status_code == 200
+
+
 # ---- the request log -----------------------------------------------------------------------------
 
 
@@ -414,11 +831,11 @@ def _get(path: str) -> bytes:
 
 
 async def test_keep_alive_and_pipelining(fake: FakePartnero) -> None:
-    paths = [f"/v1/transactions/k-{i}" for i in range(50)]
+    paths = [f"/v1/transactions?key=k-{i}" for i in range(50)]
     payload = b"".join(_get(p) for p in paths)  # all 50 pipelined in one write
     answers = await asyncio.to_thread(_raw_exchange, fake.port, payload, 50)
     assert len(answers) == 50
-    assert all(a.startswith(b"HTTP/1.1 404 ") for a in answers)
+    assert all(a.startswith(b"HTTP/1.1 200 ") for a in answers)
     assert [e["key"] for e in fake.requests()] == [f"k-{i}" for i in range(50)]
     assert fake.stats()["connections"]["accepted"] == 1
 
