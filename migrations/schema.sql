@@ -208,7 +208,7 @@ BEGIN
         WHEN (NEW.outcome IS NULL OR NEW.outcome IN (
                 'created', 'duplicate', 'deleted', 'not_found',
                 'customer_not_found', 'validation_error', 'rejected', 'network_error',
-                'timeout', 'server_error', 'rate_limited', 'bad_response')) IS FALSE
+                'timeout', 'server_error', 'rate_limited', 'bad_response', 'forbidden')) IS FALSE
             THEN 'outcome_known'
         WHEN (NEW.status IN ('pending', 'delivered', 'failed', 'discarded')) IS FALSE
             THEN 'status_known'

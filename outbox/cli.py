@@ -107,7 +107,7 @@ def run_command(**options: Any) -> None:
     import asyncio
 
     from outbox import logs
-    from outbox.daemon import Daemon
+    from outbox.daemon import Daemon, NotPartneroError
     from outbox.migrate import MigrationError
 
     settings = settings_from(options)
@@ -116,6 +116,8 @@ def run_command(**options: Any) -> None:
         asyncio.run(Daemon(settings, flags=options).run())
     except MigrationError as exc:
         fail(str(exc))
+    except NotPartneroError as exc:
+        fail(str(exc), code=2)
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass
 

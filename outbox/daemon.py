@@ -37,10 +37,11 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_ji
 
 from outbox import db, logs, migrate
 from outbox.db import first_line, libpq_url
+from outbox.domain import PingVerdict
 from outbox.executor import Executor, Gate
 from outbox.metrics import Metrics, MetricsServer
-from outbox.partnero import ApiKey, PartneroClient
-from outbox.policy import ping_ok
+from outbox.partnero import ApiKey, PartneroClient, api_root
+from outbox.policy import backoff_delay, describe, ping_verdict
 from outbox.sdnotify import Notifier
 from outbox.settings import LIVE, SettingError, Settings, resolve
 from outbox.store import Backlog, Claimed, CompleteResult, Completion, Rescued, Store
@@ -74,7 +75,8 @@ class Health:
     backlog: int | None = None
     oldest_pending_seconds: float | None = None
     failed_rows: int | None = None
-    paused: bool = False
+    paused: bool = False  # Partnero refused the API key: nothing is sent
+    waiting_for_partnero: str | None = None  # GET /v1/test has not answered 2xx yet: why
 
     def tick(self, waiting: float = 0.0) -> None:
         """The claimer turned; it may now wait up to `waiting` seconds before turning again."""
@@ -104,6 +106,8 @@ class Health:
             ]
         if self.paused:
             parts.insert(0, "PAUSED (Partnero refused the API key)")
+        elif self.waiting_for_partnero:
+            parts.insert(0, f"WAITING FOR PARTNERO ({self.waiting_for_partnero[:120]})")
         if self.last_error:
             parts.append(f"last error: {self.last_error[:120]}")
         return "; ".join(parts)
@@ -117,6 +121,10 @@ def _age(seconds: float | None) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+class NotPartneroError(Exception):
+    """PARTNERO_API_URL does not lead to Partnero's API (GET /v1/test: 404, or a web page)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +369,9 @@ class Daemon:
             max_connections=settings.concurrency,
             verify_tls=not settings.insecure_skip_tls_verify,
         )
-        self.gate = Gate(clock)
+        # Closed until GET /v1/test answers 2xx (see _check_partnero).
+        self.gate = Gate(clock, verified=False)
+        self._unreachable = 0  # GET /v1/test calls in a row that got no usable answer
         limiter = _limiter(settings.rate_limit_per_second)
         self.executor = Executor(
             self.client,
@@ -481,36 +491,80 @@ class Daemon:
         await _wait_any(self._wake, self.stopping, timeout=timeout)
 
     async def _paused(self) -> None:
-        """401/403: send nothing until the pause is over and GET /v1/test says the key works."""
+        """Send nothing until `GET /v1/test` answers 2xx: at start-up (the gate starts closed)
+        and after every pause (a refused key, or a 403 the key check confirmed)."""
         until = self.gate.paused_until
         assert until is not None
-        log.error(
-            "outbox.partnero.auth_failed",
-            paused_until=until.isoformat(),
-            error=self.gate.pause_detail,
-            note="sending is paused; rows stay pending and no attempts are counted",
-        )
-        self.health.last_error = self.gate.pause_detail
-        self.health.paused = True
-        self.metrics.paused.set(1)
+        if self.gate.refused and not self.health.paused:
+            # A call was refused (401, or a 403 that GET /v1/test confirmed).
+            log.error(
+                "outbox.partnero.auth_failed",
+                paused_until=until.isoformat(),
+                error=self.gate.pause_detail,
+                note="sending is paused; rows stay pending and no attempts are counted",
+            )
+            self.health.paused = True
+            self.health.last_error = self.gate.pause_detail
+            self.metrics.paused.set(1)
         self.notifier.status(self.health.status_line())
         pause = max(0.0, (until - self._clock()).total_seconds())
         self.health.tick(waiting=pause + self.settings.request_timeout_seconds)
         self.gate.changed.clear()
         await _wait_any(self.stopping, self.gate.changed, timeout=pause)
-        if self.stopping.is_set():
-            return
+        if not self.stopping.is_set():
+            await self._check_partnero()
+
+    async def _check_partnero(self) -> None:
+        """One `GET /v1/test`, and what it means for the gate. Raises NotPartneroError when the
+        URL is not Partnero's API before any call has worked (a wrong URL never fixes itself)."""
         exchange = await self.client.ping()
-        if ping_ok(exchange):
-            log.info("outbox.partnero.auth_restored")
+        self.metrics.observe_exchange(exchange)
+        verdict = ping_verdict(exchange)
+        root = api_root(self.client.base_url)
+        if verdict is PingVerdict.OK:
+            log.info(
+                "outbox.partnero.auth_restored" if self.gate.verified else "outbox.partnero.ready",
+                url=root,
+            )
+            self._unreachable = 0
             self.gate.resume()
             self.health.paused = False
+            self.health.waiting_for_partnero = None
             self.metrics.paused.set(0)
-        else:
-            self.gate.pause(
-                self._clock() + timedelta(seconds=self.settings.auth_pause_seconds),
-                self.gate.pause_detail or "authentication failed",
+            self.notifier.status(self.health.status_line())
+            return
+        detail = f"GET {root}/v1/test: {describe(exchange)}"
+        if verdict is PingVerdict.NOT_PARTNERO and not self.gate.verified:
+            raise NotPartneroError(
+                f"invalid setting PARTNERO_API_URL (--partnero-api-url): {root} is not "
+                f"Partnero's API ({detail})"
             )
+        now = self._clock()
+        if verdict is PingVerdict.UNREACHABLE:
+            # Keep asking, sooner at first; nothing is sent meanwhile.
+            self._unreachable += 1
+            wait = min(
+                backoff_delay(self._unreachable, self.settings.retry_policy(), 0.5),
+                self.settings.auth_pause_seconds,
+            )
+            log.warning("outbox.partnero.unreachable", error=detail, retry_in=round(wait, 2))
+            self.health.waiting_for_partnero = detail
+            self.health.last_error = detail
+            self.gate.pause(now + timedelta(seconds=wait), detail, refused=False)
+        else:
+            # Refused (401/403), or (after it had worked) no longer Partnero's API at this URL.
+            until = now + timedelta(seconds=self.settings.auth_pause_seconds)
+            log.error(
+                "outbox.partnero.auth_failed",
+                paused_until=until.isoformat(),
+                error=detail,
+                note="sending is paused; rows stay pending and no attempts are counted",
+            )
+            self.health.paused = True
+            self.health.last_error = detail
+            self.metrics.paused.set(1)
+            self.gate.pause(until, detail)
+        self.notifier.status(self.health.status_line())
 
     async def run_claimer(self) -> None:
         while not self.stopping.is_set():
@@ -728,6 +782,9 @@ class Daemon:
             await _wait_any(self.listener.ready, self.stopping, timeout=math.inf)
             if self.stopping.is_set():
                 return
+            # A wrong PARTNERO_API_URL stops start-up here, before READY; a Partnero that does
+            # not answer yet leaves the gate closed, and the claimer keeps asking.
+            await self._check_partnero()
             self.health.tick()
             await self.monitor_once()
             self.notifier.ready(self.health.status_line())

@@ -41,7 +41,8 @@ class Outcome(enum.StrEnum):
     TIMEOUT = "timeout"  # no answer in time, or 408; retried until the limit
     SERVER_ERROR = "server_error"  # 5xx, retried until the limit
     RATE_LIMITED = "rate_limited"  # 429, retried until the limit
-    BAD_RESPONSE = "bad_response"  # an answer the daemon cannot read, retried until the limit
+    BAD_RESPONSE = "bad_response"  # an answer that is not Partnero's own, retried until the limit
+    FORBIDDEN = "forbidden"  # 403 on this row while GET /v1/test still answers 2xx
 
 
 DELIVERED_OUTCOMES = frozenset(
@@ -51,8 +52,8 @@ DELIVERED_OUTCOMES = frozenset(
 
 class RequestKind(enum.StrEnum):
     CREATE = "create"  # POST /v1/transactions
-    DELETE = "delete"  # DELETE /v1/transactions/{key}
-    LOOKUP = "lookup"  # GET /v1/transactions/{key}
+    DELETE = "delete"  # DELETE /v1/transactions, the key in the JSON body
+    LOOKUP = "lookup"  # GET /v1/transactions?key=... (one page of the list filter)
     PING = "ping"  # GET /v1/test
 
 
@@ -121,13 +122,23 @@ class Retry:
 class Failed:
     reason: Outcome
     detail: str
+    lookup_required: bool = False  # a create whose effect is unknown: look it up on a retry
 
 
 @dataclass(frozen=True, slots=True)
 class Pause:
-    """401/403: the daemon's problem, not the row's. Stop sending; the row stays pending."""
+    """401 (or a 403 while GET /v1/test fails too): the daemon's problem, not the row's. Stop
+    sending; the row stays pending."""
 
     until: datetime
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forbidden:
+    """403 on a row: the row's problem if the API key still works (GET /v1/test answers 2xx),
+    the daemon's if it does not. Settled by `outbox.policy.after_access_check`."""
+
     detail: str
 
 
@@ -138,7 +149,23 @@ class LookupResult:
     found: bool
 
 
-Decision = Delivered | Retry | Failed | Pause | LookupResult
+@dataclass(frozen=True, slots=True)
+class LookupNextPage:
+    """This page of the list filter did not hold the key, and Partnero says there is another."""
+
+    page: int
+
+
+Decision = Delivered | Retry | Failed | Pause | Forbidden | LookupResult | LookupNextPage
+
+
+class PingVerdict(enum.StrEnum):
+    """What one `GET /v1/test` says about sending."""
+
+    OK = "ok"  # 2xx, Partnero's own success shape: the key works
+    REFUSED = "refused"  # 401/403: the key does not work
+    NOT_PARTNERO = "not_partnero"  # 404/405 or a 2xx that is not Partnero's: a wrong URL
+    UNREACHABLE = "unreachable"  # no answer, 5xx, 429, ...: ask again later
 
 
 @dataclass(frozen=True, slots=True)

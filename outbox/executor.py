@@ -27,6 +27,8 @@ from outbox.domain import (
     EventType,
     Exchange,
     Failed,
+    Forbidden,
+    LookupNextPage,
     LookupResult,
     Outcome,
     Pause,
@@ -42,27 +44,38 @@ log = structlog.get_logger("outbox.delivery")
 # left: an expired lease then means the request is over.
 LEASE_MARGIN_SECONDS = 1.0
 
+# A lookup reads at most this many pages of the list filter (250 rows each) before it gives up
+# for this attempt: a filter that matches substrings can return every key containing ours.
+MAX_LOOKUP_PAGES = 200
+
 
 class Client(Protocol):
     async def create(self, event: Event) -> Exchange: ...
     async def delete(self, transaction_key: str) -> Exchange: ...
-    async def lookup(self, transaction_key: str) -> Exchange: ...
+    async def lookup(self, transaction_key: str, page: int = 1) -> Exchange: ...
+    async def ping(self) -> Exchange: ...
 
 
 class Gate:
-    """The daemon-wide go/no-go for sending: paused after 401/403, cooling down after 429."""
+    """The daemon-wide go/no-go for sending: closed until `GET /v1/test` has answered 2xx (at
+    start-up, `verified` False), paused after a refused key, cooling down after 429."""
 
-    def __init__(self, clock: Callable[[], datetime]) -> None:
+    def __init__(self, clock: Callable[[], datetime], *, verified: bool = True) -> None:
         self._clock = clock
-        self.paused_until: datetime | None = None
-        self.pause_detail: str | None = None
+        self.verified = verified
+        self.paused_until: datetime | None = None if verified else clock()
+        self.pause_detail: str | None = None if verified else "checking the Partnero API"
         self.cooldown_until: datetime | None = None
+        self.refused = False
         self._changed = asyncio.Event()
 
-    def pause(self, until: datetime, detail: str) -> None:
+    def pause(self, until: datetime, detail: str, *, refused: bool = True) -> None:
+        """Stop sending until `until` (then GET /v1/test decides). `refused`: Partnero refused
+        the API key (401, or 403 on GET /v1/test too); False: Partnero could not be asked."""
         if self.paused_until is None or until > self.paused_until:
             self.paused_until = until
         self.pause_detail = detail
+        self.refused = refused
         self._changed.set()
 
     def check_now(self) -> None:
@@ -77,6 +90,8 @@ class Gate:
         return self._changed
 
     def resume(self) -> None:
+        self.verified = True
+        self.refused = False
         self.paused_until = None
         self.pause_detail = None
         self._changed.set()
@@ -135,6 +150,10 @@ class Executor:
         self._monotonic = monotonic
         self._observe = observe
         self._progress: dict[int, _Progress] = {}
+        # One GET /v1/test at a time for rows answered 403, and when the last one that worked
+        # started: a ping that started after a 403 arrived speaks for that 403 as well.
+        self._access_lock = asyncio.Lock()
+        self._access_ok_since: datetime | None = None
 
     async def process(self, claimed: Claimed, lease_deadline: float) -> Completion:
         """Deliver one row; `lease_deadline` is the monotonic time the lease runs out (locally
@@ -183,24 +202,57 @@ class Executor:
                 last_error="an earlier sale with this key was already delivered; not sent again",
             )
         if event.event_type is EventType.SALE and progress.lookup_required:
-            exchange = await self._call(claimed, progress, RequestKind.LOOKUP, deadline)
-            if exchange is None:
-                return self._release(claimed, progress, self._unsent_reason())
-            decision = self._decide(event, progress, exchange)
-            if isinstance(decision, LookupResult):
-                if decision.found:
-                    return self._finish(claimed, progress, exchange, Delivered(Outcome.CREATED))
-                progress.lookup_required = False  # Partnero does not have it: create it now
-            else:
-                return self._finish(claimed, progress, exchange, decision)
+            looked_up = await self._look_up(claimed, progress, deadline)
+            if isinstance(looked_up, Completion):
+                return looked_up
+            found, answer = looked_up
+            if found:
+                return self._finish(claimed, progress, answer, Delivered(Outcome.CREATED))
+            progress.lookup_required = False  # Partnero does not have it: create it now
         kind = RequestKind.CREATE if event.event_type is EventType.SALE else RequestKind.DELETE
         exchange = await self._call(claimed, progress, kind, deadline)
         if exchange is None:
             return self._release(claimed, progress, self._unsent_reason())
-        return self._finish(claimed, progress, exchange, self._decide(event, progress, exchange))
+        decision = await self._decide(event, progress, exchange)
+        return self._finish(claimed, progress, exchange, decision)
+
+    async def _look_up(
+        self, claimed: Claimed, progress: _Progress, deadline: float
+    ) -> tuple[bool, Exchange] | Completion:
+        """Read the list filter page by page until it says found or absent (with the page that
+        said so), or the completion that ends this claim (retry, failed, paused, released)."""
+        event = claimed.event
+        page = 1
+        while True:
+            exchange = await self._call(claimed, progress, RequestKind.LOOKUP, deadline, page)
+            if exchange is None:
+                return self._release(claimed, progress, self._unsent_reason())
+            # Only the first page counts as an attempt; the rest belong to the same question.
+            decision = await self._decide(event, progress, exchange, counted=page == 1)
+            if isinstance(decision, LookupResult):
+                return decision.found, exchange
+            if not isinstance(decision, LookupNextPage):
+                return self._finish(claimed, progress, exchange, decision)
+            if decision.page <= page or decision.page > MAX_LOOKUP_PAGES:
+                why = (
+                    f"the lookup of page {page} pointed to page {decision.page}"
+                    if decision.page <= page
+                    else f"the lookup did not settle within {MAX_LOOKUP_PAGES} pages"
+                )
+                current = replace(event, attempts=progress.attempts - 1, lookup_required=True)
+                settled = policy.lookup_unsettled(
+                    current, exchange, self._clock(), self._policy, self._rand(), why
+                )
+                return self._finish(claimed, progress, exchange, settled)
+            page = decision.page
 
     async def _call(
-        self, claimed: Claimed, progress: _Progress, kind: RequestKind, deadline: float
+        self,
+        claimed: Claimed,
+        progress: _Progress,
+        kind: RequestKind,
+        deadline: float,
+        page: int = 1,
     ) -> Exchange | None:
         """Make one call, or None when the row must be given back unsent (paused, or too
         little lease left)."""
@@ -222,7 +274,7 @@ class Executor:
         elif kind is RequestKind.DELETE:
             exchange = await self._client.delete(key)
         else:
-            exchange = await self._client.lookup(key)
+            exchange = await self._client.lookup(key, page)
         if self._observe is not None:
             self._observe(exchange)
         return exchange
@@ -237,14 +289,16 @@ class Executor:
         self._policy = retry_policy
         self._limiter = limiter
 
-    def _decide(self, event: Event, progress: _Progress, exchange: Exchange) -> Decision:
+    async def _decide(
+        self, event: Event, progress: _Progress, exchange: Exchange, *, counted: bool = True
+    ) -> Decision:
         now = self._clock()
         current = replace(
             event, attempts=progress.attempts, lookup_required=progress.lookup_required
         )
         decision = policy.decide(current, exchange, now, self._policy, self._rand())
         self._record(event, progress, exchange, decision)
-        if not isinstance(decision, Pause):
+        if counted and not isinstance(decision, Pause | Forbidden):
             progress.attempts += 1
         if exchange.status_code is not None:
             progress.last_status_code = exchange.status_code
@@ -253,6 +307,33 @@ class Executor:
             if wait is None:
                 wait = policy.backoff_delay(1, self._policy, self._rand())
             self._gate.cool_down(now + timedelta(seconds=min(wait, self._policy.max_delay_seconds)))
+        if isinstance(decision, Forbidden):
+            decision = await self._check_access(event, progress, exchange, decision)
+        return decision
+
+    async def _check_access(
+        self, event: Event, progress: _Progress, exchange: Exchange, forbidden: Forbidden
+    ) -> Failed | Pause:
+        """A 403 on this row: ask `GET /v1/test` whether the key still works. If it does, the
+        row alone is refused (failed, counted as an attempt); if not, the daemon pauses."""
+        async with self._access_lock:
+            asked_at = exchange.finished_at or self._clock()
+            ok_since = self._access_ok_since
+            if ok_since is not None and ok_since >= asked_at:
+                ping = None  # a ping that started after this 403 came back already said OK
+            else:
+                started = self._clock()
+                ping = await self._client.ping()
+                if self._observe is not None:
+                    self._observe(ping)
+                if policy.ping_ok(ping):
+                    self._access_ok_since = started
+        key_works = ping is None or policy.ping_ok(ping)
+        decision = policy.after_access_check(forbidden, key_works, self._clock(), self._policy)
+        if ping is not None:
+            self._record(event, progress, ping, decision)
+        if isinstance(decision, Failed):
+            progress.attempts += 1
         return decision
 
     def _record(
@@ -342,7 +423,7 @@ class Executor:
                 status="failed",
                 outcome=decision.reason.value,
                 next_attempt_at=now,
-                lookup_required=progress.lookup_required,
+                lookup_required=progress.lookup_required or decision.lookup_required,
                 last_error=decision.detail,
             )
         if isinstance(decision, Pause):
@@ -364,7 +445,8 @@ class Executor:
                 lookup_required=progress.lookup_required,
                 last_error=decision.detail,
             )
-        # A LookupResult is handled in _process; reaching here would be a bug in this module.
+        # Lookup results are handled in _look_up and a Forbidden in _decide; reaching here would
+        # be a bug in this module.
         raise AssertionError(f"unexpected decision {decision!r}")
 
     def _unsent_reason(self) -> str:
@@ -428,6 +510,10 @@ def _decision_label(decision: Decision) -> str:
         return f"failed:{decision.reason.value}"
     if isinstance(decision, Pause):
         return "pause:auth"
+    if isinstance(decision, Forbidden):
+        return "forbidden:check_key"
+    if isinstance(decision, LookupNextPage):
+        return f"lookup:next_page:{decision.page}"
     return "lookup:found" if decision.found else "lookup:absent"
 
 

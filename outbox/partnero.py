@@ -7,7 +7,7 @@ configuration errors (`PartneroError` and its subclasses). The API key never app
 
 Each call has a hard total deadline (`asyncio.timeout`) on top of httpx's per-phase timeouts,
 so a server that trickles its body a byte at a time cannot keep a call alive past it. At most
-64 KiB of a response body is read.
+64 KiB of a response body is read (4 MiB of a lookup page, which holds whole transactions).
 
 Under the httpx API the requests go through aiohttp (`AiohttpTransport`): httpx's default
 transport costs about five times the CPU per call and gets slower as concurrency grows
@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import httpx
@@ -44,11 +44,15 @@ __all__ = [
     "ConfigurationError",
     "PartneroClient",
     "PartneroError",
+    "api_root",
     "build_create_body",
     "parse_retry_after",
 ]
 
 MAX_BODY_BYTES = 64 * 1024
+# A lookup page holds up to LOOKUP_PAGE_SIZE whole transactions; read it whole to find the key.
+LOOKUP_MAX_BODY_BYTES = 4 * 1024 * 1024
+LOOKUP_PAGE_SIZE = 250  # the list filter's documented maximum `limit`
 BODY_EXCERPT_CHARS = 500
 MESSAGE_MAX_CHARS = 500
 ERROR_MAX_CHARS = 300
@@ -110,6 +114,16 @@ class ApiKey:
 
     def __reduce__(self) -> Any:
         raise TypeError("an ApiKey cannot be pickled")
+
+
+def api_root(base_url: str) -> str:
+    """The API's root URL, without a trailing ``/`` or ``/v1``: Partnero's docs write the base
+    URL both as ``https://api.partnero.com`` and as ``https://api.partnero.com/v1/``, and the
+    client adds ``/v1/...`` itself."""
+    root = base_url.rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")].rstrip("/")
+    return root
 
 
 def build_create_body(event: Event) -> dict[str, Any]:
@@ -306,8 +320,9 @@ class PartneroClient:
             )
         self._api_key = api_key
         self._base_url = str(url)
-        # Paths are appended to the base URL as it is given (with any path prefix of its own).
-        self._prefix = self._base_url.rstrip("/")
+        # Paths are appended to the API root (the base URL with any path prefix of its own, but
+        # without a trailing / or /v1, which the paths bring).
+        self._prefix = api_root(self._base_url)
         self._host = url.netloc  # the Host header httpx would add
         # Parsed once: every create goes to the same URL (parsing one costs as much as a call's
         # whole JSON encoding).
@@ -391,27 +406,48 @@ class PartneroClient:
         )
 
     async def delete(self, transaction_key: str) -> Exchange:
-        """``DELETE /v1/transactions/{key}`` for a refund."""
-        return await self._keyed(RequestKind.DELETE, "DELETE", transaction_key)
+        """``DELETE /v1/transactions`` with the JSON body ``{"key": ...}``, for a refund.
 
-    async def lookup(self, transaction_key: str) -> Exchange:
-        """``GET /v1/transactions/{key}``: did an earlier create reach Partnero?"""
-        return await self._keyed(RequestKind.LOOKUP, "GET", transaction_key)
+        The key is never put in a path segment: Partnero (Laravel) decodes the path before it
+        matches routes, so a key holding ``/`` there, even as ``%2F``, reaches no route."""
+        try:
+            content = json.dumps(
+                {"key": transaction_key}, ensure_ascii=False, separators=(",", ":")
+            ).encode("utf-8")
+        except ValueError as exc:  # a key that is not valid Unicode (a lone surrogate)
+            return self._refused(RequestKind.DELETE, "DELETE", TRANSACTIONS_PATH, exc)
+        return await self._call(
+            RequestKind.DELETE,
+            "DELETE",
+            TRANSACTIONS_PATH,
+            content=content,
+            content_type="application/json",
+        )
+
+    async def lookup(self, transaction_key: str, page: int = 1) -> Exchange:
+        """``GET /v1/transactions?key=...``, one page of the documented list filter: did an
+        earlier create reach Partnero? (`outbox.policy` reads the page; the key must be on it
+        exactly, and `links.next` says whether another page follows.)"""
+        if page < 1:
+            raise ValueError(f"page must be >= 1, not {page!r}")
+        try:
+            query = urlencode(
+                {"key": transaction_key, "limit": LOOKUP_PAGE_SIZE, "page": page}, quote_via=quote
+            )
+        except ValueError as exc:  # a key that is not valid Unicode (a lone surrogate)
+            return self._refused(RequestKind.LOOKUP, "GET", TRANSACTIONS_PATH, exc)
+        return await self._call(
+            RequestKind.LOOKUP,
+            "GET",
+            f"{TRANSACTIONS_PATH}?{query}",
+            max_body=LOOKUP_MAX_BODY_BYTES,
+        )
 
     async def ping(self) -> Exchange:
         """``GET /v1/test``: does the API key work? (see `outbox.policy.ping_ok`)"""
         return await self._call(RequestKind.PING, "GET", PING_PATH)
 
     # ---- internals ---------------------------------------------------------------------------
-
-    async def _keyed(self, kind: RequestKind, method: str, transaction_key: str) -> Exchange:
-        path = f"{TRANSACTIONS_PATH}/{quote(transaction_key, safe='')}"
-        if transaction_key in ("", ".", ".."):
-            # Dot segments are removed from URL paths: "." would address the collection
-            # (DELETE /v1/transactions) and ".." would address /v1. Never send those.
-            error = ValueError(f"transaction key {transaction_key!r} cannot be used in a URL path")
-            return self._refused(kind, method, path, error)
-        return await self._call(kind, method, path)
 
     def _refused(self, kind: RequestKind, method: str, path: str, exc: Exception) -> Exchange:
         """Nothing was sent because the request could not be built (no status, no transport
@@ -434,6 +470,7 @@ class PartneroClient:
         *,
         content: bytes | None = None,
         content_type: str | None = None,
+        max_body: int = MAX_BODY_BYTES,
     ) -> Exchange:
         if self._closed:
             raise ClientClosedError("the Partnero client is closed")
@@ -466,7 +503,7 @@ class PartneroClient:
                 try:
                     async for chunk in response.aiter_bytes():
                         body += chunk
-                        if len(body) > MAX_BODY_BYTES:
+                        if len(body) > max_body:
                             break
                     else:
                         complete = True
@@ -502,7 +539,7 @@ class PartneroClient:
         # the transport error says the answer is incomplete (never "not sent": it was).
         if transport_error is not None:
             transport_error = TransportError.UNKNOWN_OUTCOME
-        data = bytes(body[:MAX_BODY_BYTES])
+        data = bytes(body[:max_body])
         json_body = _parse_json_object(data) if complete and transport_error is None else None
         message = json_body.get("message") if json_body is not None else None
         return Exchange(
@@ -510,7 +547,9 @@ class PartneroClient:
             method=method,
             path=path,
             status_code=response.status_code,
-            body_excerpt=data.decode("utf-8", errors="replace")[:BODY_EXCERPT_CHARS],
+            body_excerpt=data[: BODY_EXCERPT_CHARS * 4].decode("utf-8", errors="replace")[
+                :BODY_EXCERPT_CHARS
+            ],
             message=message[:MESSAGE_MAX_CHARS] if isinstance(message, str) else None,
             json_body=json_body,
             retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), finished_at),

@@ -11,17 +11,23 @@ imports no I/O library (import-linter checks it).
 - `Retry`: try again later, with the reason class that becomes the failed reason when the
   attempts run out, and whether the next step must be a lookup (the call may have reached
   Partnero, SPEC rule 1);
+- `LookupNextPage`: the lookup must read the next page of the list filter;
 - `Failed`: needs a person;
-- `Pause`: 401/403, the daemon's problem and not the row's; it does not count as an attempt.
+- `Forbidden`: 403; the executor asks `GET /v1/test` and `after_access_check` settles it;
+- `Pause`: 401, the daemon's problem and not the row's; it does not count as an attempt.
+
+Only Partnero's own answers are outcomes ("Reading Partnero's answers" below).
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 from outbox.domain import (
     Decision,
@@ -29,9 +35,12 @@ from outbox.domain import (
     Event,
     Exchange,
     Failed,
+    Forbidden,
+    LookupNextPage,
     LookupResult,
     Outcome,
     Pause,
+    PingVerdict,
     RequestKind,
     Retry,
     RetryPolicy,
@@ -41,11 +50,17 @@ from outbox.domain import (
 __all__ = [
     "DETAIL_MAX_CHARS",
     "RETRYABLE_OUTCOMES",
+    "KnownMessage",
+    "after_access_check",
     "backoff_delay",
     "decide",
     "describe",
     "is_retryable",
+    "lookup_unsettled",
+    "partnero_message",
+    "partnero_success",
     "ping_ok",
+    "ping_verdict",
 ]
 
 DETAIL_MAX_CHARS = 500
@@ -72,9 +87,100 @@ def is_retryable(outcome: Outcome) -> bool:
     return outcome in RETRYABLE_OUTCOMES
 
 
+# ---- reading Partnero's answers ---------------------------------------------------------------
+#
+# An answer is an outcome only when it is Partnero's own: a 2xx in Partnero's success shape, or an
+# error whose message is one Partnero documents for that call. Everything here is the one place
+# those shapes and messages are written down; tests/test_policy.py has a table row per shape.
+
+
+class KnownMessage(enum.Enum):
+    """The error messages Partnero documents, with the call and status code they belong to."""
+
+    DUPLICATE_KEY = (RequestKind.CREATE, 400, "Duplicate key")
+    CUSTOMER_NOT_FOUND = (RequestKind.CREATE, 400, "Customer not found")
+    TRANSACTION_NOT_FOUND = (RequestKind.DELETE, 404, "Transaction not found")
+
+    @property
+    def text(self) -> str:
+        return self.value[2]
+
+
+def _normalise(message: str) -> str:
+    """Case and one trailing period aside, a message must match exactly."""
+    text = message[:-1] if message.endswith(".") else message
+    return text.casefold()
+
+
+_KNOWN_MESSAGES = {(m.value[0], m.value[1], _normalise(m.value[2])): m for m in KnownMessage}
+
+
+def partnero_message(exchange: Exchange) -> KnownMessage | None:
+    """The documented Partnero message this answer carries for its call and status, if any.
+
+    The message must be the JSON `message` field of the answer, equal to the documented text but
+    for case and a trailing period: "Duplicate customer key" is not "Duplicate key", and an HTML
+    page that happens to contain the words is not Partnero's answer."""
+    if exchange.transport_error is not None or exchange.status_code is None:
+        return None
+    message = exchange.message
+    if message is None:
+        return None
+    return _KNOWN_MESSAGES.get((exchange.kind, exchange.status_code, _normalise(message)))
+
+
+def partnero_success(exchange: Exchange) -> bool:
+    """A complete 2xx in Partnero's success shape: a JSON object whose `status` is 1 or absent.
+
+    `{"status": 0}` is Partnero saying it failed; an HTML page, an empty body or anything that
+    is not a JSON object comes from something else (a proxy, a wrong URL) and says nothing about
+    what Partnero did. A 204 No Content, which has no body by definition, counts."""
+    if exchange.transport_error is not None or not _is_2xx(exchange.status_code):
+        return False
+    body = exchange.json_body
+    if body is None:
+        return exchange.status_code == 204 and not exchange.body_excerpt.strip()
+    if "status" not in body:
+        return True
+    status = body["status"]
+    return isinstance(status, int) and not isinstance(status, bool) and status == 1
+
+
+def ping_verdict(exchange: Exchange) -> PingVerdict:
+    """What a `GET /v1/test` says: the key works, is refused, the URL is not Partnero's API, or
+    Partnero could not be asked (try again later)."""
+    code = exchange.status_code
+    if exchange.transport_error is not None or code is None:
+        return PingVerdict.UNREACHABLE
+    if partnero_success(exchange):
+        return PingVerdict.OK
+    if code in (401, 403):
+        return PingVerdict.REFUSED
+    if code in (404, 405) or _is_2xx(code) or 300 <= code <= 399:
+        # No such route, a 2xx that is not Partnero's JSON (a web page), or a redirect (say
+        # http:// to https://; redirects are not followed): nothing at this URL is Partnero's
+        # API, and waiting will not change that.
+        return PingVerdict.NOT_PARTNERO
+    return PingVerdict.UNREACHABLE
+
+
 def ping_ok(exchange: Exchange) -> bool:
-    """A `GET /v1/test` answered 2xx: the API key works."""
-    return _is_2xx(exchange.status_code)
+    """A `GET /v1/test` answered 2xx in Partnero's shape: the API key works."""
+    return ping_verdict(exchange) is PingVerdict.OK
+
+
+def after_access_check(
+    forbidden: Forbidden, key_works: bool, now: datetime, policy: RetryPolicy
+) -> Failed | Pause:
+    """A row was answered 403: if `GET /v1/test` still answers 2xx (`key_works`, see `ping_ok`)
+    the row itself is refused (failed, reason `forbidden`); otherwise the key is the problem and
+    the whole daemon pauses, as for 401."""
+    if key_works:
+        return Failed(Outcome.FORBIDDEN, _cut_with_suffix(forbidden.detail, " [GET /v1/test: OK]"))
+    return Pause(
+        until=now + timedelta(seconds=policy.auth_pause_seconds),
+        detail=_cut_with_suffix(forbidden.detail, " [check PARTNERO_API_KEY]"),
+    )
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: float) -> float:
@@ -97,14 +203,39 @@ def decide(
     if exchange.kind is RequestKind.PING:
         raise ValueError("a ping is not a delivery; use ping_ok()")
 
-    verdict = _classify(exchange, now, policy, maybe_applied=event.lookup_required)
+    verdict = _classify(
+        exchange, now, policy, maybe_applied=event.lookup_required, key=event.transaction_key
+    )
     if not isinstance(verdict, _RetryClass):
         return verdict
 
+    return _settle(verdict, event, exchange, now, policy, rand)
+
+
+def lookup_unsettled(
+    event: Event, exchange: Exchange, now: datetime, policy: RetryPolicy, rand: float, why: str
+) -> Retry | Failed:
+    """A lookup whose pages did not settle found or absent (`why`: the next page went backwards,
+    or there were more pages than a lookup reads): ask again later, as for an unreadable answer;
+    the attempts limit ends it with the reason."""
+    verdict = _RetryClass(Outcome.BAD_RESPONSE, lookup_required=True)
+    return _settle(verdict, event, exchange, now, policy, rand, note=why)
+
+
+def _settle(
+    verdict: _RetryClass,
+    event: Event,
+    exchange: Exchange,
+    now: datetime,
+    policy: RetryPolicy,
+    rand: float,
+    note: str | None = None,
+) -> Retry | Failed:
     attempt = event.attempts + 1
     if attempt >= policy.max_attempts:
-        detail = _cut_with_suffix(describe(exchange), f" [gave up after {attempt} attempts]")
-        return Failed(reason=verdict.reason, detail=detail)
+        text = describe(exchange) if note is None else f"{note}: {describe(exchange)}"
+        detail = _cut_with_suffix(text, f" [gave up after {attempt} attempts]")
+        return Failed(reason=verdict.reason, detail=detail, lookup_required=verdict.lookup_required)
     return Retry(
         at=now + timedelta(seconds=_retry_delay(attempt, exchange, policy, rand)),
         reason=verdict.reason,
@@ -152,11 +283,15 @@ class _RetryClass:
 
 
 def _classify(
-    exchange: Exchange, now: datetime, policy: RetryPolicy, *, maybe_applied: bool
+    exchange: Exchange, now: datetime, policy: RetryPolicy, *, maybe_applied: bool, key: str
 ) -> Decision | _RetryClass:
     """`maybe_applied`: an earlier call for this row may have been applied (the row's
     lookup_required). A create is then preceded by a lookup; a delete is simply sent again, and
-    its 404 then means that earlier DELETE already reversed the sale."""
+    its 404 then means that earlier DELETE already reversed the sale.
+
+    Only Partnero's own answers are outcomes (see `partnero_success` and `partnero_message`).
+    Anything else leaves the effect of the call unknown: the row is flagged so that a create is
+    looked up before it is sent again, and it is never recorded as delivered."""
     kind = exchange.kind
     code = exchange.status_code
     # Any call that fails in an unknown way may have been applied: flag it. For a create (and a
@@ -172,42 +307,43 @@ def _classify(
     if exchange.transport_error is TransportError.UNKNOWN_OUTCOME:
         return _RetryClass(Outcome.TIMEOUT, look_up)
     if code is None:
-        # The client refused to send the request (a key that cannot be put in a URL path, an
-        # amount that is not a finite number): nothing went out, and sending again would not
-        # help, so it needs a person.
-        return Failed(Outcome.REJECTED, describe(exchange))
+        # The client refused to send the request (an amount that is not a finite number, a
+        # payload that cannot be encoded): nothing went out, and sending again would not help,
+        # so it needs a person.
+        return Failed(Outcome.REJECTED, describe(exchange), lookup_required=maybe_applied)
 
-    if code in (401, 403):
+    if code == 401:
         return Pause(
             until=now + timedelta(seconds=policy.auth_pause_seconds),
             detail=_cut_with_suffix(describe(exchange), " [check PARTNERO_API_KEY]"),
         )
+    if code == 403:
+        return Forbidden(detail=describe(exchange))
 
+    if kind is RequestKind.LOOKUP:
+        return _classify_lookup(exchange, key)
+
+    known = partnero_message(exchange)
     if kind is RequestKind.CREATE:
         if _is_2xx(code):
-            return Delivered(Outcome.CREATED)
-        if code == 400:
-            text = _message_text(exchange)
-            if "duplicate" in text:
-                return Delivered(Outcome.DUPLICATE)
-            if "customer not found" in text:
-                return _RetryClass(Outcome.CUSTOMER_NOT_FOUND, lookup_required=False)
+            if partnero_success(exchange):
+                return Delivered(Outcome.CREATED)
+            # A 2xx that is not Partnero's success ({"status": 0}, an HTML page from a proxy
+            # or a wrong URL): the create may or may not have landed.
+            return _RetryClass(Outcome.BAD_RESPONSE, look_up)
+        if known is KnownMessage.DUPLICATE_KEY:
+            return Delivered(Outcome.DUPLICATE)
+        if known is KnownMessage.CUSTOMER_NOT_FOUND:
+            return _RetryClass(Outcome.CUSTOMER_NOT_FOUND, lookup_required=False)
     elif kind is RequestKind.DELETE:
         if _is_2xx(code):
-            return Delivered(Outcome.DELETED)
-        if code == 404:
+            if partnero_success(exchange):
+                return Delivered(Outcome.DELETED)
+            return _RetryClass(Outcome.BAD_RESPONSE, look_up)
+        if known is KnownMessage.TRANSACTION_NOT_FOUND:
             # After a DELETE whose answer was lost, a 404 is most likely that DELETE's doing: the
             # sale was delivered before its refund was sent, so the transaction did exist.
             return Delivered(Outcome.DELETED if maybe_applied else Outcome.NOT_FOUND)
-    elif kind is RequestKind.LOOKUP:
-        if _is_2xx(code) and isinstance((exchange.json_body or {}).get("data"), dict):
-            # Found, even when `deleted_at` is set: our earlier create reached Partnero, and
-            # creating the key again would make a second transaction.
-            return LookupResult(found=True)
-        if code == 404:
-            return LookupResult(found=False)
-        # Anything else leaves the question open: ask again later (counted as an attempt).
-        return _RetryClass(_status_class(code), lookup_required=True)
 
     if code == 408:
         # Partnero lists 408 as a timeout on its side, so for a create the request may have
@@ -218,12 +354,74 @@ def _classify(
     if 500 <= code <= 599:
         # A 500, or a gateway 502/504, may come after Partnero applied the create.
         return _RetryClass(Outcome.SERVER_ERROR, look_up)
-    if code == 422:
-        return Failed(Outcome.VALIDATION_ERROR, describe(exchange))
+    if code in (404, 405):
+        # Our calls go to documented routes: a 404 or 405 that is not Partnero's own "not
+        # found" comes from the routing (a proxy, a deploy, a wrong URL), not from Partnero's
+        # answer to this row. Ask again later; the attempts limit ends it with the text.
+        return _RetryClass(Outcome.BAD_RESPONSE, look_up)
+    if code == 422 and isinstance((exchange.json_body or {}).get("errors"), dict):
+        # Laravel's validation answer: refused before anything was applied.
+        return Failed(Outcome.VALIDATION_ERROR, describe(exchange), lookup_required=maybe_applied)
     if 400 <= code <= 499:
-        return Failed(Outcome.REJECTED, describe(exchange))
-    # 1xx, 3xx (redirects are not followed), an unexpected 2xx, or a code outside 100-599.
+        # Another 4xx, or a documented code with a message Partnero does not document for it:
+        # needs a person. For a create its effect is unknown, so a retry looks it up first.
+        return Failed(
+            Outcome.REJECTED,
+            describe(exchange),
+            lookup_required=maybe_applied or kind is RequestKind.CREATE,
+        )
+    # 1xx, 3xx (redirects are not followed), or a code outside 100-599.
     return _RetryClass(Outcome.BAD_RESPONSE, look_up)
+
+
+def _classify_lookup(exchange: Exchange, key: str) -> Decision | _RetryClass:
+    """One page of ``GET /v1/transactions?key=...``.
+
+    How the filter matches is undocumented (it may match substrings), so the earlier create
+    landed only when a returned row's `key` equals ours exactly. A page without it settles
+    "absent" only when Partnero says it is the last (`links.next` is null). A 404 is never
+    "absent": the list answers an empty `data` for a key it does not have, so a 404 means the
+    request did not reach the list."""
+    code = exchange.status_code
+    assert code is not None
+    page = _lookup_page(exchange) if partnero_success(exchange) else None
+    if page is not None:
+        rows, next_page = page
+        if any(row.get("key") == key for row in rows):
+            # Found, even when `deleted_at` is set: our earlier create reached Partnero, and
+            # creating the key again would make a second transaction.
+            return LookupResult(found=True)
+        if next_page is None:
+            return LookupResult(found=False)
+        return LookupNextPage(next_page)
+    # Anything else leaves the question open: ask again later (counted as an attempt).
+    return _RetryClass(_status_class(code), lookup_required=True)
+
+
+def _lookup_page(exchange: Exchange) -> tuple[list[dict[str, Any]], int | None] | None:
+    """(rows, next page number or None) of a list answer in Partnero's pagination shape, or
+    None when the answer does not have that shape."""
+    body = exchange.json_body
+    if body is None:
+        return None
+    rows = body.get("data")
+    links = body.get("links")
+    if not isinstance(rows, list) or not isinstance(links, dict):
+        return None
+    if "next" not in links or not all(isinstance(row, dict) for row in rows):
+        return None
+    following = links["next"]
+    if following is None:
+        return rows, None
+    if not isinstance(following, str):
+        return None
+    # The next page's number, taken from the link: the request itself is built by the client
+    # from its own base URL, so the API key never goes to a host named in an answer.
+    values = parse_qs(urlsplit(following).query).get("page", [])
+    if len(values) != 1 or not values[0].isascii() or not values[0].isdigit():
+        return None
+    number = int(values[0])
+    return (rows, number) if number >= 2 else None
 
 
 def _status_class(code: int) -> Outcome:
@@ -260,11 +458,6 @@ def _retry_delay(attempt: int, exchange: Exchange, policy: RetryPolicy, rand: fl
 
 def _is_2xx(code: int | None) -> bool:
     return code is not None and 200 <= code <= 299
-
-
-def _message_text(exchange: Exchange) -> str:
-    """Partnero's message in lower case, or the body when it had no JSON message."""
-    return (exchange.message if exchange.message is not None else exchange.body_excerpt).lower()
 
 
 def _phrase(code: int) -> str:

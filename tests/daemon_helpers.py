@@ -64,6 +64,15 @@ class DaemonThread(demo.DaemonThread):
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def wait_verified(self) -> DaemonThread:
+        """Wait until the start-up key check (GET /v1/test) has passed: from then on a fault
+        configured on the fake hits the rows, not the check."""
+        wait_until(
+            lambda: self.daemon is not None and self.daemon.gate.verified,
+            what="the start-up key check",
+        )
+        return self
+
     def stop(self, timeout: float = 30) -> None:
         super().stop(timeout)
         assert not self.alive, "the daemon did not stop"
@@ -81,6 +90,11 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "c
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+def api_calls(fake: Any) -> list[dict[str, Any]]:
+    """The fake's request log without the daemon's key checks (GET /v1/test)."""
+    return [r for r in fake.requests() if r["path"] != "/v1/test"]
 
 
 def scalar(engine: sa.Engine, sql: str, **params: Any) -> Any:

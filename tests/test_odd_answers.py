@@ -12,7 +12,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import unquote
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import sqlalchemy as sa
@@ -61,9 +61,10 @@ CASES: dict[str, tuple[list[Odd], str, str, str]] = {
         "delivered",
         "created",
     ),
+    # A 2xx that is not Partnero's JSON: the create may have landed; looked up, never delivered.
     "html-200": (
         [Odd("POST", response(200, b"<html>OK</html>", content_type="text/html"), applied=True)],
-        "delivered:created",
+        "retry:bad_response+lookup",
         "delivered",
         "created",
     ),
@@ -75,7 +76,7 @@ CASES: dict[str, tuple[list[Odd], str, str, str]] = {
     ),
     "empty-201": (
         [Odd("POST", response(201), applied=True)],
-        "delivered:created",
+        "retry:bad_response+lookup",
         "delivered",
         "created",
     ),
@@ -93,7 +94,7 @@ CASES: dict[str, tuple[list[Odd], str, str, str]] = {
     ),
     "huge-201": (
         [Odd("POST", response(201, b'{"data": "' + b"y" * HUGE + b'"}'), applied=True)],
-        "delivered:created",
+        "retry:bad_response+lookup",
         "delivered",
         "created",
     ),
@@ -103,11 +104,24 @@ CASES: dict[str, tuple[list[Odd], str, str, str]] = {
         "delivered",
         "created",
     ),
+    # A 422 without Laravel's `errors` is not Partnero's validation answer: rejected.
     "huge-422": (
         [Odd("POST", response(422, json.dumps({"message": "m" * 100_000}).encode()))],
-        "failed:validation_error",
+        "failed:rejected",
         "failed",
-        "validation_error",
+        "rejected",
+    ),
+    "status-0-200": (
+        [Odd("POST", response(200, b'{"status": 0}'))],
+        "retry:bad_response+lookup",
+        "delivered",
+        "created",
+    ),
+    "other-wording-400": (
+        [Odd("POST", response(400, b'{"message": "Duplicate customer key", "status": 0}'))],
+        "failed:rejected",
+        "failed",
+        "rejected",
     ),
     "trickle-201": (
         [Odd("POST", response(201, b'{"data": {}}' + b" " * 200), applied=True, trickle=True)],
@@ -222,11 +236,23 @@ REFUND_CASES: dict[str, tuple[list[Odd], str, str, str]] = {
         "delivered",
         "deleted",
     ),
+    # A 404 without Partnero's "Transaction not found" did not come from Partnero's route.
     "refund-empty-404": (
         [Odd("DELETE", response(404))],
-        "delivered:not_found",
+        "retry:bad_response+lookup",
         "delivered",
-        "not_found",
+        "deleted",
+    ),
+    "refund-route-404": (
+        [
+            Odd(
+                "DELETE",
+                response(404, b'{"message": "The route v1/transactions/x could not be found."}'),
+            )
+        ],
+        "retry:bad_response+lookup",
+        "delivered",
+        "deleted",
     ),
 }
 
@@ -268,7 +294,14 @@ class OddServer(LoopbackServer):
                 for name, _, value in (line.partition(":") for line in header_lines if line)
             }
             body = await read_body(reader, headers)
-            key = json.loads(body)["key"] if method == "POST" else unquote(path.rsplit("/", 1)[1])
+            target = urlsplit(path)
+            if target.path == "/v1/test":
+                writer.write(response(200, b'{"status": 1}'))
+                await writer.drain()
+                return
+            # A lookup names the key in the list filter's query, the others in the JSON body.
+            get = method == "GET"
+            key = parse_qs(target.query)["key"][0] if get else json.loads(body)["key"]
             self.requests[(key, method)] += 1
             script = self._scripts.get(key, [])
             odd = script.pop(0) if script and script[0].method == method else None
@@ -305,10 +338,12 @@ class OddServer(LoopbackServer):
         if method == "POST":
             self.creates[key] += 1
             return response(201, json.dumps({"data": {"key": key}, "status": 1}).encode())
-        if not self.creates[key] or (method == "DELETE" and key in self.deleted):
-            return response(404, b'{"message": "Transaction not found", "status": 0}')
         if method == "GET":
-            return response(200, json.dumps({"data": {"key": key}, "status": 1}).encode())
+            found = [{"key": key}] if self.creates[key] else []
+            page = {"data": found, "links": {"next": None}, "status": 1}
+            return response(200, json.dumps(page).encode())
+        if not self.creates[key] or key in self.deleted:
+            return response(404, b'{"message": "Transaction not found", "status": 0}')
         self.deleted.add(key)
         return response(200, b'{"status": 1}')
 
@@ -391,7 +426,8 @@ def test_every_odd_answer_is_classified_bounded_and_never_doubles_a_sale(
         )
     )
     assert reasons["invalid-json-400"].startswith("HTTP 400 Bad Request: {{{ not json")
-    assert reasons["huge-422"].startswith("HTTP 422 Unprocessable")
+    assert reasons["huge-422"].startswith('HTTP 422 Unprocessable Entity: {"message": "mmm')
+    assert reasons["other-wording-400"] == "HTTP 400: Duplicate customer key"
 
     # Every sale is one transaction at Partnero, whatever happened to the answers.
     doubled = {key: n for key, n in server.creates.items() if n > 1}

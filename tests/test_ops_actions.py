@@ -191,7 +191,7 @@ def test_retry_by_filter_takes_failed_rows_only(
     many = act(database_url, "retry", "--status-code", "429", "--since", "1d", "--dry-run")
     assert [c["event_id"] for c in many["changes"]] == [ids["rate"]]
     everything = act(database_url, "retry", "--all", "--dry-run")
-    assert everything["count"] == 7  # the eight failed rows, less the one retried above
+    assert everything["count"] == 8  # the nine failed rows, less the one retried above
     nothing = cli("retry", "--type", "refund", "--reason", "r", database_url=database_url)
     assert (nothing.exit_code, nothing.stdout) == (0, "nothing to retry: no row matches\n")
     assert scalar(engine, "SELECT count(*) FROM outbox.operator_actions") == 1

@@ -12,6 +12,7 @@ from outbox.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,
+    api_calls,
     insert_refunds,
     insert_sales,
     make_settings,
@@ -142,4 +143,4 @@ def test_releasing_the_refund_of_a_discarded_sale_sends_it_while_the_daemon_runs
             what="the released refund sent",
         )
     assert fake.ledger() == []  # the sale never reached Partnero; the refund found nothing
-    assert [r["method"] for r in fake.requests()] == ["POST", "DELETE"]
+    assert [r["method"] for r in api_calls(fake)] == ["POST", "DELETE"]

@@ -72,7 +72,7 @@ def test_failed_lists_failed_and_blocked_rows_newest_first(
     assert list(data) == ["filters", "total", "page", "limit", "pages", "rows"]
     assert (data["filters"], data["total"], data["page"], data["limit"], data["pages"]) == (
         {},
-        10,
+        11,
         1,
         50,
         1,
@@ -89,6 +89,7 @@ def test_failed_lists_failed_and_blocked_rows_newest_first(
             "server",
             "rate",
             "bad",
+            "forbidden",
             "rejected",
             "dropped_refund",
         )
@@ -184,10 +185,10 @@ def test_failed_pages(ids: dict[str, int], database_url: str) -> None:
         for n in (1, 2, 3, 4)
     ]
     assert [p["pages"] for p in pages] == [3, 3, 3, 3]
-    assert [len(p["rows"]) for p in pages] == [4, 4, 2, 0]
+    assert [len(p["rows"]) for p in pages] == [4, 4, 3, 0]
     assert [r["id"] for p in pages for r in p["rows"]] == everything
     human = cli("failed", "--limit", "4", database_url=database_url).stdout
-    assert "rows 1-4 of 10, newest first; next: --page 2" in human
+    assert "rows 1-4 of 11, newest first; next: --page 2" in human
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ ROWS: list[tuple[str, str, str, str | None, str, str | None, int, int | None, st
      "last_error = 'rate_limited: 429 Too Many Requests (gave up after 3 attempts)'"),
     ("bad", "sale", "inv_bad", "cus_hana", "failed", "bad_response", 3, 200, "9 hours",
      "last_error = 'bad_response: 200 with a body that is not JSON (gave up after 3 attempts)'"),
+    ("forbidden", "sale", "inv_403", "cus_ivan", "failed", "forbidden", 1, 403, "10 hours",
+     "last_error = 'forbidden: HTTP 403: This action is unauthorized. [GET /v1/test: OK]'"),
     ("fresh", "sale", "inv_new", "cus_anna", "pending", None, 0, None, "10 seconds", ""),
     ("retrying", "sale", "inv_retrying", "cus_bram", "pending", None, 2, 503, "20 minutes",
      "next_attempt_at = now() + interval '5 minutes', "

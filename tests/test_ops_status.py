@@ -28,13 +28,13 @@ def test_status_json_field_by_field(engine: sa.Engine, database_url: str) -> Non
     ]
     assert data["ok"] is False
     assert data["problems"] == [
-        "8 failed rows",
+        "9 failed rows",
         "2 rows blocked behind a failed or discarded row",
         "the oldest pending row has waited 20m (more than 15m)",
     ]
     datetime.fromisoformat(data["checked_at"])
     assert data["max_pending_age_seconds"] == 900.0
-    assert data["totals"] == {"pending": 5, "delivered": 5, "failed": 8, "discarded": 1}
+    assert data["totals"] == {"pending": 5, "delivered": 5, "failed": 9, "discarded": 1}
 
     counts = {(c["event_type"], c["status"], c["outcome"]): c for c in data["counts"]}
     assert {k: c["events"] for k, c in counts.items()} == {
@@ -47,6 +47,7 @@ def test_status_json_field_by_field(engine: sa.Engine, database_url: str) -> Non
         ("sale", "failed", "server_error"): 1,
         ("sale", "failed", "rate_limited"): 1,
         ("sale", "failed", "bad_response"): 1,
+        ("sale", "failed", "forbidden"): 1,
         ("sale", "discarded", "customer_not_found"): 1,
         ("sale", "delivered", "created"): 2,
         ("sale", "delivered", "duplicate"): 1,

@@ -11,6 +11,7 @@ from dataclasses import astuple
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -21,8 +22,10 @@ from outbox.domain import (
     EventType,
     Exchange,
     Failed,
+    LookupNextPage,
     LookupResult,
     Outcome,
+    PingVerdict,
     RequestKind,
     Retry,
     RetryPolicy,
@@ -30,19 +33,22 @@ from outbox.domain import (
 )
 from outbox.partnero import (
     BODY_EXCERPT_CHARS,
+    LOOKUP_MAX_BODY_BYTES,
     MAX_BODY_BYTES,
     ApiKey,
     ClientClosedError,
     ConfigurationError,
     PartneroClient,
     PartneroError,
+    api_root,
     build_create_body,
     parse_retry_after,
 )
-from outbox.policy import decide
+from outbox.policy import decide, ping_verdict
 
 SECRET = "pk_live_S3cr3tValue0123456789"
 BASE_URL = "https://partnero.test"
+NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
@@ -91,6 +97,24 @@ class Recorder:
         await request.aread()
         self.requests.append(request)
         return self.response
+
+
+LIST_URL = "https://partnero.test/v1/transactions?key=inv-1001&limit=250"
+
+
+def list_page(*rows: str | dict[str, Any], next_link: str | None = None) -> dict[str, Any]:
+    """One page of ``GET /v1/transactions?key=...`` in Partnero's pagination shape."""
+    return {
+        "data": [row if isinstance(row, dict) else {"key": row} for row in rows],
+        "links": {
+            "first": f"{LIST_URL}&page=1",
+            "last": f"{LIST_URL}&page=2",
+            "prev": None,
+            "next": next_link,
+        },
+        "meta": {"current_page": 1, "per_page": 250},
+        "status": 1,
+    }
 
 
 def assert_no_secret(*things: object) -> None:
@@ -208,46 +232,74 @@ async def test_create_with_an_amount_that_is_not_a_number_is_refused(amount: str
     assert decision.reason is Outcome.REJECTED
 
 
-@pytest.mark.parametrize(
-    ("key", "raw_path"),
-    [
-        ("inv-1001", "/v1/transactions/inv-1001"),
-        ("a/b c?d#e", "/v1/transactions/a%2Fb%20c%3Fd%23e"),
-        ("100%", "/v1/transactions/100%25"),
-        ("ü€", "/v1/transactions/%C3%BC%E2%82%AC"),
-        ("...", "/v1/transactions/..."),
-        ("../x", "/v1/transactions/..%2Fx"),
-    ],
-)
-async def test_delete_and_lookup_quote_the_key(key: str, raw_path: str) -> None:
-    recorder = Recorder()
+# Keys that must reach Partnero exactly as they are: "/" (an everyday invoice number), URL
+# delimiters, percent signs, spaces and plus signs, non-ASCII, and dot segments.
+ODD_KEYS = [
+    "inv-1001",
+    "FV/2026/11/7",
+    "a/b c?d#e",
+    "100%",
+    "%2F",
+    "a+b c",
+    "k&page=9&limit=1",
+    "ü€",
+    ".",
+    "..",
+    "../x",
+    'quote"back\\slash',
+    " padded key ",
+]
+
+
+@pytest.mark.parametrize("key", ODD_KEYS)
+async def test_delete_sends_the_key_in_the_json_body_never_in_the_path(key: str) -> None:
+    recorder = Recorder(httpx.Response(200, json={"status": 1}))
     async with make_client(recorder) as client:
-        deleted = await client.delete(key)
-        looked_up = await client.lookup(key)
-    delete_request, get_request = recorder.requests
-    assert delete_request.method == "DELETE"
-    assert get_request.method == "GET"
-    for request in recorder.requests:
-        assert request.url.raw_path.decode() == raw_path
-        assert request.headers["Authorization"] == f"Bearer {SECRET}"
-        assert request.content == b""
-    assert (deleted.kind, deleted.method, deleted.path) == (RequestKind.DELETE, "DELETE", raw_path)
-    assert (looked_up.kind, looked_up.method, looked_up.path) == (
-        RequestKind.LOOKUP,
-        "GET",
-        raw_path,
+        exchange = await client.delete(key)
+    (request,) = recorder.requests
+    assert request.method == "DELETE"
+    assert request.url == "https://partnero.test/v1/transactions"
+    assert request.url.raw_path == b"/v1/transactions"
+    assert request.headers["Authorization"] == f"Bearer {SECRET}"
+    assert request.headers["Accept"] == "application/json"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Content-Length"] == str(len(request.content))
+    assert json.loads(request.content) == {"key": key}
+    assert (exchange.kind, exchange.method, exchange.path) == (
+        RequestKind.DELETE,
+        "DELETE",
+        "/v1/transactions",
     )
 
 
-@pytest.mark.parametrize("key", ["", ".", ".."])
-async def test_keys_that_would_address_another_resource_are_never_sent(key: str) -> None:
+@pytest.mark.parametrize("key", ODD_KEYS)
+async def test_lookup_sends_the_key_in_the_query_never_in_the_path(key: str) -> None:
+    recorder = Recorder(httpx.Response(200, json=list_page()))
+    async with make_client(recorder) as client:
+        first = await client.lookup(key)
+        third = await client.lookup(key, page=3)
+    assert len(recorder.requests) == 2
+    for request, exchange, page in zip(recorder.requests, (first, third), (1, 3), strict=True):
+        assert request.method == "GET"
+        assert request.url.path == "/v1/transactions"
+        assert request.url.fragment == ""
+        query = parse_qs(request.url.query.decode("ascii"), strict_parsing=True)
+        assert query == {"key": [key], "limit": ["250"], "page": [str(page)]}
+        assert request.headers["Authorization"] == f"Bearer {SECRET}"
+        assert request.headers["Accept"] == "application/json"
+        assert request.content == b""
+        assert (exchange.kind, exchange.method) == (RequestKind.LOOKUP, "GET")
+        # the attempt log shows the request as it was sent
+        assert exchange.path == request.url.raw_path.decode("ascii")
+        assert exchange.path.startswith("/v1/transactions?")
+
+
+@pytest.mark.parametrize("page", [0, -1])
+async def test_lookup_pages_start_at_one(page: int) -> None:
     recorder = Recorder()
     async with make_client(recorder) as client:
-        for exchange in (await client.delete(key), await client.lookup(key)):
-            assert exchange.status_code is None
-            assert exchange.transport_error is None
-            assert exchange.error is not None
-            assert "cannot be used in a URL path" in exchange.error
+        with pytest.raises(ValueError, match="page"):
+            await client.lookup("inv-1001", page=page)
     assert recorder.requests == []
 
 
@@ -260,11 +312,40 @@ async def test_ping() -> None:
     assert (exchange.kind, exchange.status_code) == (RequestKind.PING, 200)
 
 
-async def test_base_url_with_a_path_prefix() -> None:
+# PARTNERO_API_URL as Partnero's docs write it, with or without "/" and "/v1", and behind a proxy.
+BASE_URLS = [
+    ("https://api.partnero.com", "https://api.partnero.com"),
+    ("https://api.partnero.com/", "https://api.partnero.com"),
+    ("https://api.partnero.com/v1", "https://api.partnero.com"),
+    ("https://api.partnero.com/v1/", "https://api.partnero.com"),
+    ("http://proxy/partnero", "http://proxy/partnero"),
+    ("http://proxy/partnero/", "http://proxy/partnero"),
+    ("http://proxy/partnero/v1/", "http://proxy/partnero"),
+    ("http://127.0.0.1:8080/partnero/v1", "http://127.0.0.1:8080/partnero"),
+    # only a whole "/v1" segment at the end is the API version
+    ("http://proxy/partnerov1", "http://proxy/partnerov1"),
+]
+
+
+@pytest.mark.parametrize(("base_url", "root"), BASE_URLS)
+def test_api_root(base_url: str, root: str) -> None:
+    assert api_root(base_url) == root
+
+
+@pytest.mark.parametrize(("base_url", "root"), BASE_URLS)
+async def test_every_call_goes_to_the_api_root(base_url: str, root: str) -> None:
     recorder = Recorder()
-    async with make_client(recorder, base_url="http://127.0.0.1:8080/partnero") as client:
-        await client.lookup("k")
-    assert recorder.requests[0].url == "http://127.0.0.1:8080/partnero/v1/transactions/k"
+    async with make_client(recorder, base_url=base_url) as client:
+        await client.create(sale())
+        await client.delete("FV/1")
+        await client.lookup("FV/1")
+        await client.ping()
+    assert [str(request.url) for request in recorder.requests] == [
+        f"{root}/v1/transactions",
+        f"{root}/v1/transactions",
+        f"{root}/v1/transactions?key=FV%2F1&limit=250&page=1",
+        f"{root}/v1/test",
+    ]
 
 
 async def test_custom_user_agent() -> None:
@@ -339,17 +420,55 @@ async def test_a_huge_body_is_cut_and_not_parsed() -> None:
     assert exchange.body_excerpt.startswith('{"message":"big"')
 
 
-async def test_a_body_of_exactly_the_cap_is_parsed() -> None:
+async def call(client: PartneroClient, name: str) -> Exchange:
+    if name == "create":
+        return await client.create(sale())
+    if name == "delete":
+        return await client.delete("inv-1001")
+    if name == "lookup":
+        return await client.lookup("inv-1001")
+    return await client.ping()
+
+
+# At most 64 KiB of an answer is read, but a lookup page (up to 250 whole transactions) is read
+# up to 4 MiB.
+CAPS = [
+    ("create", MAX_BODY_BYTES),
+    ("delete", MAX_BODY_BYTES),
+    ("ping", MAX_BODY_BYTES),
+    ("lookup", LOOKUP_MAX_BODY_BYTES),
+]
+
+
+def padded(size: int) -> bytes:
     prefix = b'{"message":"ok","pad":"'
-    content = prefix + b"x" * (MAX_BODY_BYTES - len(prefix) - 2) + b'"}'
-    assert len(content) == MAX_BODY_BYTES
+    return prefix + b"x" * (size - len(prefix) - 2) + b'"}'
+
+
+@pytest.mark.parametrize(("name", "cap"), CAPS)
+async def test_a_body_of_exactly_the_cap_is_parsed(name: str, cap: int) -> None:
+    content = padded(cap)
+    assert len(content) == cap
     async with make_client(answer(200, content=content)) as client:
-        exchange = await client.lookup("k")
+        exchange = await call(client, name)
     assert exchange.message == "ok"
     assert exchange.json_body is not None
+    assert exchange.transport_error is None
 
 
-async def test_reading_stops_at_the_cap() -> None:
+@pytest.mark.parametrize(("name", "cap"), CAPS)
+async def test_a_body_one_byte_over_the_cap_is_not_parsed(name: str, cap: int) -> None:
+    async with make_client(answer(200, content=padded(cap + 1))) as client:
+        exchange = await call(client, name)
+    assert exchange.status_code == 200
+    assert exchange.json_body is None
+    assert exchange.message is None
+    assert exchange.body_excerpt.startswith('{"message":"ok"')
+    assert len(exchange.body_excerpt) == BODY_EXCERPT_CHARS
+
+
+@pytest.mark.parametrize(("name", "cap"), CAPS)
+async def test_reading_stops_at_the_cap(name: str, cap: int) -> None:
     chunks_sent = 0
 
     async def endless() -> AsyncIterator[bytes]:
@@ -359,10 +478,43 @@ async def test_reading_stops_at_the_cap() -> None:
             yield b"x" * 8192
 
     async with make_client(answer(200, content=endless())) as client:
-        exchange = await client.lookup("k")
+        exchange = await call(client, name)
     assert exchange.status_code == 200
     assert exchange.json_body is None
-    assert chunks_sent <= MAX_BODY_BYTES // 8192 + 2
+    assert cap // 8192 <= chunks_sent <= cap // 8192 + 2
+
+
+def transaction(key: str) -> dict[str, Any]:
+    """A list row about the size Partnero's are (about 1 KB)."""
+    return {
+        "key": key,
+        "action": "sale",
+        "amount": 99.99,
+        "amount_units": "EUR",
+        "customer": {"key": "cust-42", "email": "someone@example.com", "name": "Some One"},
+        "products": [{"product_id": f"prod-{i}", "product_price": 9.99} for i in range(20)],
+        "created_at": "2026-11-20T10:00:00.000000Z",
+        "deleted_at": None,
+    }
+
+
+@pytest.mark.parametrize(
+    ("last_key", "next_link", "expected"),
+    [
+        ("inv-1001", None, LookupResult(found=True)),
+        ("inv-10010", f"{LIST_URL}&page=2", LookupNextPage(2)),
+    ],
+)
+async def test_a_full_lookup_page_is_read_whole(
+    last_key: str, next_link: str | None, expected: object
+) -> None:
+    rows = [transaction(f"inv-1001-{i}") for i in range(249)] + [transaction(last_key)]
+    body = list_page(*rows, next_link=next_link)
+    assert MAX_BODY_BYTES < len(json.dumps(body)) < LOOKUP_MAX_BODY_BYTES
+    async with make_client(answer(200, json=body)) as client:
+        exchange = await client.lookup("inv-1001")
+    assert exchange.json_body == body
+    assert decide(sale(lookup_required=True), exchange, NOW, RetryPolicy(), 0.5) == expected
 
 
 async def test_long_messages_are_cut() -> None:
@@ -389,8 +541,6 @@ async def test_a_body_that_breaks_off_keeps_the_status_and_reports_an_unknown_ou
 
 
 # ---- Retry-After ------------------------------------------------------------------------------
-
-NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
 
 
 @pytest.mark.parametrize(
@@ -579,7 +729,7 @@ def test_api_key_refuses_unusable_values_without_quoting_them(value: str) -> Non
 
 async def test_the_key_appears_nowhere() -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path.endswith("/boom"):
+        if request.content and json.loads(request.content).get("key") == "boom":
             raise httpx.ConnectError(f"proxy said no to {request.headers['Authorization']}")
         return httpx.Response(200, json={"data": {"key": "k"}, "status": 1})
 
@@ -642,25 +792,100 @@ def test_repr() -> None:
 # ---- together with the policy -----------------------------------------------------------------
 
 
+PAGE = list_page("inv-10010", "INV-1001", "inv-1001")
+ROUTE_404 = {"message": "The route api/v1/transactions/inv-1001 could not be found."}
+HTML = "<!DOCTYPE html><html><body><h1>Duplicate key</h1>Transaction not found</body></html>"
+
+
+def summary(decision: object) -> object:
+    """A retry or a failure as (type, reason, lookup_required); anything else as it is."""
+    if isinstance(decision, Retry | Failed):
+        return (type(decision), decision.reason, decision.lookup_required)
+    return decision
+
+
+# Partnero's answers (and others') as they come over the wire, through the client and the policy.
 @pytest.mark.parametrize(
-    ("status", "body", "call", "expected"),
+    ("name", "status", "content", "expected"),
     [
-        (201, {"data": {}, "status": 1}, "create", Delivered(Outcome.CREATED)),
-        (400, {"message": "Duplicate key"}, "create", Delivered(Outcome.DUPLICATE)),
-        (200, {"status": 1}, "delete", Delivered(Outcome.DELETED)),
-        (404, {"message": "Transaction not found"}, "delete", Delivered(Outcome.NOT_FOUND)),
-        (200, {"data": {"key": "inv-1001", "deleted_at": None}}, "lookup", LookupResult(True)),
-        (404, {"message": "Not found"}, "lookup", LookupResult(False)),
+        ("create", 201, {"data": {"key": "inv-1001"}, "status": 1}, Delivered(Outcome.CREATED)),
+        ("create", 200, {"data": {"key": "inv-1001"}}, Delivered(Outcome.CREATED)),
+        ("create", 200, {"status": 0}, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("create", 200, HTML, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("create", 200, "", (Retry, Outcome.BAD_RESPONSE, True)),
+        ("create", 400, {"message": "Duplicate key"}, Delivered(Outcome.DUPLICATE)),
+        ("create", 400, {"message": "duplicate key."}, Delivered(Outcome.DUPLICATE)),
+        ("create", 400, {"message": "Duplicate customer key"}, (Failed, Outcome.REJECTED, True)),
+        ("create", 400, "Duplicate key", (Failed, Outcome.REJECTED, True)),
+        ("create", 400, HTML, (Failed, Outcome.REJECTED, True)),
+        (
+            "create",
+            400,
+            {"message": "Customer not found"},
+            (Retry, Outcome.CUSTOMER_NOT_FOUND, False),
+        ),
+        ("create", 502, HTML, (Retry, Outcome.SERVER_ERROR, True)),
+        ("delete", 200, {"status": 1}, Delivered(Outcome.DELETED)),
+        ("delete", 204, "", Delivered(Outcome.DELETED)),
+        ("delete", 200, HTML, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("delete", 404, {"message": "Transaction not found"}, Delivered(Outcome.NOT_FOUND)),
+        ("delete", 404, ROUTE_404, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("delete", 404, HTML, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("lookup", 200, PAGE, LookupResult(found=True)),
+        ("lookup", 200, list_page("inv-10010", "INV-1001"), LookupResult(found=False)),
+        ("lookup", 200, list_page(next_link=f"{LIST_URL}&page=2"), LookupNextPage(2)),
+        (
+            "lookup",
+            200,
+            {"data": {"key": "inv-1001"}, "status": 1},
+            (Retry, Outcome.BAD_RESPONSE, True),
+        ),
+        ("lookup", 200, HTML, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("lookup", 404, {"message": "Transaction not found"}, (Retry, Outcome.BAD_RESPONSE, True)),
+        ("lookup", 404, ROUTE_404, (Retry, Outcome.BAD_RESPONSE, True)),
     ],
 )
 async def test_answers_through_the_policy(
-    status: int, body: dict[str, Any], call: str, expected: object
+    name: str, status: int, content: dict[str, Any] | str, expected: object
 ) -> None:
-    async with make_client(answer(status, json=body)) as client:
-        if call == "create":
-            exchange = await client.create(sale())
-        elif call == "delete":
-            exchange = await client.delete("inv-1001")
-        else:
-            exchange = await client.lookup("inv-1001")
-    assert decide(sale(), exchange, datetime.now(UTC), RetryPolicy(), 0.5) == expected
+    if isinstance(content, dict):
+        handler = answer(status, json=content)
+    else:
+        handler = answer(status, text=content, headers={"Content-Type": "text/html"})
+    async with make_client(handler) as client:
+        exchange = await call(client, name)
+    event = sale(lookup_required=name == "lookup")
+    if name == "delete":
+        event = sale(event_type=EventType.REFUND, customer_key=None, amount=None, currency=None)
+    assert summary(decide(event, exchange, NOW, RetryPolicy(), 0.5)) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "content", "verdict"),
+    [
+        (200, {"status": 1}, PingVerdict.OK),
+        (204, "", PingVerdict.OK),
+        (200, HTML, PingVerdict.NOT_PARTNERO),
+        (200, "", PingVerdict.NOT_PARTNERO),
+        (
+            404,
+            {"message": "The route api/v1/v1/test could not be found."},
+            PingVerdict.NOT_PARTNERO,
+        ),
+        (404, HTML, PingVerdict.NOT_PARTNERO),
+        (401, {"message": "Unauthenticated."}, PingVerdict.REFUSED),
+        (403, {"message": "This action is unauthorized."}, PingVerdict.REFUSED),
+        (502, HTML, PingVerdict.UNREACHABLE),
+        (429, {"message": "Too Many Attempts."}, PingVerdict.UNREACHABLE),
+    ],
+)
+async def test_ping_answers_through_the_policy(
+    status: int, content: dict[str, Any] | str, verdict: PingVerdict
+) -> None:
+    if isinstance(content, dict):
+        handler = answer(status, json=content)
+    else:
+        handler = answer(status, text=content, headers={"Content-Type": "text/html"})
+    async with make_client(handler) as client:
+        exchange = await client.ping()
+    assert ping_verdict(exchange) is verdict

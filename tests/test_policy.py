@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ast
+import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,9 +22,12 @@ from outbox.domain import (
     EventType,
     Exchange,
     Failed,
+    Forbidden,
+    LookupNextPage,
     LookupResult,
     Outcome,
     Pause,
+    PingVerdict,
     RequestKind,
     Retry,
     RetryPolicy,
@@ -31,11 +35,17 @@ from outbox.domain import (
 )
 from outbox.policy import (
     RETRYABLE_OUTCOMES,
+    KnownMessage,
+    after_access_check,
     backoff_delay,
     decide,
     describe,
     is_retryable,
+    lookup_unsettled,
+    partnero_message,
+    partnero_success,
     ping_ok,
+    ping_verdict,
 )
 
 NOW = datetime(2026, 11, 21, 12, 0, 0, tzinfo=UTC)
@@ -47,27 +57,32 @@ POLICY = RetryPolicy(
     jitter=0.25,
 )
 CREATE, DELETE, LOOKUP = RequestKind.CREATE, RequestKind.DELETE, RequestKind.LOOKUP
+PING = RequestKind.PING
 NOT_SENT, UNKNOWN = TransportError.NOT_SENT, TransportError.UNKNOWN_OUTCOME
+
+# An everyday invoice number: a key with "/" in it, and keys that merely contain it.
+KEY = "FV/2026/11/7"
+LIST_URL = "https://api.partnero.com/v1/transactions?key=FV%2F2026%2F11%2F7&limit=250"
 
 _PATHS = {
     CREATE: ("POST", "/v1/transactions"),
-    DELETE: ("DELETE", "/v1/transactions/t-1"),
-    LOOKUP: ("GET", "/v1/transactions/t-1"),
-    RequestKind.PING: ("GET", "/v1/test"),
+    DELETE: ("DELETE", "/v1/transactions"),
+    LOOKUP: ("GET", "/v1/transactions?key=FV%2F2026%2F11%2F7&limit=250&page=1"),
+    PING: ("GET", "/v1/test"),
 }
 
 
-def event(attempts: int = 0, *, refund: bool = False) -> Event:
+def event(attempts: int = 0, *, refund: bool = False, flagged: bool = False) -> Event:
     return Event(
         id=1,
         event_type=EventType.REFUND if refund else EventType.SALE,
-        transaction_key="t-1",
+        transaction_key=KEY,
         customer_key=None if refund else "c-1",
         amount=None if refund else Decimal("10.50"),
         currency=None if refund else "EUR",
         payload={},
         attempts=attempts,
-        lookup_required=False,
+        lookup_required=flagged,
     )
 
 
@@ -76,22 +91,28 @@ def exchange(
     status: int | None = None,
     message: str | None = None,
     *,
-    json_body: dict[str, Any] | None = None,
-    body: str | None = None,
+    body: Any = None,
+    text: str | None = None,
     transport: TransportError | None = None,
     error: str | None = None,
     retry_after: float | None = None,
 ) -> Exchange:
+    """An exchange as PartneroClient reports it: `body` is the JSON answer (`message` alone is
+    short for ``{"message": message}``), `text` a raw answer that is not JSON."""
     method, path = _PATHS[kind]
-    if json_body is None and message is not None:
-        json_body = {"message": message}
+    if body is None and message is not None:
+        body = {"message": message}
+    if body is not None:
+        text = json.dumps(body, separators=(",", ":"))
+    json_body = body if isinstance(body, dict) else None
+    found = json_body.get("message") if json_body is not None else None
     return Exchange(
         kind=kind,
         method=method,
         path=path,
         status_code=status,
-        body_excerpt=body if body is not None else ("" if message is None else f'"{message}"'),
-        message=message,
+        body_excerpt=text or "",
+        message=found if isinstance(found, str) else None,
         json_body=json_body,
         retry_after_seconds=retry_after,
         transport_error=transport,
@@ -99,220 +120,464 @@ def exchange(
     )
 
 
-def run(ex: Exchange, attempts: int = 0, rand: float = 0.5) -> Decision:
-    return decide(event(attempts, refund=ex.kind is DELETE), ex, NOW, POLICY, rand)
+def run(ex: Exchange, attempts: int = 0, rand: float = 0.5, *, flagged: bool = False) -> Decision:
+    ev = event(attempts, refund=ex.kind is DELETE, flagged=flagged)
+    return decide(ev, ex, NOW, POLICY, rand)
 
 
-def retry(reason: Outcome, lookup: bool) -> tuple[Outcome, bool]:
-    return (reason, lookup)
+def list_page(*rows: str | dict[str, Any], next_link: Any = None) -> dict[str, Any]:
+    """One page of ``GET /v1/transactions?key=...`` in Partnero's (Laravel's) pagination shape."""
+    return {
+        "data": [
+            row if isinstance(row, dict) else {"key": row, "amount": 10.5, "deleted_at": None}
+            for row in rows
+        ],
+        "links": {
+            "first": f"{LIST_URL}&page=1",
+            "last": f"{LIST_URL}&page=3",
+            "prev": None,
+            "next": next_link,
+        },
+        "meta": {"current_page": 1, "per_page": 250},
+        "status": 1,
+    }
 
 
-# ---- the rules, kind by kind -----------------------------------------------------------------
+# ---- expectations -----------------------------------------------------------------------------
 
 
-def test_delete_404_after_a_delete_that_may_have_applied_reads_as_deleted() -> None:
-    ex = exchange(DELETE, 404, "Transaction not found")
-    flagged = replace(event(1, refund=True), lookup_required=True)
-    assert decide(flagged, ex, NOW, POLICY, 0.5) == Delivered(Outcome.DELETED)
-    assert decide(event(1, refund=True), ex, NOW, POLICY, 0.5) == Delivered(Outcome.NOT_FOUND)
+@dataclass(frozen=True)
+class Retries:
+    """Retried (`Retry` with this class), and `Failed` with it once the attempts run out."""
+
+    reason: Outcome
+    lookup: bool
+
+
+@dataclass(frozen=True)
+class Fails:
+    """`Failed` at once, whatever the attempts, with the answer described as the detail."""
+
+    reason: Outcome
+    lookup: bool
+
+
+# Forbidden and Pause stand for `Forbidden(describe(ex))` and the 401 pause of the policy.
+Expect = Decision | Retries | Fails | type[Forbidden] | type[Pause]
+
+CREATED, DUPLICATE = Delivered(Outcome.CREATED), Delivered(Outcome.DUPLICATE)
+DELETED, NOT_FOUND = Delivered(Outcome.DELETED), Delivered(Outcome.NOT_FOUND)
+FOUND, ABSENT = LookupResult(found=True), LookupResult(found=False)
+# Not Partnero's own answer: ask again later, and a create's effect is unknown.
+BAD = Retries(Outcome.BAD_RESPONSE, True)
+# Another 4xx: a create's effect is unknown (looked up on a retry); a delete keeps the row's flag.
+REJECTED_CREATE = Fails(Outcome.REJECTED, True)
+REJECTED_DELETE = Fails(Outcome.REJECTED, False)
+SERVER = Retries(Outcome.SERVER_ERROR, True)
+
+
+def check(ev: Event, ex: Exchange, expected: Expect) -> None:
+    """`decide` gives `expected` for `ev`, and the attempts limit acts as it should on it."""
+
+    def at(attempts: int) -> Decision:
+        return decide(replace(ev, attempts=attempts), ex, NOW, POLICY, 0.5)
+
+    if isinstance(expected, Retries):
+        # attempt 2: backoff 2 s, no jitter at rand 0.5
+        assert at(1) == Retry(
+            at=NOW + timedelta(seconds=2), reason=expected.reason, lookup_required=expected.lookup
+        )
+        assert is_retryable(expected.reason)
+        # attempts 0..3 made 1..4; attempt 5 is the last one allowed
+        assert isinstance(at(POLICY.max_attempts - 2), Retry)
+        for attempts in (POLICY.max_attempts - 1, POLICY.max_attempts, POLICY.max_attempts + 7):
+            assert at(attempts) == Failed(
+                expected.reason,
+                f"{describe(ex)} [gave up after {attempts + 1} attempts]",
+                lookup_required=expected.lookup,
+            )
+        return
+    if isinstance(expected, Fails):
+        wanted: Decision = Failed(expected.reason, describe(ex), lookup_required=expected.lookup)
+        assert not is_retryable(expected.reason)
+    elif expected is Forbidden:
+        wanted = Forbidden(detail=describe(ex))
+    elif expected is Pause:
+        wanted = Pause(
+            until=NOW + timedelta(seconds=POLICY.auth_pause_seconds),
+            detail=f"{describe(ex)} [check PARTNERO_API_KEY]",
+        )
+    else:
+        assert isinstance(expected, Delivered | LookupResult | LookupNextPage)
+        wanted = expected
+    # Definitive answers (and 401/403, which never count) do not care how many attempts came
+    # before.
+    for attempts in (0, POLICY.max_attempts - 1, POLICY.max_attempts + 10):
+        assert at(attempts) == wanted
+
+
+# ---- reading Partnero's answers: one row per answer shape -------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One answer, and what it means to each call (None: the call never gets this answer).
+
+    `body` is the JSON answer, `text` a raw one that is not JSON."""
+
+    name: str
+    status: int | None
+    create: Expect | None
+    delete: Expect | None
+    lookup: Expect | None
+    body: Any = None
+    text: str | None = None
+    transport: TransportError | None = None
+
+
+def same(name: str, status: int | None, expected: Expect, body: Any = None, **kw: Any) -> Shape:
+    """An answer that means the same to every call."""
+    return Shape(name, status, expected, expected, expected, body, **kw)
+
+
+def page(name: str, body: dict[str, Any], expected: Expect) -> Shape:
+    """A 200 that only a lookup gets."""
+    return Shape(name, 200, None, None, expected, body)
+
+
+def msg(text: str) -> dict[str, str]:
+    return {"message": text}
+
+
+HTML_502 = (
+    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+    "<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n"
+    "</body>\r\n</html>\r\n"
+)
+HTML_404 = "<html><title>404 Not Found</title><body>Transaction not found</body></html>"
+HTML_400 = "<html><body><h1>Bad Request</h1><p>Duplicate key</p></body></html>"
+ROUTE_404 = msg("The route api/v1/transactions/FV/2026/11/7 could not be found.")
+INVALID = {"message": "The given data was invalid.", "errors": {"amount": ["Required."]}}
+OK_BODY = {"data": {"key": KEY}, "status": 1}
+NO_LOOKUP = Fails(Outcome.VALIDATION_ERROR, False)
+NEXT_2 = f"{LIST_URL}&page=2"
+OTHERS = ("FV/2026/11/70", "XFV/2026/11/7")  # keys that merely contain ours
+CUSTOMER = Retries(Outcome.CUSTOMER_NOT_FOUND, False)
+RATE = Retries(Outcome.RATE_LIMITED, False)
+RATE_LOOKUP = Retries(Outcome.RATE_LIMITED, True)
+NETWORK = Retries(Outcome.NETWORK_ERROR, False)
+NETWORK_LOOKUP = Retries(Outcome.NETWORK_ERROR, True)
+TIMEOUT = Retries(Outcome.TIMEOUT, True)
+REJ_C, REJ_D = REJECTED_CREATE, REJECTED_DELETE
+
+# fmt: off
+SHAPES = [
+    # -- 2xx: only Partnero's success shape is an outcome
+    Shape("200 status 1", 200, CREATED, DELETED, BAD, OK_BODY),
+    Shape("201 status 1", 201, CREATED, DELETED, BAD, OK_BODY),
+    Shape("200 no status field", 200, CREATED, DELETED, BAD, {"data": {"key": KEY}}),
+    Shape("202 empty object", 202, CREATED, DELETED, BAD, {}),
+    Shape("204 empty", 204, CREATED, DELETED, BAD, text=""),
+    same("200 status 0", 200, BAD, {"status": 0, "message": "Something went wrong"}),
+    same("200 status '1' (a string)", 200, BAD, {**OK_BODY, "status": "1"}),
+    same("200 status true", 200, BAD, {**OK_BODY, "status": True}),
+    same("200 HTML page", 200, BAD, text="<!DOCTYPE html><html><body>Welcome</body></html>"),
+    same("200 empty", 200, BAD, text=""),
+    same("200 JSON that is not an object", 200, BAD, [{"key": KEY}]),
+    same("204 with an HTML body", 204, BAD, text="<html><body>ok</body></html>"),
+    # -- 404: Partnero's "Transaction not found" (a delete's outcome) or a route-level 404
+    Shape("404 Transaction not found", 404, BAD, NOT_FOUND, BAD, msg("Transaction not found")),
+    Shape("404 transaction NOT FOUND.", 404, BAD, NOT_FOUND, BAD, msg("transaction NOT FOUND.")),
+    same("404 Transaction not found..", 404, BAD, msg("Transaction not found..")),
+    same("404 route-level", 404, BAD, ROUTE_404),
+    same("404 HTML page", 404, BAD, text=HTML_404),
+    same("404 plain text", 404, BAD, text="Transaction not found"),
+    same("404 empty", 404, BAD, text=""),
+    # -- 400: a create's documented messages, matched exactly (case and one trailing period aside)
+    Shape("400 Duplicate key", 400, DUPLICATE, REJ_D, BAD, msg("Duplicate key")),
+    Shape("400 duplicate key.", 400, DUPLICATE, REJ_D, BAD, msg("duplicate key.")),
+    Shape("400 DUPLICATE KEY", 400, DUPLICATE, REJ_D, BAD, msg("DUPLICATE KEY")),
+    Shape("400 Duplicate customer key", 400, REJ_C, REJ_D, BAD, msg("Duplicate customer key")),
+    Shape("400 Duplicate key for customer", 400, REJ_C, REJ_D, BAD,
+          msg("Duplicate key for customer")),
+    Shape("400 duplicate key here", 400, REJ_C, REJ_D, BAD, msg("duplicate key here")),
+    Shape("400 Duplicate key..", 400, REJ_C, REJ_D, BAD, msg("Duplicate key..")),
+    Shape("400 Duplicate key, other field", 400, REJ_C, REJ_D, BAD, {"error": "Duplicate key"}),
+    Shape("400 HTML mentioning Duplicate key", 400, REJ_C, REJ_D, BAD, text=HTML_400),
+    Shape("400 plain text Duplicate key", 400, REJ_C, REJ_D, BAD, text="Duplicate key"),
+    Shape("400 Customer not found", 400, CUSTOMER, REJ_D, BAD, msg("Customer not found")),
+    Shape("400 customer NOT FOUND.", 400, CUSTOMER, REJ_D, BAD, msg("customer NOT FOUND.")),
+    Shape("400 Customer not found here", 400, REJ_C, REJ_D, BAD,
+          msg("Customer not found for this program")),
+    # a customer create's message, and a delete's message for another status
+    Shape("400 Invalid partner key", 400, REJ_C, REJ_D, BAD, msg("Invalid partner key")),
+    Shape("400 Transaction not found", 400, REJ_C, REJ_D, BAD, msg("Transaction not found")),
+    Shape("409 Duplicate key", 409, REJ_C, REJ_D, BAD, msg("Duplicate key")),
+    Shape("422 Duplicate key", 422, REJ_C, REJ_D, BAD, msg("Duplicate key")),
+    # -- 422: a validation error (with an `errors` object) or just another refusal
+    Shape("422 with errors", 422, NO_LOOKUP, NO_LOOKUP, BAD, INVALID),
+    Shape("422 without errors", 422, REJ_C, REJ_D, BAD, msg("The given data was invalid.")),
+    Shape("422 errors not an object", 422, REJ_C, REJ_D, BAD, {**INVALID, "errors": ["amount"]}),
+    # -- the key or the account
+    same("401", 401, Pause, msg("Unauthenticated.")),
+    same("403", 403, Forbidden, msg("This action is unauthorized.")),
+    same("403 HTML page", 403, Forbidden, text="<html><h1>403 Forbidden</h1></html>"),
+    # -- other status codes
+    same("405", 405, BAD, msg("The DELETE method is not supported for route api/v1.")),
+    same("408", 408, TIMEOUT, text=""),
+    Shape("429", 429, RATE, RATE, RATE_LOOKUP, msg("Too Many Attempts.")),
+    Shape("409 Conflict", 409, REJ_C, REJ_D, BAD, msg("Conflict")),
+    Shape("410", 410, REJ_C, REJ_D, BAD, text=""),
+    Shape("499", 499, REJ_C, REJ_D, BAD, text=""),
+    same("500 JSON", 500, SERVER, msg("Server Error")),
+    same("502 proxy HTML page", 502, SERVER, text=HTML_502),
+    same("503 empty", 503, SERVER, text=""),
+    same("504 empty", 504, SERVER, text=""),
+    same("599", 599, SERVER, text=""),
+    *[same(f"{code}", code, BAD, text="") for code in (100, 199, 301, 302, 304, 600, 0)],
+    # -- no complete answer
+    Shape("not sent", None, NETWORK, NETWORK, NETWORK_LOOKUP, transport=NOT_SENT),
+    same("no answer", None, TIMEOUT, transport=UNKNOWN),
+    # a 2xx whose body then broke off: the transport error wins over the status and the body
+    same("201 status 1, then cut", 201, TIMEOUT, OK_BODY, transport=UNKNOWN),
+    # -- lookup pages: found only on an exact key, absent only on the last page
+    page("page: found", list_page(KEY), FOUND),
+    page("page: found, deleted", list_page({"key": KEY, "deleted_at": "2026-11-20"}), FOUND),
+    page("page: found among others", list_page(*OTHERS, KEY, next_link=NEXT_2), FOUND),
+    page("page: empty, last", list_page(), ABSENT),
+    page("page: substring keys only", list_page(*OTHERS), ABSENT),
+    page("page: key in other case", list_page("fv/2026/11/7"), ABSENT),
+    page("page: next", list_page(*OTHERS, next_link=NEXT_2), LookupNextPage(2)),
+    page("page: empty, next", list_page(next_link=f"{LIST_URL}&page=3"), LookupNextPage(3)),
+    *[
+        page(f"page: next link {link!r}", list_page(*OTHERS, next_link=link), BAD)
+        for link in (
+            f"{LIST_URL}&page=1",
+            f"{LIST_URL}&page=0",
+            f"{LIST_URL}&page=-2",
+            f"{LIST_URL}&page=%2B2",
+            f"{LIST_URL}&page=two",
+            f"{LIST_URL}&page=%C2%B2",  # "²": a digit to str.isdigit, not a page number
+            f"{LIST_URL}&page=2&page=3",
+            LIST_URL,
+            "",
+            2,
+        )
+    ],
+    page("page: status 0", {**list_page(KEY), "status": 0}, BAD),
+    page("page: status '1'", {**list_page(KEY), "status": "1"}, BAD),
+    page("page: data is one object", {**list_page(), "data": {"key": KEY}}, BAD),
+    page("page: data is null", {**list_page(), "data": None}, BAD),
+    page("page: no links", {"data": [{"key": KEY}], "status": 1}, BAD),
+    page("page: links not an object", {**list_page(KEY), "links": [None]}, BAD),
+    # Absent only when Partnero says this is the last page, and only from rows it could read.
+    page("page: links without next", {**list_page(), "links": {}}, BAD),
+    page("page: a row that is not an object", {**list_page(), "data": [KEY]}, BAD),
+    page("page: a row without a key is not ours", list_page({"id": 5}), ABSENT),
+]
+# fmt: on
+
+SHAPE_CASES = [
+    pytest.param(shape, kind, expected, id=f"{shape.name} -> {kind.value}")
+    for shape in SHAPES
+    for kind, expected in ((CREATE, shape.create), (DELETE, shape.delete), (LOOKUP, shape.lookup))
+    if expected is not None
+]
+
+
+@pytest.mark.parametrize(("shape", "kind", "expected"), SHAPE_CASES)
+def test_answer_shapes(shape: Shape, kind: RequestKind, expected: Expect) -> None:
+    ex = exchange(kind, shape.status, body=shape.body, text=shape.text, transport=shape.transport)
+    if kind is LOOKUP:
+        # A lookup is made because the row is flagged; its reading does not depend on the flag.
+        check(event(flagged=True), ex, expected)
+        check(event(flagged=False), ex, expected)
+    else:
+        check(event(refund=kind is DELETE), ex, expected)
+
+
+def test_every_answer_shape_is_read_for_every_call_it_can_answer() -> None:
+    for shape in SHAPES:
+        if not shape.name.startswith("page:"):
+            assert None not in (shape.create, shape.delete, shape.lookup), shape.name
+
+
+# What the row's flag (an earlier call may have been applied) changes: (answer, unflagged row,
+# flagged row). A delete carries the flag on; a create's flagged row was looked up just before.
+FLAG_CASES = [
+    (exchange(DELETE, 404, "Transaction not found"), NOT_FOUND, DELETED),
+    (exchange(DELETE, 404, "TRANSACTION NOT FOUND."), NOT_FOUND, DELETED),
+    (exchange(DELETE, 404, "The route api/v1/transactions could not be found."), BAD, BAD),
+    (
+        exchange(DELETE, 429),
+        Retries(Outcome.RATE_LIMITED, False),
+        Retries(Outcome.RATE_LIMITED, True),
+    ),
+    (
+        exchange(DELETE, transport=NOT_SENT),
+        Retries(Outcome.NETWORK_ERROR, False),
+        Retries(Outcome.NETWORK_ERROR, True),
+    ),
+    (exchange(DELETE, 400, "Bad request"), REJECTED_DELETE, Fails(Outcome.REJECTED, True)),
+    (exchange(DELETE, 400, "Duplicate key"), REJECTED_DELETE, Fails(Outcome.REJECTED, True)),
+    (
+        exchange(DELETE, 422, body={"message": "Invalid.", "errors": {"key": ["Bad."]}}),
+        Fails(Outcome.VALIDATION_ERROR, False),
+        Fails(Outcome.VALIDATION_ERROR, True),
+    ),
+    (
+        exchange(CREATE, 429),
+        Retries(Outcome.RATE_LIMITED, False),
+        Retries(Outcome.RATE_LIMITED, True),
+    ),
+    (
+        exchange(CREATE, transport=NOT_SENT),
+        Retries(Outcome.NETWORK_ERROR, False),
+        Retries(Outcome.NETWORK_ERROR, True),
+    ),
+    (
+        exchange(CREATE, 422, body={"message": "Invalid.", "errors": {"amount": ["Bad."]}}),
+        Fails(Outcome.VALIDATION_ERROR, False),
+        Fails(Outcome.VALIDATION_ERROR, True),
+    ),
+    # Partnero refused the create: nothing was applied, whatever came before.
+    (
+        exchange(CREATE, 400, "Customer not found"),
+        Retries(Outcome.CUSTOMER_NOT_FOUND, False),
+        Retries(Outcome.CUSTOMER_NOT_FOUND, False),
+    ),
+    (exchange(CREATE, 400, "Duplicate key"), DUPLICATE, DUPLICATE),
+    (exchange(CREATE, 409), REJECTED_CREATE, REJECTED_CREATE),
+    # the client refused to send: nothing went out this time
+    (
+        exchange(CREATE, error="ValueError: amount NaN is not a finite number"),
+        Fails(Outcome.REJECTED, False),
+        Fails(Outcome.REJECTED, True),
+    ),
+]
+
+
+@pytest.mark.parametrize(("ex", "unflagged", "flagged"), FLAG_CASES)
+def test_the_rows_flag(ex: Exchange, unflagged: Expect, flagged: Expect) -> None:
+    refund = ex.kind is DELETE
+    check(event(refund=refund), ex, unflagged)
+    check(event(refund=refund, flagged=True), ex, flagged)
 
 
 def test_a_flag_once_raised_survives_a_retry_that_was_certainly_not_sent() -> None:
-    flagged = replace(event(1, refund=True), lookup_required=True)
+    flagged = event(1, refund=True, flagged=True)
     decision = decide(flagged, exchange(DELETE, transport=NOT_SENT), NOW, POLICY, 0.5)
     assert isinstance(decision, Retry) and decision.lookup_required
     decision = decide(flagged, exchange(DELETE, 429), NOW, POLICY, 0.5)
     assert isinstance(decision, Retry) and decision.lookup_required
 
 
-DELIVERED_CASES = [
-    # create (sale)
-    (exchange(CREATE, 200), Delivered(Outcome.CREATED)),
-    (exchange(CREATE, 201), Delivered(Outcome.CREATED)),
-    (exchange(CREATE, 202), Delivered(Outcome.CREATED)),
-    (exchange(CREATE, 204), Delivered(Outcome.CREATED)),
-    (exchange(CREATE, 400, "Duplicate key"), Delivered(Outcome.DUPLICATE)),
-    (exchange(CREATE, 400, "DUPLICATE KEY for transaction"), Delivered(Outcome.DUPLICATE)),
-    (exchange(CREATE, 400, body="Duplicate key"), Delivered(Outcome.DUPLICATE)),
-    # delete (refund)
-    (exchange(DELETE, 200, json_body={"status": 1}), Delivered(Outcome.DELETED)),
-    (exchange(DELETE, 204), Delivered(Outcome.DELETED)),
-    (exchange(DELETE, 404, "Transaction not found"), Delivered(Outcome.NOT_FOUND)),
-    (exchange(DELETE, 404), Delivered(Outcome.NOT_FOUND)),
-    # lookup
-    (exchange(LOOKUP, 200, json_body={"data": {"key": "t-1"}}), LookupResult(found=True)),
-    (
-        exchange(LOOKUP, 200, json_body={"data": {"key": "t-1", "deleted_at": "2026-01-01"}}),
-        LookupResult(found=True),
-    ),
-    (exchange(LOOKUP, 404, "Transaction not found"), LookupResult(found=False)),
-    (exchange(LOOKUP, 404), LookupResult(found=False)),
-]
+@pytest.mark.parametrize(
+    ("ex", "expected"),
+    [
+        (exchange(CREATE, 200, body={"status": 1}), True),
+        (exchange(CREATE, 201, body={"data": {"key": KEY}, "status": 1}), True),
+        (exchange(CREATE, 200, body={"data": {"key": KEY}}), True),
+        (exchange(CREATE, 299, body={"status": 1}), True),
+        (exchange(DELETE, 204, text=""), True),
+        (exchange(DELETE, 204, text=" \r\n"), True),
+        (exchange(CREATE, 200, body={"status": 0}), False),
+        (exchange(CREATE, 200, body={"status": 2}), False),
+        (exchange(CREATE, 200, body={"status": "1"}), False),
+        (exchange(CREATE, 200, body={"status": True}), False),
+        (exchange(CREATE, 200, body={"status": 1.0}), False),
+        (exchange(CREATE, 200, body={"status": None}), False),
+        (exchange(CREATE, 200, body=[{"status": 1}]), False),
+        (exchange(CREATE, 200, text=""), False),
+        (exchange(CREATE, 200, text="<html>status: 1</html>"), False),
+        (exchange(DELETE, 204, text="<html></html>"), False),
+        (exchange(DELETE, 204, body={"status": 0}), False),
+        (exchange(CREATE, 199, body={"status": 1}), False),
+        (exchange(CREATE, 300, body={"status": 1}), False),
+        (exchange(CREATE, 400, body={"status": 1}), False),
+        (exchange(CREATE, 201, body={"status": 1}, transport=UNKNOWN), False),
+        (exchange(CREATE, transport=NOT_SENT), False),
+    ],
+)
+def test_partnero_success(ex: Exchange, expected: bool) -> None:
+    assert partnero_success(ex) is expected
 
 
-@pytest.mark.parametrize(("ex", "expected"), DELIVERED_CASES)
-def test_definitive_answers(ex: Exchange, expected: Decision) -> None:
-    assert run(ex) == expected
-    # Definitive answers do not care how many attempts came before.
-    assert run(ex, attempts=POLICY.max_attempts + 10) == expected
+@pytest.mark.parametrize(
+    ("ex", "expected"),
+    [
+        (exchange(CREATE, 400, "Duplicate key"), KnownMessage.DUPLICATE_KEY),
+        (exchange(CREATE, 400, "duplicate key."), KnownMessage.DUPLICATE_KEY),
+        (exchange(CREATE, 400, "DUPLICATE KEY"), KnownMessage.DUPLICATE_KEY),
+        (exchange(CREATE, 400, "Customer not found"), KnownMessage.CUSTOMER_NOT_FOUND),
+        (exchange(CREATE, 400, "Customer Not Found."), KnownMessage.CUSTOMER_NOT_FOUND),
+        (exchange(DELETE, 404, "Transaction not found"), KnownMessage.TRANSACTION_NOT_FOUND),
+        (exchange(DELETE, 404, "transaction not found."), KnownMessage.TRANSACTION_NOT_FOUND),
+        (exchange(CREATE, 400, "Duplicate customer key"), None),
+        (exchange(CREATE, 400, "Duplicate key for customer"), None),
+        (exchange(CREATE, 400, "duplicate key here"), None),
+        (exchange(CREATE, 400, "Duplicate key.."), None),
+        (exchange(CREATE, 400, "Duplicate  key"), None),
+        (exchange(CREATE, 400, " Duplicate key "), None),
+        (exchange(CREATE, 400, body={"error": "Duplicate key"}), None),
+        (exchange(CREATE, 400, text="<html><p>Duplicate key</p></html>"), None),
+        (exchange(CREATE, 400, text="Duplicate key"), None),
+        # the right words for another call or another status
+        (exchange(CREATE, 409, "Duplicate key"), None),
+        (exchange(CREATE, 422, "Duplicate key"), None),
+        (exchange(DELETE, 400, "Duplicate key"), None),
+        (exchange(CREATE, 404, "Transaction not found"), None),
+        (exchange(DELETE, 400, "Transaction not found"), None),
+        (exchange(LOOKUP, 404, "Transaction not found"), None),
+        (exchange(DELETE, 404, "The route api/v1/transactions could not be found."), None),
+        (exchange(CREATE, 400, "Duplicate key", transport=UNKNOWN), None),
+    ],
+)
+def test_partnero_message(ex: Exchange, expected: KnownMessage | None) -> None:
+    assert partnero_message(ex) is expected
 
 
-RETRY_CASES = [
-    # create: a create that may have been applied is looked up before it is sent again
-    (exchange(CREATE, 400, "Customer not found"), retry(Outcome.CUSTOMER_NOT_FOUND, False)),
-    (exchange(CREATE, 400, "customer NOT FOUND."), retry(Outcome.CUSTOMER_NOT_FOUND, False)),
-    (exchange(CREATE, 408), retry(Outcome.TIMEOUT, True)),
-    (exchange(CREATE, 429, "Too Many Attempts."), retry(Outcome.RATE_LIMITED, False)),
-    (exchange(CREATE, 500, "Server Error"), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(CREATE, 502, body="<html>Bad Gateway</html>"), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(CREATE, 503), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(CREATE, 504), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(CREATE, 599), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(CREATE, 100), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, 199), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, 301), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, 302), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, 304), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, 600), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, 0), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(CREATE, transport=NOT_SENT), retry(Outcome.NETWORK_ERROR, False)),
-    (exchange(CREATE, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
-    # a 201 whose body then broke off: the transport error wins, and the create is looked up
-    (exchange(CREATE, 201, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
-    # delete: sent again (it is idempotent), flagged when it may have been applied, so that a
-    # later 404 reads as "our earlier DELETE did it"
-    (exchange(DELETE, 408), retry(Outcome.TIMEOUT, True)),
-    (exchange(DELETE, 429), retry(Outcome.RATE_LIMITED, False)),
-    (exchange(DELETE, 500), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(DELETE, 502), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(DELETE, 503), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(DELETE, 302), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(DELETE, transport=NOT_SENT), retry(Outcome.NETWORK_ERROR, False)),
-    (exchange(DELETE, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
-    (exchange(DELETE, 204, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
-    # lookup: anything but a definitive answer asks again, and the lookup still comes first
-    (exchange(LOOKUP, 200, json_body={"data": None}), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 200, json_body={"data": []}), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 200, json_body={"status": 1}), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 200, body="<html>ok</html>"), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 302), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 408), retry(Outcome.TIMEOUT, True)),
-    (exchange(LOOKUP, 429), retry(Outcome.RATE_LIMITED, True)),
-    (exchange(LOOKUP, 500), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(LOOKUP, 503), retry(Outcome.SERVER_ERROR, True)),
-    (exchange(LOOKUP, 400, "Bad request"), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 405), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, 422, "Invalid"), retry(Outcome.BAD_RESPONSE, True)),
-    (exchange(LOOKUP, transport=NOT_SENT), retry(Outcome.NETWORK_ERROR, True)),
-    (exchange(LOOKUP, transport=UNKNOWN), retry(Outcome.TIMEOUT, True)),
-    (
-        exchange(LOOKUP, 200, json_body=None, transport=UNKNOWN),
-        retry(Outcome.TIMEOUT, True),
-    ),
-]
-
-
-@pytest.mark.parametrize(("ex", "expected"), RETRY_CASES)
-def test_retries(ex: Exchange, expected: tuple[Outcome, bool]) -> None:
-    reason, lookup = expected
-    decision = run(ex, attempts=1, rand=0.5)  # attempt 2: backoff 2 s, no jitter at rand 0.5
-    assert decision == Retry(at=NOW + timedelta(seconds=2), reason=reason, lookup_required=lookup)
-    assert is_retryable(reason)
-
-
-@pytest.mark.parametrize(("ex", "expected"), RETRY_CASES)
-def test_max_attempts_turn_every_retry_class_into_failed(
-    ex: Exchange, expected: tuple[Outcome, bool]
-) -> None:
-    reason, _ = expected
-    # attempts 0..3 made 1..4; attempt 5 is the last one allowed
-    assert isinstance(run(ex, attempts=POLICY.max_attempts - 2), Retry)
-    for attempts in (POLICY.max_attempts - 1, POLICY.max_attempts, POLICY.max_attempts + 7):
-        decision = run(ex, attempts=attempts)
-        assert isinstance(decision, Failed)
-        assert decision.reason is reason
-        assert f"gave up after {attempts + 1} attempts" in decision.detail
-        assert len(decision.detail) <= policy.DETAIL_MAX_CHARS
-
-
-def test_max_attempts_of_one_fails_the_first_retryable_answer() -> None:
-    one = RetryPolicy(max_attempts=1)
-    decision = decide(event(), exchange(CREATE, 503), NOW, one, 0.5)
-    assert decision == Failed(
-        Outcome.SERVER_ERROR, "HTTP 503 Service Unavailable [gave up after 1 attempts]"
-    )
-
-
-FAILED_CASES = [
-    (
-        exchange(
-            CREATE,
-            422,
-            json_body={
-                "message": "The given data was invalid.",
-                "errors": {"amount": ["The amount field is required."]},
-            },
-            message="The given data was invalid.",
-        ),
-        Outcome.VALIDATION_ERROR,
-        "HTTP 422: The given data was invalid. (amount: The amount field is required.)",
-    ),
-    (
-        exchange(CREATE, 400, "Invalid partner key"),
-        Outcome.REJECTED,
-        "HTTP 400: Invalid partner key",
-    ),
-    (exchange(CREATE, 404, "Not found"), Outcome.REJECTED, "HTTP 404: Not found"),
-    (exchange(CREATE, 405), Outcome.REJECTED, "HTTP 405 Method Not Allowed"),
-    (exchange(CREATE, 409, "Conflict"), Outcome.REJECTED, "HTTP 409: Conflict"),
-    (exchange(CREATE, 410), Outcome.REJECTED, "HTTP 410 Gone"),
-    (
-        exchange(CREATE, 406, body="<h1>Nope</h1>"),
-        Outcome.REJECTED,
-        "HTTP 406 Not Acceptable: <h1>Nope</h1>",
-    ),
-    (exchange(CREATE, 499), Outcome.REJECTED, "HTTP 499"),
-    (
-        exchange(
-            DELETE,
-            422,
-            json_body={"message": "Invalid.", "errors": {"key": "Bad key."}},
-            message="Invalid.",
-        ),
-        Outcome.VALIDATION_ERROR,
-        "HTTP 422: Invalid. (key: Bad key.)",
-    ),
-    (exchange(DELETE, 400, "Bad request"), Outcome.REJECTED, "HTTP 400: Bad request"),
-    (exchange(DELETE, 405), Outcome.REJECTED, "HTTP 405 Method Not Allowed"),
-    # the client refused to send (no status, no transport error): nothing would change next time
-    (
-        exchange(CREATE, error="ValueError: amount NaN is not a finite number"),
-        Outcome.REJECTED,
-        "Not sent: ValueError: amount NaN is not a finite number",
-    ),
-    (
-        exchange(DELETE, error="ValueError: transaction key '..' cannot be used in a URL path"),
-        Outcome.REJECTED,
-        "Not sent: ValueError: transaction key '..' cannot be used in a URL path",
-    ),
-]
-
-
-@pytest.mark.parametrize(("ex", "reason", "detail"), FAILED_CASES)
-def test_fails_at_once(ex: Exchange, reason: Outcome, detail: str) -> None:
-    assert run(ex) == Failed(reason, detail)
-    assert not is_retryable(reason)
+# ---- 401 and 403 ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", [CREATE, DELETE, LOOKUP])
-@pytest.mark.parametrize("status", [401, 403])
 @pytest.mark.parametrize("attempts", [0, POLICY.max_attempts - 1, POLICY.max_attempts + 50])
-def test_auth_errors_pause_and_never_count(kind: RequestKind, status: int, attempts: int) -> None:
-    decision = run(exchange(kind, status, "Unauthenticated."), attempts=attempts)
+def test_401_pauses_and_never_counts(kind: RequestKind, attempts: int) -> None:
+    decision = run(exchange(kind, 401, "Unauthenticated."), attempts=attempts)
     assert decision == Pause(
         until=NOW + timedelta(seconds=POLICY.auth_pause_seconds),
-        detail=f"HTTP {status}: Unauthenticated. [check PARTNERO_API_KEY]",
+        detail="HTTP 401: Unauthenticated. [check PARTNERO_API_KEY]",
     )
+
+
+@pytest.mark.parametrize("kind", [CREATE, DELETE, LOOKUP])
+@pytest.mark.parametrize("attempts", [0, POLICY.max_attempts - 1, POLICY.max_attempts + 50])
+def test_403_asks_for_an_access_check_and_never_fails_by_itself(
+    kind: RequestKind, attempts: int
+) -> None:
+    decision = run(exchange(kind, 403, "This action is unauthorized."), attempts=attempts)
+    assert decision == Forbidden(detail="HTTP 403: This action is unauthorized.")
+
+
+def test_after_access_check() -> None:
+    forbidden = Forbidden(detail="HTTP 403: This action is unauthorized.")
+    assert after_access_check(forbidden, True, NOW, POLICY) == Failed(
+        Outcome.FORBIDDEN, "HTTP 403: This action is unauthorized. [GET /v1/test: OK]"
+    )
+    assert not is_retryable(Outcome.FORBIDDEN)
+    assert after_access_check(forbidden, False, NOW, POLICY) == Pause(
+        until=NOW + timedelta(seconds=POLICY.auth_pause_seconds),
+        detail="HTTP 403: This action is unauthorized. [check PARTNERO_API_KEY]",
+    )
+
+
+def test_after_access_check_keeps_details_short() -> None:
+    forbidden = Forbidden(detail="x" * policy.DETAIL_MAX_CHARS)
+    for key_works in (True, False):
+        decision = after_access_check(forbidden, key_works, NOW, POLICY)
+        assert isinstance(decision, Failed | Pause)
+        assert len(decision.detail) == policy.DETAIL_MAX_CHARS
+        assert decision.detail.endswith("]")
 
 
 def test_pause_ignores_retry_after() -> None:
@@ -321,25 +586,127 @@ def test_pause_ignores_retry_after() -> None:
     assert decision.until == NOW + timedelta(seconds=60)
 
 
+# ---- GET /v1/test -----------------------------------------------------------------------------
+
+
 def test_ping_is_not_decided() -> None:
     with pytest.raises(ValueError, match="ping"):
-        run(exchange(RequestKind.PING, 200))
+        run(exchange(PING, 200, body={"status": 1}))
 
 
 @pytest.mark.parametrize(
-    ("status", "ok"),
+    ("ex", "verdict"),
     [
-        (200, True),
-        (204, True),
-        (299, True),
-        (None, False),
-        (199, False),
-        (301, False),
-        (401, False),
+        (exchange(PING, 200, body={"status": 1}), PingVerdict.OK),
+        (exchange(PING, 200, body={"message": "API key is valid"}), PingVerdict.OK),
+        (exchange(PING, 204, text=""), PingVerdict.OK),
+        (exchange(PING, 200, text="<html><body>It works!</body></html>"), PingVerdict.NOT_PARTNERO),
+        (exchange(PING, 200, text=""), PingVerdict.NOT_PARTNERO),
+        (exchange(PING, 200, body={"status": 0}), PingVerdict.NOT_PARTNERO),
+        (exchange(PING, 200, body=["ok"]), PingVerdict.NOT_PARTNERO),
+        (
+            exchange(PING, 404, "The route api/v1/v1/test could not be found."),
+            PingVerdict.NOT_PARTNERO,
+        ),
+        (exchange(PING, 404, text="<html>Not Found</html>"), PingVerdict.NOT_PARTNERO),
+        (exchange(PING, 405, text=""), PingVerdict.NOT_PARTNERO),
+        (exchange(PING, 401, "Unauthenticated."), PingVerdict.REFUSED),
+        (exchange(PING, 403, "This action is unauthorized."), PingVerdict.REFUSED),
+        (exchange(PING, 500, "Server Error"), PingVerdict.UNREACHABLE),
+        (exchange(PING, 502, text=HTML_502), PingVerdict.UNREACHABLE),
+        (exchange(PING, 503, text=""), PingVerdict.UNREACHABLE),
+        (exchange(PING, 429, "Too Many Attempts."), PingVerdict.UNREACHABLE),
+        (exchange(PING, 408, text=""), PingVerdict.UNREACHABLE),
+        (exchange(PING, 400, "Bad request"), PingVerdict.UNREACHABLE),
+        (exchange(PING, 301, text=""), PingVerdict.NOT_PARTNERO),  # http:// for https://
+        (exchange(PING, 302, text=""), PingVerdict.NOT_PARTNERO),
+        (exchange(PING, transport=NOT_SENT), PingVerdict.UNREACHABLE),
+        (exchange(PING, transport=UNKNOWN), PingVerdict.UNREACHABLE),
+        (exchange(PING, 200, body={"status": 1}, transport=UNKNOWN), PingVerdict.UNREACHABLE),
     ],
 )
-def test_ping_ok(status: int | None, ok: bool) -> None:
-    assert ping_ok(exchange(RequestKind.PING, status)) is ok
+def test_ping_verdict(ex: Exchange, verdict: PingVerdict) -> None:
+    assert ping_verdict(ex) is verdict
+    assert ping_ok(ex) is (verdict is PingVerdict.OK)
+
+
+# ---- the attempts limit -----------------------------------------------------------------------
+
+
+def test_max_attempts_of_one_fails_the_first_retryable_answer() -> None:
+    one = RetryPolicy(max_attempts=1)
+    decision = decide(event(), exchange(CREATE, 503), NOW, one, 0.5)
+    assert decision == Failed(
+        Outcome.SERVER_ERROR,
+        "HTTP 503 Service Unavailable [gave up after 1 attempts]",
+        lookup_required=True,
+    )
+
+
+def test_lookup_unsettled() -> None:
+    ex = exchange(LOOKUP, 200, body=list_page("FV/2026/11/70", next_link=f"{LIST_URL}&page=2"))
+    why = "the lookup of page 2 pointed to page 2"
+    ev = event(1, flagged=True)
+    assert lookup_unsettled(ev, ex, NOW, POLICY, 0.5, why) == Retry(
+        at=NOW + timedelta(seconds=2), reason=Outcome.BAD_RESPONSE, lookup_required=True
+    )
+    last = replace(ev, attempts=POLICY.max_attempts - 1)
+    failed = lookup_unsettled(last, ex, NOW, POLICY, 0.5, why)
+    assert isinstance(failed, Failed)
+    assert (failed.reason, failed.lookup_required) == (Outcome.BAD_RESPONSE, True)
+    assert failed.detail == f"{why}: {describe(ex)} [gave up after {POLICY.max_attempts} attempts]"
+
+
+FAILED_CASES = [
+    (
+        exchange(
+            CREATE,
+            422,
+            body={
+                "message": "The given data was invalid.",
+                "errors": {"amount": ["The amount field is required."]},
+            },
+        ),
+        Failed(
+            Outcome.VALIDATION_ERROR,
+            "HTTP 422: The given data was invalid. (amount: The amount field is required.)",
+        ),
+    ),
+    (
+        exchange(CREATE, 400, "Invalid partner key"),
+        Failed(Outcome.REJECTED, "HTTP 400: Invalid partner key", lookup_required=True),
+    ),
+    (
+        exchange(CREATE, 409, "Conflict"),
+        Failed(Outcome.REJECTED, "HTTP 409: Conflict", lookup_required=True),
+    ),
+    (exchange(CREATE, 410), Failed(Outcome.REJECTED, "HTTP 410 Gone", lookup_required=True)),
+    (
+        exchange(CREATE, 406, text="<h1>Nope</h1>"),
+        Failed(Outcome.REJECTED, "HTTP 406 Not Acceptable: <h1>Nope</h1>", lookup_required=True),
+    ),
+    (exchange(CREATE, 499), Failed(Outcome.REJECTED, "HTTP 499", lookup_required=True)),
+    (
+        exchange(
+            DELETE,
+            422,
+            body={"message": "Invalid.", "errors": {"key": "Bad key."}},
+        ),
+        Failed(Outcome.VALIDATION_ERROR, "HTTP 422: Invalid. (key: Bad key.)"),
+    ),
+    (exchange(DELETE, 400, "Bad request"), Failed(Outcome.REJECTED, "HTTP 400: Bad request")),
+    # the client refused to send (no status, no transport error): nothing would change next time
+    (
+        exchange(CREATE, error="ValueError: amount NaN is not a finite number"),
+        Failed(Outcome.REJECTED, "Not sent: ValueError: amount NaN is not a finite number"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("ex", "expected"), FAILED_CASES)
+def test_fails_at_once_with_the_answer_as_the_detail(ex: Exchange, expected: Failed) -> None:
+    assert run(ex) == expected
+    assert not is_retryable(expected.reason)
 
 
 def test_retryable_outcomes() -> None:
@@ -447,7 +814,7 @@ def test_details_are_cut_to_500_characters() -> None:
         CREATE,
         422,
         "x" * 2000,
-        json_body={"message": "x" * 2000, "errors": {"a": ["y" * 1000]}},
+        body={"message": "x" * 2000, "errors": {"a": ["y" * 1000]}},
     )
     failed = run(long)
     assert isinstance(failed, Failed)
@@ -466,7 +833,7 @@ def test_detail_of_several_validation_errors_is_one_line() -> None:
         CREATE,
         422,
         "The given data was invalid.",
-        json_body={
+        body={
             "message": "The given data was invalid.",
             "errors": {
                 "amount": ["The amount field is required.", "The amount must be a number."],
@@ -496,7 +863,7 @@ def test_detail_of_several_validation_errors_is_one_line() -> None:
             "HTTP 201, then no complete answer, outcome unknown: ReadError: reset",
         ),
         (
-            exchange(CREATE, 502, body="<html>\n  <h1>502</h1>\n</html>"),
+            exchange(CREATE, 502, text="<html>\n  <h1>502</h1>\n</html>"),
             "HTTP 502 Bad Gateway: <html> <h1>502</h1> </html>",
         ),
         (exchange(CREATE, 500, "Server Error"), "HTTP 500: Server Error"),

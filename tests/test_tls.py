@@ -123,7 +123,10 @@ def test_tls_is_verified_unless_the_explicit_setting_turns_it_off_loudly(
             try:
                 wait_until(lambda: settled(insecure_engine, 1), what="delivery without checks")
                 wait_until(
-                    lambda: len(rows(engine, "SELECT 1 FROM outbox.attempts")) >= 2,
+                    lambda: (
+                        (tmp_path / "verified.log").read_text().count("CERTIFICATE_VERIFY_FAILED")
+                        >= 2
+                    ),
                     what="the verified daemon to refuse the certificate twice",
                 )
             finally:
@@ -135,13 +138,20 @@ def test_tls_is_verified_unless_the_explicit_setting_turns_it_off_loudly(
         insecure_log = (tmp_path / "insecure.log").read_text()
         assert codes == [0, 0], verified_log[-2000:] + insecure_log[-2000:]
 
-        # Verification on: refused, a retryable network error with a clear reason, nothing sent.
+        # Verification on: the key check (GET /v1/test) is refused before any row is sent, with
+        # a clear reason, and asked again; the row waits, untouched.
         (row,) = rows(engine, "SELECT status, attempts, last_error FROM outbox.events")
-        assert row.status == "pending" and row.attempts >= 2
-        assert row.last_error.startswith("network_error: Not sent: ")
-        assert "CERTIFICATE_VERIFY_FAILED" in row.last_error
-        decisions = {r[0] for r in rows(engine, "SELECT decision FROM outbox.attempts")}
-        assert decisions == {"retry:network_error"}
+        assert (row.status, row.attempts, row.last_error) == ("pending", 0, None)
+        assert rows(engine, "SELECT 1 FROM outbox.attempts") == []
+        refusals = [
+            json.loads(line)
+            for line in verified_log.splitlines()
+            if "outbox.partnero.unreachable" in line
+        ]
+        assert len(refusals) >= 2
+        assert all(r["level"] == "warning" for r in refusals)
+        assert refusals[0]["error"].startswith(f"GET {https}/v1/test: Not sent: ")
+        assert "CERTIFICATE_VERIFY_FAILED" in refusals[0]["error"]
         assert ledger == ["inv_tls_insecure"]
         assert "tls_verification_off" not in verified_log
 
