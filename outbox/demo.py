@@ -653,7 +653,6 @@ def run_scenario(
         api_key=api_key,
         dedupe=False,
         unknown_customers={UNKNOWN_CUSTOMER},
-        outage="503",
         seed=FAKE_SEED,
     )
     engine = db.create_engine(database_url, poolclass=sa.NullPool)
@@ -665,19 +664,9 @@ def run_scenario(
                 environ={"PARTNERO_API_KEY": api_key},
             )
             progress(
-                f"fake Partnero on {fake.url}: does not deduplicate keys, does not know "
-                f"{UNKNOWN_CUSTOMER}, and is down (503) for now"
+                f"fake Partnero on {fake.url}: does not deduplicate keys and does not know "
+                f"{UNKNOWN_CUSTOMER}"
             )
-            for n, sale in enumerate(plan.sales):
-                record_sale(engine, sale)
-                if sale is plan.duplicate:
-                    record_sale(engine, sale)  # the shop's webhook ran twice
-                if n == 0:
-                    progress(
-                        "round 1: the shop records 40 sales, e.g. SELECT outbox.record_sale("
-                        f"'{sale.key}', '{sale.customer}', {sale.amount}, '{sale.currency}', "
-                        f"'{json.dumps(sale.payload)}')"
-                    )
             daemon = DaemonThread(settings)
             round_1 = time.monotonic()
             daemon.start()
@@ -687,6 +676,24 @@ def run_scenario(
                     f"{settings.max_attempts} attempts a row, retries after "
                     f"{settings.retry_base_delay_seconds:g}-{settings.retry_max_delay_seconds:g} s"
                 )
+                wait_until(
+                    lambda: daemon.daemon is not None and daemon.daemon.gate.verified,
+                    SETTLE_TIMEOUT_SECONDS,
+                    "the daemon's key check (GET /v1/test)",
+                    daemon,
+                )
+                fake.configure(outage="503")
+                progress("the API key works (GET /v1/test); now Partnero goes down (503)")
+                for n, sale in enumerate(plan.sales):
+                    record_sale(engine, sale)
+                    if sale is plan.duplicate:
+                        record_sale(engine, sale)  # the shop's webhook ran twice
+                    if n == 0:
+                        progress(
+                            "round 1: the shop records 40 sales, e.g. SELECT outbox.record_sale("
+                            f"'{sale.key}', '{sale.customer}', {sale.amount}, '{sale.currency}', "
+                            f"'{json.dumps(sale.payload)}')"
+                        )
                 wait_until(
                     lambda: _partnero_stats(fake)["503"] >= OUTAGE_CALLS,
                     SETTLE_TIMEOUT_SECONDS,

@@ -123,6 +123,19 @@ class Plan:
         return self.outage_phase_seconds * len(OUTAGE_PHASES)
 
 
+# Keys as shops write them, none of which survives a URL path: invoice numbers with "/", query
+# and fragment characters, a percent sign, spaces and non-ASCII. Many are substrings of others
+# ("FV/2026/11/6" of "FV/2026/11/60"...), so a lookup through Partnero's list filter, which may
+# match substrings, must read past them, page by page.
+KEY_SHAPES = (
+    "FV/2026/11/{i}",
+    "inv {i}",
+    "ord#{i}",
+    "rabat?{i}&x=1",
+    "{i}%",
+    "zamówienie/{i}/€",
+)
+
 FULL = Plan(
     sales=2000,
     refunds=500,
@@ -636,7 +649,7 @@ def _run(
     daemons: Daemons,
     log: Callable[[str], None],
 ) -> None:
-    keys = [f"ord_{i:05d}" for i in range(plan.sales)]
+    keys = [KEY_SHAPES[i % len(KEY_SHAPES)].format(i=i) for i in range(plan.sales)]
     refunded = set(rng.sample(keys, plan.refunds))
     timeline = schedule(plan, rng)
     for slot in range(plan.daemons):
