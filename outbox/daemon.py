@@ -372,6 +372,8 @@ class Daemon:
         # Closed until GET /v1/test answers 2xx (see _check_partnero).
         self.gate = Gate(clock, verified=False)
         self._unreachable = 0  # GET /v1/test calls in a row that got no usable answer
+        self._key_version = 0  # bumped when a reload brings a new API key
+        self._ready_sent = False
         limiter = _limiter(settings.rate_limit_per_second)
         self.executor = Executor(
             self.client,
@@ -506,6 +508,11 @@ class Daemon:
             self.health.paused = True
             self.health.last_error = self.gate.pause_detail
             self.metrics.paused.set(1)
+        elif not self.gate.refused and self.health.waiting_for_partnero is None:
+            # A 403 whose key check got no answer: wait for Partnero, as at start-up.
+            log.warning("outbox.partnero.unreachable", error=self.gate.pause_detail)
+            self.health.waiting_for_partnero = self.gate.pause_detail
+            self.health.last_error = self.gate.pause_detail
         self.notifier.status(self.health.status_line())
         pause = max(0.0, (until - self._clock()).total_seconds())
         self.health.tick(waiting=pause + self.settings.request_timeout_seconds)
@@ -517,9 +524,17 @@ class Daemon:
     async def _check_partnero(self) -> None:
         """One `GET /v1/test`, and what it means for the gate. Raises NotPartneroError when the
         URL is not Partnero's API before any call has worked (a wrong URL never fixes itself)."""
+        key_version = self._key_version
         exchange = await self.client.ping()
         self.metrics.observe_exchange(exchange)
+        if self.stopping.is_set():
+            return
         verdict = ping_verdict(exchange)
+        if verdict is not PingVerdict.OK and key_version != self._key_version:
+            # A reload brought a new key while the old one was being checked: check the new
+            # one at once rather than pausing on the old one's answer.
+            self.gate.pause(self._clock(), self.gate.pause_detail or "checking the new API key")
+            return
         root = api_root(self.client.base_url)
         if verdict is PingVerdict.OK:
             log.info(
@@ -693,7 +708,8 @@ class Daemon:
 
     async def reload(self) -> None:
         """SIGHUP: read the settings again and apply those that can change live."""
-        self.notifier.reloading()
+        if self._ready_sent:  # during start-up systemd is still waiting for READY=1
+            self.notifier.reloading()
         try:
             fresh = await asyncio.to_thread(resolve, self._flags)
         except SettingError as exc:
@@ -702,7 +718,10 @@ class Daemon:
             )
         else:
             self._apply(fresh)
-        self.notifier.ready(self.health.status_line())
+        if self._ready_sent:
+            self.notifier.ready(self.health.status_line())
+        else:  # reloaded during start-up: READY=1 still waits for start-up to finish
+            self.notifier.status(self.health.status_line())
 
     def _apply(self, fresh: Settings) -> None:
         old = self.settings
@@ -723,6 +742,7 @@ class Daemon:
         )
         if key_changed:
             self.client.set_api_key(ApiKey(fresh.api_key))
+            self._key_version += 1
             self.gate.check_now()  # paused on the old key: try the new one at once
         if "log_level" in live:
             logs.set_level(self.settings.log_level)
@@ -785,9 +805,12 @@ class Daemon:
             # A wrong PARTNERO_API_URL stops start-up here, before READY; a Partnero that does
             # not answer yet leaves the gate closed, and the claimer keeps asking.
             await self._check_partnero()
+            if self.stopping.is_set():
+                return
             self.health.tick()
             await self.monitor_once()
             self.notifier.ready(self.health.status_line())
+            self._ready_sent = True
             services.append(asyncio.create_task(self.run_monitor(), name="monitor"))
             if self.notifier.watchdog_seconds:
                 services.append(

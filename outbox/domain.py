@@ -132,6 +132,7 @@ class Pause:
 
     until: datetime
     detail: str
+    refused: bool = True  # Partnero refused the key; False: GET /v1/test got no answer at all
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +141,7 @@ class Forbidden:
     the daemon's if it does not. Settled by `outbox.policy.after_access_check`."""
 
     detail: str
+    lookup_required: bool = False  # a create: its effect is not Partnero's documented answer
 
 
 @dataclass(frozen=True, slots=True)

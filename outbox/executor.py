@@ -32,6 +32,7 @@ from outbox.domain import (
     LookupResult,
     Outcome,
     Pause,
+    PingVerdict,
     RequestKind,
     Retry,
     RetryPolicy,
@@ -220,31 +221,48 @@ class Executor:
         self, claimed: Claimed, progress: _Progress, deadline: float
     ) -> tuple[bool, Exchange] | Completion:
         """Read the list filter page by page until it says found or absent (with the page that
-        said so), or the completion that ends this claim (retry, failed, paused, released)."""
+        said so), or the completion that ends this claim (retry, failed, paused, released).
+
+        The pages of one lookup are one attempt. A lookup that cannot finish (the lease runs
+        short between pages, `links.next` does not point to the next page, more than
+        MAX_LOOKUP_PAGES pages) is an unsettled attempt: retried with backoff, and failed when
+        the attempts run out, so it can neither loop nor be read as "absent"."""
         event = claimed.event
         page = 1
+        previous: Exchange | None = None
         while True:
             exchange = await self._call(claimed, progress, RequestKind.LOOKUP, deadline, page)
             if exchange is None:
-                return self._release(claimed, progress, self._unsent_reason())
-            # Only the first page counts as an attempt; the rest belong to the same question.
+                if previous is None or self._gate.paused:
+                    return self._release(claimed, progress, self._unsent_reason())
+                return self._unsettled(
+                    claimed,
+                    progress,
+                    previous,
+                    f"the lookup read {page - 1} pages and the lease ran short before the rest",
+                )
             decision = await self._decide(event, progress, exchange, counted=page == 1)
             if isinstance(decision, LookupResult):
                 return decision.found, exchange
             if not isinstance(decision, LookupNextPage):
                 return self._finish(claimed, progress, exchange, decision)
-            if decision.page <= page or decision.page > MAX_LOOKUP_PAGES:
-                why = (
-                    f"the lookup of page {page} pointed to page {decision.page}"
-                    if decision.page <= page
-                    else f"the lookup did not settle within {MAX_LOOKUP_PAGES} pages"
-                )
-                current = replace(event, attempts=progress.attempts - 1, lookup_required=True)
-                settled = policy.lookup_unsettled(
-                    current, exchange, self._clock(), self._policy, self._rand(), why
-                )
-                return self._finish(claimed, progress, exchange, settled)
-            page = decision.page
+            if decision.page != page + 1:
+                why = f"the lookup's page {page} pointed to page {decision.page}"
+                return self._unsettled(claimed, progress, exchange, why)
+            if decision.page > MAX_LOOKUP_PAGES:
+                why = f"the lookup did not settle within {MAX_LOOKUP_PAGES} pages"
+                return self._unsettled(claimed, progress, exchange, why)
+            page, previous = decision.page, exchange
+
+    def _unsettled(
+        self, claimed: Claimed, progress: _Progress, exchange: Exchange, why: str
+    ) -> Completion:
+        # The first page already counted this attempt: the policy sees it as the current one.
+        current = replace(claimed.event, attempts=progress.attempts - 1, lookup_required=True)
+        settled = policy.lookup_unsettled(
+            current, exchange, self._clock(), self._policy, self._rand(), why
+        )
+        return self._finish(claimed, progress, exchange, settled)
 
     async def _call(
         self,
@@ -292,12 +310,13 @@ class Executor:
     async def _decide(
         self, event: Event, progress: _Progress, exchange: Exchange, *, counted: bool = True
     ) -> Decision:
+        """The policy's decision on one exchange, recorded. `counted`: the exchange starts a new
+        attempt (False: a further page of a lookup, part of the attempt its first page began)."""
         now = self._clock()
-        current = replace(
-            event, attempts=progress.attempts, lookup_required=progress.lookup_required
-        )
+        attempts = progress.attempts if counted else progress.attempts - 1
+        current = replace(event, attempts=attempts, lookup_required=progress.lookup_required)
         decision = policy.decide(current, exchange, now, self._policy, self._rand())
-        self._record(event, progress, exchange, decision)
+        self._record(event, attempts + 1, exchange, decision, progress)
         if counted and not isinstance(decision, Pause | Forbidden):
             progress.attempts += 1
         if exchange.status_code is not None:
@@ -308,14 +327,21 @@ class Executor:
                 wait = policy.backoff_delay(1, self._policy, self._rand())
             self._gate.cool_down(now + timedelta(seconds=min(wait, self._policy.max_delay_seconds)))
         if isinstance(decision, Forbidden):
-            decision = await self._check_access(event, progress, exchange, decision)
+            decision = await self._check_access(event, progress, exchange, decision, attempts + 1)
+            if counted and isinstance(decision, Failed):
+                progress.attempts += 1
         return decision
 
     async def _check_access(
-        self, event: Event, progress: _Progress, exchange: Exchange, forbidden: Forbidden
+        self,
+        event: Event,
+        progress: _Progress,
+        exchange: Exchange,
+        forbidden: Forbidden,
+        attempt: int,
     ) -> Failed | Pause:
         """A 403 on this row: ask `GET /v1/test` whether the key still works. If it does, the
-        row alone is refused (failed, counted as an attempt); if not, the daemon pauses."""
+        row alone is refused (failed); if not, the daemon pauses."""
         async with self._access_lock:
             asked_at = exchange.finished_at or self._clock()
             ok_since = self._access_ok_since
@@ -328,22 +354,25 @@ class Executor:
                     self._observe(ping)
                 if policy.ping_ok(ping):
                     self._access_ok_since = started
-        key_works = ping is None or policy.ping_ok(ping)
-        decision = policy.after_access_check(forbidden, key_works, self._clock(), self._policy)
+        verdict = PingVerdict.OK if ping is None else policy.ping_verdict(ping)
+        decision = policy.after_access_check(forbidden, verdict, self._clock(), self._policy)
         if ping is not None:
-            self._record(event, progress, ping, decision)
-        if isinstance(decision, Failed):
-            progress.attempts += 1
+            self._record(event, attempt, ping, decision, progress)
         return decision
 
     def _record(
-        self, event: Event, progress: _Progress, exchange: Exchange, decision: Decision
+        self,
+        event: Event,
+        attempt: int,
+        exchange: Exchange,
+        decision: Decision,
+        progress: _Progress,
     ) -> None:
         now = self._clock()
         progress.records.append(
             AttemptRecord(
                 event_id=event.id,
-                attempt=progress.attempts + 1,
+                attempt=attempt,
                 started_at=exchange.started_at or now,
                 finished_at=exchange.finished_at or now,
                 method=exchange.method,
@@ -361,7 +390,7 @@ class Executor:
                 event_id=event.id,
                 key=event.transaction_key,
                 type=event.event_type.value,
-                attempt=progress.attempts + 1,
+                attempt=attempt,
                 status_code=exchange.status_code,
                 found=decision.found,
                 duration_ms=_duration_ms(exchange),
@@ -427,7 +456,7 @@ class Executor:
                 last_error=decision.detail,
             )
         if isinstance(decision, Pause):
-            self._gate.pause(decision.until, decision.detail)
+            self._gate.pause(decision.until, decision.detail, refused=decision.refused)
             log.error(
                 "outbox.delivery.paused",
                 until=decision.until.isoformat(),

@@ -61,7 +61,9 @@ class Metrics:
         self.loop_lag = Gauge(
             "outbox_loop_lag_seconds", "How late the event loop ran a timed wake-up.", registry=r
         )
-        self.paused = Gauge("outbox_paused", "1 while sending is paused (401/403).", registry=r)
+        self.paused = Gauge(
+            "outbox_paused", "1 while sending is paused (the API key refused).", registry=r
+        )
         self.healthy = Gauge("outbox_healthy", "1 while /healthz would answer 200.", registry=r)
 
     def observe_exchange(self, exchange: Exchange) -> None:

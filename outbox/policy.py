@@ -156,10 +156,17 @@ def ping_verdict(exchange: Exchange) -> PingVerdict:
         return PingVerdict.OK
     if code in (401, 403):
         return PingVerdict.REFUSED
-    if code in (404, 405) or _is_2xx(code) or 300 <= code <= 399:
-        # No such route, a 2xx that is not Partnero's JSON (a web page), or a redirect (say
-        # http:// to https://; redirects are not followed): nothing at this URL is Partnero's
-        # API, and waiting will not change that.
+    if _is_2xx(code):
+        # The body of GET /v1/test is undocumented: plain text or nothing is taken as a yes.
+        # `{"status": 0}` is Partnero saying no, and a web page (a maintenance page, a portal)
+        # is not Partnero's answer: ask again later.
+        text = exchange.body_excerpt.lstrip()
+        if exchange.json_body is None and not text.startswith("<"):
+            return PingVerdict.OK
+        return PingVerdict.UNREACHABLE
+    if code in (404, 405) or 300 <= code <= 399:
+        # No such route, or a redirect (say http:// to https://; redirects are not followed):
+        # nothing at this URL is Partnero's API, and waiting will not change that.
         return PingVerdict.NOT_PARTNERO
     return PingVerdict.UNREACHABLE
 
@@ -170,16 +177,27 @@ def ping_ok(exchange: Exchange) -> bool:
 
 
 def after_access_check(
-    forbidden: Forbidden, key_works: bool, now: datetime, policy: RetryPolicy
+    forbidden: Forbidden, key_check: PingVerdict, now: datetime, policy: RetryPolicy
 ) -> Failed | Pause:
-    """A row was answered 403: if `GET /v1/test` still answers 2xx (`key_works`, see `ping_ok`)
-    the row itself is refused (failed, reason `forbidden`); otherwise the key is the problem and
-    the whole daemon pauses, as for 401."""
-    if key_works:
-        return Failed(Outcome.FORBIDDEN, _cut_with_suffix(forbidden.detail, " [GET /v1/test: OK]"))
+    """A row was answered 403: if `GET /v1/test` still answers 2xx (`key_check` OK) the row
+    itself is refused (failed, reason `forbidden`); if the key check is refused the key is the
+    problem and the whole daemon pauses, as for 401; if it got no answer, sending waits until
+    it does (the row is not charged either way)."""
+    if key_check is PingVerdict.OK:
+        return Failed(
+            Outcome.FORBIDDEN,
+            _cut_with_suffix(forbidden.detail, " [GET /v1/test: OK]"),
+            lookup_required=forbidden.lookup_required,
+        )
+    until = now + timedelta(seconds=policy.auth_pause_seconds)
+    if key_check is PingVerdict.UNREACHABLE:
+        return Pause(
+            until=until,
+            detail=_cut_with_suffix(forbidden.detail, " [GET /v1/test: no usable answer]"),
+            refused=False,
+        )
     return Pause(
-        until=now + timedelta(seconds=policy.auth_pause_seconds),
-        detail=_cut_with_suffix(forbidden.detail, " [check PARTNERO_API_KEY]"),
+        until=until, detail=_cut_with_suffix(forbidden.detail, " [check PARTNERO_API_KEY]")
     )
 
 
@@ -318,7 +336,11 @@ def _classify(
             detail=_cut_with_suffix(describe(exchange), " [check PARTNERO_API_KEY]"),
         )
     if code == 403:
-        return Forbidden(detail=describe(exchange))
+        # Not a message Partnero documents for the call: a create's effect stays unknown.
+        return Forbidden(
+            detail=describe(exchange),
+            lookup_required=maybe_applied or kind is RequestKind.CREATE,
+        )
 
     if kind is RequestKind.LOOKUP:
         return _classify_lookup(exchange, key)
@@ -387,7 +409,7 @@ def _classify_lookup(exchange: Exchange, key: str) -> Decision | _RetryClass:
     page = _lookup_page(exchange) if partnero_success(exchange) else None
     if page is not None:
         rows, next_page = page
-        if any(row.get("key") == key for row in rows):
+        if any(_same_key(row.get("key"), key) for row in rows):
             # Found, even when `deleted_at` is set: our earlier create reached Partnero, and
             # creating the key again would make a second transaction.
             return LookupResult(found=True)
@@ -396,6 +418,13 @@ def _classify_lookup(exchange: Exchange, key: str) -> Decision | _RetryClass:
         return LookupNextPage(next_page)
     # Anything else leaves the question open: ask again later (counted as an attempt).
     return _RetryClass(_status_class(code), lookup_required=True)
+
+
+def _same_key(theirs: object, ours: str) -> bool:
+    """Exactly our key; a key Partnero gives back as a JSON integer counts by its digits."""
+    if isinstance(theirs, str):
+        return theirs == ours
+    return isinstance(theirs, int) and not isinstance(theirs, bool) and str(theirs) == ours
 
 
 def _lookup_page(exchange: Exchange) -> tuple[list[dict[str, Any]], int | None] | None:

@@ -209,7 +209,8 @@ SPECS: tuple[Spec, ...] = (
         "auth_pause_seconds",
         _number(0.1, 86400),
         "60",
-        "After a 401/403, stop sending this long, then check the key with GET /v1/test.",
+        "After the API key is refused (401, or 403 on GET /v1/test too), stop sending this "
+        "long, then check the key with GET /v1/test.",
     ),
     Spec(
         "shutdown_grace_seconds",

@@ -865,8 +865,8 @@ async def test_answers_through_the_policy(
     [
         (200, {"status": 1}, PingVerdict.OK),
         (204, "", PingVerdict.OK),
-        (200, HTML, PingVerdict.NOT_PARTNERO),
-        (200, "", PingVerdict.NOT_PARTNERO),
+        (200, HTML, PingVerdict.UNREACHABLE),
+        (200, "", PingVerdict.OK),
         (
             404,
             {"message": "The route api/v1/v1/test could not be found."},

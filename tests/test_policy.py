@@ -201,7 +201,10 @@ def check(ev: Event, ex: Exchange, expected: Expect) -> None:
         wanted: Decision = Failed(expected.reason, describe(ex), lookup_required=expected.lookup)
         assert not is_retryable(expected.reason)
     elif expected is Forbidden:
-        wanted = Forbidden(detail=describe(ex))
+        # A 403 is no message Partnero documents: a create's effect stays unknown.
+        wanted = Forbidden(
+            detail=describe(ex), lookup_required=ev.lookup_required or ex.kind is CREATE
+        )
     elif expected is Pause:
         wanted = Pause(
             until=NOW + timedelta(seconds=POLICY.auth_pause_seconds),
@@ -374,6 +377,8 @@ SHAPES = [
     page("page: links without next", {**list_page(), "links": {}}, BAD),
     page("page: a row that is not an object", {**list_page(), "data": [KEY]}, BAD),
     page("page: a row without a key is not ours", list_page({"id": 5}), ABSENT),
+    page("page: null key is not ours", list_page({"key": None}), ABSENT),
+    page("page: true is not a key", list_page({"key": True}), ABSENT),
 ]
 # fmt: on
 
@@ -556,25 +561,38 @@ def test_403_asks_for_an_access_check_and_never_fails_by_itself(
     kind: RequestKind, attempts: int
 ) -> None:
     decision = run(exchange(kind, 403, "This action is unauthorized."), attempts=attempts)
-    assert decision == Forbidden(detail="HTTP 403: This action is unauthorized.")
+    assert decision == Forbidden(
+        detail="HTTP 403: This action is unauthorized.", lookup_required=kind is CREATE
+    )
 
 
-def test_after_access_check() -> None:
-    forbidden = Forbidden(detail="HTTP 403: This action is unauthorized.")
-    assert after_access_check(forbidden, True, NOW, POLICY) == Failed(
-        Outcome.FORBIDDEN, "HTTP 403: This action is unauthorized. [GET /v1/test: OK]"
+@pytest.mark.parametrize("flagged", [False, True])
+def test_after_access_check(flagged: bool) -> None:
+    forbidden = Forbidden(detail="HTTP 403: This action is unauthorized.", lookup_required=flagged)
+    # The key works: the row alone is refused, and keeps what is known of its effect.
+    assert after_access_check(forbidden, PingVerdict.OK, NOW, POLICY) == Failed(
+        Outcome.FORBIDDEN,
+        "HTTP 403: This action is unauthorized. [GET /v1/test: OK]",
+        lookup_required=flagged,
     )
     assert not is_retryable(Outcome.FORBIDDEN)
-    assert after_access_check(forbidden, False, NOW, POLICY) == Pause(
-        until=NOW + timedelta(seconds=POLICY.auth_pause_seconds),
-        detail="HTTP 403: This action is unauthorized. [check PARTNERO_API_KEY]",
+    until = NOW + timedelta(seconds=POLICY.auth_pause_seconds)
+    for refused in (PingVerdict.REFUSED, PingVerdict.NOT_PARTNERO):
+        assert after_access_check(forbidden, refused, NOW, POLICY) == Pause(
+            until=until, detail="HTTP 403: This action is unauthorized. [check PARTNERO_API_KEY]"
+        )
+    # No answer to the key check: sending waits, but nobody is told the key was refused.
+    assert after_access_check(forbidden, PingVerdict.UNREACHABLE, NOW, POLICY) == Pause(
+        until=until,
+        detail="HTTP 403: This action is unauthorized. [GET /v1/test: no usable answer]",
+        refused=False,
     )
 
 
 def test_after_access_check_keeps_details_short() -> None:
     forbidden = Forbidden(detail="x" * policy.DETAIL_MAX_CHARS)
-    for key_works in (True, False):
-        decision = after_access_check(forbidden, key_works, NOW, POLICY)
+    for verdict in PingVerdict:
+        decision = after_access_check(forbidden, verdict, NOW, POLICY)
         assert isinstance(decision, Failed | Pause)
         assert len(decision.detail) == policy.DETAIL_MAX_CHARS
         assert decision.detail.endswith("]")
@@ -600,10 +618,13 @@ def test_ping_is_not_decided() -> None:
         (exchange(PING, 200, body={"status": 1}), PingVerdict.OK),
         (exchange(PING, 200, body={"message": "API key is valid"}), PingVerdict.OK),
         (exchange(PING, 204, text=""), PingVerdict.OK),
-        (exchange(PING, 200, text="<html><body>It works!</body></html>"), PingVerdict.NOT_PARTNERO),
-        (exchange(PING, 200, text=""), PingVerdict.NOT_PARTNERO),
-        (exchange(PING, 200, body={"status": 0}), PingVerdict.NOT_PARTNERO),
-        (exchange(PING, 200, body=["ok"]), PingVerdict.NOT_PARTNERO),
+        # The body of GET /v1/test is undocumented: plain text or nothing is a yes; a web page
+        # or Partnero's own "no" is asked again (a maintenance page must not stop start-up).
+        (exchange(PING, 200, text="OK"), PingVerdict.OK),
+        (exchange(PING, 200, text=""), PingVerdict.OK),
+        (exchange(PING, 200, text="<html><body>It works!</body></html>"), PingVerdict.UNREACHABLE),
+        (exchange(PING, 200, text="  <!DOCTYPE html><html></html>"), PingVerdict.UNREACHABLE),
+        (exchange(PING, 200, body={"status": 0}), PingVerdict.UNREACHABLE),
         (
             exchange(PING, 404, "The route api/v1/v1/test could not be found."),
             PingVerdict.NOT_PARTNERO,
@@ -900,3 +921,16 @@ def test_policy_imports_only_the_standard_library_and_the_domain() -> None:
         assert name == "outbox.domain" or (
             top in sys.stdlib_module_names and top not in {"asyncio", "socket", "ssl"}
         ), name
+
+
+@pytest.mark.parametrize(
+    ("their_key", "found"),
+    [(17, True), ("17", True), (17.0, False), (170, False), (True, False), (None, False)],
+)
+def test_a_numeric_key_given_back_as_a_json_integer_is_still_ours(
+    their_key: object, found: bool
+) -> None:
+    """Shops use invoice numbers like 17; a list answer may carry them as JSON integers."""
+    ev = replace(event(flagged=True), transaction_key="17")
+    ex = exchange(LOOKUP, 200, body={"data": [{"key": their_key}], "links": {"next": None}})
+    assert decide(ev, ex, NOW, POLICY, 0.5) == LookupResult(found=found)
