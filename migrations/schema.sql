@@ -370,6 +370,30 @@ COMMENT ON TABLE outbox.operator_action_events IS
     'The events an operator action changed (retry, discard, or release of a refund queued '
     'behind a discarded sale), each with its status, outcome and attempts before the change.';
 
+-- ---- 0005: the order of a key's rows, written once ----------------------------------------
+
+-- Whether the row (earlier_type, earlier_id) goes before the row (later_type, later_id) of the
+-- same transaction key: a sale goes before every refund and before the later sales; a refund
+-- goes before the later refunds only; no row goes before itself. A row waits for every row of
+-- its key that goes before it and is not settled yet. One SQL expression, IMMUTABLE, not STRICT,
+-- no SET, not SECURITY DEFINER: the planner inlines it into the claim query and the views below.
+CREATE FUNCTION outbox.goes_before(
+    earlier_type text,
+    earlier_id   bigint,
+    later_type   text,
+    later_id     bigint
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN later_type = 'sale'
+                THEN earlier_type = 'sale' AND earlier_id < later_id
+                ELSE earlier_type = 'sale' OR earlier_id < later_id END
+$$;
+
+COMMENT ON FUNCTION outbox.goes_before(text, bigint, text, bigint) IS
+    'Per-key delivery order: true when the first row (type, id) goes before the second one of '
+    'the same transaction key (every sale before every refund, then by id). Inlined by the '
+    'planner; used by the claim query and the views failed_deliveries and blocked_deliveries.';
+
 -- Failed rows: they need a person (`outbox failed`, `outbox retry`, `outbox discard`).
 -- rows_waiting counts the pending rows of the same key that wait for this one (SPEC rule 2).
 CREATE VIEW outbox.failed_deliveries AS
@@ -391,9 +415,7 @@ SELECT e.id,
         WHERE w.transaction_key = e.transaction_key
           AND w.status = 'pending'
           AND w.id <> e.id
-          AND CASE WHEN w.event_type = 'sale'
-                   THEN e.event_type = 'sale' AND e.id < w.id
-                   ELSE e.event_type = 'sale' OR e.id < w.id END) AS rows_waiting
+          AND outbox.goes_before(e.event_type, e.id, w.event_type, w.id)) AS rows_waiting
 FROM outbox.events e
 WHERE e.status = 'failed';
 
@@ -402,7 +424,7 @@ COMMENT ON VIEW outbox.failed_deliveries IS
     'many pending rows of the same transaction key wait for them.';
 
 -- Pending rows that cannot be sent until a person acts: a failed row ahead of them in their
--- key's order (every sale before every refund, then by id: the claim query's rule), or, for a
+-- key's order (every sale before every refund, then by id: outbox.goes_before, as in the claim), or, for a
 -- refund, a key whose sales were all discarded (unless a person released it). blocked_by_* is
 -- the row it waits for: the earliest failed one, else the discarded sale.
 CREATE VIEW outbox.blocked_deliveries AS
@@ -428,9 +450,7 @@ CROSS JOIN LATERAL (
     WHERE p.transaction_key = e.transaction_key
       AND p.id <> e.id
       AND ((p.status = 'failed'
-            AND CASE WHEN e.event_type = 'sale'
-                     THEN p.event_type = 'sale' AND p.id < e.id
-                     ELSE p.event_type = 'sale' OR p.id < e.id END)
+            AND outbox.goes_before(p.event_type, p.id, e.event_type, e.id))
            OR (e.event_type = 'refund'
                AND NOT e.order_released
                AND p.event_type = 'sale'

@@ -21,11 +21,12 @@ from psycopg import errors
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import db
+from outbox import db, queries
 from outbox.fake_partnero import FakeConfig, FakePartneroThread
 from outbox.roles_cli import register, roles_sql
 from tests.daemon_helpers import API_KEY, DaemonThread, make_settings, settled, wait_until
 from tests.helpers import psql
+from tests.test_key_order import CLAIM_PARAMS
 
 APP_COLUMNS = ("event_type", "transaction_key", "customer_key", "amount", "currency", "payload")
 
@@ -218,6 +219,14 @@ def test_the_grants_are_exactly_these(roles: Roles) -> None:
             """,
             ([roles.app_group, roles.daemon_group],),
         ).fetchall()
+        functions = conn.execute(
+            """
+            SELECT a.grantee::regrole::text, p.proname, a.privilege_type
+            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace, aclexplode(p.proacl) a
+            WHERE n.nspname = 'outbox' AND a.grantee::regrole::text = ANY(%s)
+            """,
+            ([roles.app_group, roles.daemon_group],),
+        ).fetchall()
         schema = conn.execute(
             """
             SELECT a.grantee::regrole::text, a.privilege_type
@@ -238,7 +247,35 @@ def test_the_grants_are_exactly_these(roles: Roles) -> None:
     assert sorted(columns) == sorted(
         [(app, name, "INSERT") for name in APP_COLUMNS] + [(app, "id", "SELECT")]
     )
+    assert sorted(functions) == sorted(
+        [
+            (app, "record_refund", "EXECUTE"),
+            (app, "record_sale", "EXECUTE"),
+            (daemon, "arm_doorbell", "EXECUTE"),
+            (daemon, "disarm_doorbell", "EXECUTE"),
+            (daemon, "goes_before", "EXECUTE"),
+        ]
+    )
     assert sorted(schema) == [(app, "USAGE"), (daemon, "USAGE")]
+
+
+def test_the_daemon_claims_when_functions_are_not_executable_by_public(roles: Roles) -> None:
+    """The claim calls outbox.goes_before (migration 0005). The planner inlines it, yet checks
+    EXECUTE first: where a DBA took EXECUTE away from PUBLIC, the daemon's role claims with the
+    grant roles.sql gives it, and without that grant it could not claim at all."""
+    claim = queries.get("claim")
+    goes_before = "outbox.goes_before(text, bigint, text, bigint)"
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        conn.execute("SELECT outbox.record_sale('inv_p', 'c', 1)")
+        conn.execute(f"REVOKE EXECUTE ON FUNCTION {goes_before} FROM PUBLIC")
+    with psycopg.connect(roles.daemon_url) as conn:
+        claimed = conn.execute(claim, CLAIM_PARAMS).fetchall()
+        conn.rollback()
+    assert len(claimed) == 1
+    with psycopg.connect(roles.owner_url, autocommit=True) as conn:
+        conn.execute(f"REVOKE EXECUTE ON FUNCTION {goes_before} FROM {roles.daemon_group}")
+    with psycopg.connect(roles.daemon_url) as conn, pytest.raises(errors.InsufficientPrivilege):
+        conn.execute(claim, CLAIM_PARAMS)
 
 
 def test_roles_sql_command_prints_the_sql_with_chosen_names() -> None:

@@ -25,9 +25,10 @@
 -- FOR UPDATE SKIP LOCKED, complete, rescue, the status line), INSERT on outbox.attempts (its
 -- identity column needs nothing more; `RETURNING 1` reads no column), SELECT on
 -- outbox.schema_migrations (the start-up check that the schema is current), EXECUTE on
--- outbox.arm_doorbell/disarm_doorbell (so that INSERTs NOTIFY only while it waits). LISTEN and
--- pg_notify need no privilege. It cannot INSERT or DELETE events, read or change attempts, or
--- create anything.
+-- outbox.arm_doorbell/disarm_doorbell (so that INSERTs NOTIFY only while it waits) and on
+-- outbox.goes_before (the claim's per-key order: the planner inlines it, yet a role that may
+-- not execute it cannot claim; PUBLIC may, unless a DBA revoked that). LISTEN and pg_notify need
+-- no privilege. It cannot INSERT or DELETE events, read or change attempts, or create anything.
 --
 -- Operators (`outbox status | failed | show | retry | discard | prune`) and `outbox migrate` run
 -- as the schema owner; neither role here is meant for them.
@@ -66,4 +67,6 @@ GRANT USAGE ON SCHEMA outbox TO outbox_daemon;
 GRANT SELECT, UPDATE ON outbox.events TO outbox_daemon;
 GRANT INSERT ON outbox.attempts TO outbox_daemon;
 GRANT SELECT ON outbox.schema_migrations TO outbox_daemon;
-GRANT EXECUTE ON FUNCTION outbox.arm_doorbell(integer), outbox.disarm_doorbell() TO outbox_daemon;
+GRANT EXECUTE ON FUNCTION outbox.arm_doorbell(integer), outbox.disarm_doorbell(),
+                          outbox.goes_before(text, bigint, text, bigint)
+    TO outbox_daemon;
