@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from outbox.domain import Exchange
+from outbox.domain import Exchange, Status
+
+if TYPE_CHECKING:
+    from outbox.delivery.store import Completion
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -64,7 +67,22 @@ class Metrics:
         self.paused = Gauge(
             "outbox_paused", "1 while sending is paused (the API key refused).", registry=r
         )
+        self.service_crashes = Counter(
+            "outbox_service_crashes",
+            "Unexpected crashes of the daemon's services (each restarted, or the daemon stops).",
+            ["service"],
+            registry=r,
+        )
         self.healthy = Gauge("outbox_healthy", "1 while /healthz would answer 200.", registry=r)
+
+    def observe_completion(self, completion: Completion) -> None:
+        """A result the writer recorded: a settled row by status and outcome, a retry by its
+        reason class (typed, never read back out of the error text)."""
+        if completion.status in (Status.DELIVERED, Status.FAILED):
+            outcome = completion.outcome.value if completion.outcome is not None else ""
+            self.settled.labels(completion.status.value, outcome).inc()
+        elif completion.reason is not None:
+            self.retries.labels(completion.reason.value).inc()
 
     def observe_exchange(self, exchange: Exchange) -> None:
         status = (

@@ -458,7 +458,8 @@ def test_lost_lease_result_is_not_applied(
     """A result written after the row was claimed again by someone else changes nothing."""
     import asyncio
 
-    from outbox.store import Completion, Store
+    from outbox.delivery.store import Completion, Store
+    from outbox.domain import Outcome, Status
 
     insert_sales(engine, ["inv_lease"])
 
@@ -476,27 +477,29 @@ def test_lost_lease_result_is_not_applied(
         (old,), (new,) = first.claimed, second.claimed
         assert new.event.lookup_required, "a reclaimed sale must be looked up first"
         stale = Completion(
-            old.event.id,
-            old.token,
-            "delivered",
-            "created",
-            1,
-            old.lease_expires_at,
-            False,
-            None,
-            201,
+            event_id=old.event.id,
+            token=old.token,
+            status=Status.DELIVERED,
+            outcome=Outcome.CREATED,
+            reason=None,
+            attempts=1,
+            next_attempt_at=old.lease_expires_at,
+            lookup_required=False,
+            last_error=None,
+            last_status_code=201,
         )
         result = await store.complete([stale])
         fresh = Completion(
-            new.event.id,
-            new.token,
-            "delivered",
-            "created",
-            1,
-            new.lease_expires_at,
-            False,
-            None,
-            201,
+            event_id=new.event.id,
+            token=new.token,
+            status=Status.DELIVERED,
+            outcome=Outcome.CREATED,
+            reason=None,
+            attempts=1,
+            next_attempt_at=new.lease_expires_at,
+            lookup_required=False,
+            last_error=None,
+            last_status_code=201,
         )
         result2 = await store.complete([fresh])
         await store.close()

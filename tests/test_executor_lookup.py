@@ -13,11 +13,11 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from outbox.delivery.executor import Executor, Gate
+from outbox.delivery.store import Claimed, Completion
 from outbox.domain import Event, EventType, RetryPolicy
-from outbox.executor import Executor, Gate
 from outbox.fake_partnero import FakeConfig, FakePartnero
 from outbox.partnero import ApiKey, PartneroClient
-from outbox.store import Claimed, Completion
 
 API_KEY = "test-key-not-a-secret"
 TIMEOUT = 15.0

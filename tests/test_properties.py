@@ -32,12 +32,12 @@ from psycopg import errors
 from psycopg.types.json import Jsonb
 
 from outbox import pgtemp
+from outbox.delivery.executor import Executor, Gate
+from outbox.delivery.store import Store
 from outbox.domain import Event, EventType, LookupResult, RetryPolicy
-from outbox.executor import Executor, Gate
 from outbox.fake_partnero import FakeConfig, FakePartneroThread, _validate_create
 from outbox.partnero import ApiKey, PartneroClient, build_create_body
 from outbox.policy import decide
-from outbox.store import Store
 from tests.daemon_helpers import API_KEY
 
 # The insert contract's rules (migrations/0001): what a refused INSERT may name.

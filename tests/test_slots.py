@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from outbox.daemon import Slots
+from outbox.delivery.slots import Slots
 
 
 async def _settle() -> None:

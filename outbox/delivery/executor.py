@@ -15,11 +15,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from outbox import policy
+from outbox.delivery.gate import Gate
+from outbox.delivery.store import AttemptRecord, Claimed, Completion
 from outbox.domain import (
     Decision,
     Delivered,
@@ -36,8 +38,8 @@ from outbox.domain import (
     RequestKind,
     Retry,
     RetryPolicy,
+    Status,
 )
-from outbox.store import AttemptRecord, Claimed, Completion
 
 log = structlog.get_logger("outbox.delivery")
 
@@ -55,63 +57,6 @@ class Client(Protocol):
     async def delete(self, transaction_key: str) -> Exchange: ...
     async def lookup(self, transaction_key: str, page: int = 1) -> Exchange: ...
     async def ping(self) -> Exchange: ...
-
-
-class Gate:
-    """The daemon-wide go/no-go for sending: closed until `GET /v1/test` has answered 2xx (at
-    start-up, `verified` False), paused after a refused key, cooling down after 429."""
-
-    def __init__(self, clock: Callable[[], datetime], *, verified: bool = True) -> None:
-        self._clock = clock
-        self.verified = verified
-        self.paused_until: datetime | None = None if verified else clock()
-        self.pause_detail: str | None = None if verified else "checking the Partnero API"
-        self.cooldown_until: datetime | None = None
-        self.refused = False
-        self._changed = asyncio.Event()
-
-    def pause(self, until: datetime, detail: str, *, refused: bool = True) -> None:
-        """Stop sending until `until` (then GET /v1/test decides). `refused`: Partnero refused
-        the API key (401, or 403 on GET /v1/test too); False: Partnero could not be asked."""
-        if self.paused_until is None or until > self.paused_until:
-            self.paused_until = until
-        self.pause_detail = detail
-        self.refused = refused
-        self._changed.set()
-
-    def check_now(self) -> None:
-        """End the current pause early (a new API key): the key is checked at once."""
-        if self.paused_until is not None:
-            self.paused_until = self._clock()
-            self._changed.set()
-
-    @property
-    def changed(self) -> asyncio.Event:
-        """Set whenever the pause starts, ends or is cut short."""
-        return self._changed
-
-    def resume(self) -> None:
-        self.verified = True
-        self.refused = False
-        self.paused_until = None
-        self.pause_detail = None
-        self._changed.set()
-
-    def cool_down(self, until: datetime) -> None:
-        if self.cooldown_until is None or until > self.cooldown_until:
-            self.cooldown_until = until
-
-    @property
-    def paused(self) -> bool:
-        return self.paused_until is not None
-
-    async def wait_for_cooldown(self) -> None:
-        while self.cooldown_until is not None:
-            remaining = (self.cooldown_until - self._clock()).total_seconds()
-            if remaining <= 0:
-                self.cooldown_until = None
-                return
-            await asyncio.sleep(remaining)
 
 
 @dataclass(slots=True)
@@ -182,26 +127,7 @@ class Executor:
     async def _process(self, claimed: Claimed, progress: _Progress, deadline: float) -> Completion:
         event = claimed.event
         if claimed.known_duplicate:
-            log.info(
-                "outbox.delivery.delivered",
-                event_id=event.id,
-                key=event.transaction_key,
-                type=event.event_type.value,
-                attempt=progress.attempts,
-                status_code=None,
-                outcome=Outcome.DUPLICATE.value,
-                duration_ms=0.0,
-                note="an earlier sale with this key was already delivered",
-            )
-            return self._completion(
-                claimed,
-                progress,
-                status="delivered",
-                outcome=Outcome.DUPLICATE.value,
-                next_attempt_at=self._clock(),
-                lookup_required=False,
-                last_error="an earlier sale with this key was already delivered; not sent again",
-            )
+            return self._finish(claimed, progress, None, KNOWN_DUPLICATE)
         if event.event_type is EventType.SALE and progress.lookup_required:
             looked_up = await self._look_up(claimed, progress, deadline)
             if isinstance(looked_up, Completion):
@@ -397,86 +323,38 @@ class Executor:
             )
 
     def _finish(
-        self, claimed: Claimed, progress: _Progress, exchange: Exchange, decision: Decision
+        self,
+        claimed: Claimed,
+        progress: _Progress,
+        exchange: Exchange | None,
+        decision: Decision | _KnownDuplicate,
     ) -> Completion:
+        """Carry the decision out: one log line and the completion for the writer."""
         event = claimed.event
-        fields = {
-            "event_id": event.id,
-            "key": event.transaction_key,
-            "type": event.event_type.value,
-            "attempt": progress.attempts,
-            "status_code": exchange.status_code,
-            "duration_ms": _duration_ms(exchange),
-        }
         now = self._clock()
-        if isinstance(decision, Delivered):
-            log.info("outbox.delivery.delivered", outcome=decision.outcome.value, **fields)
-            return self._completion(
-                claimed,
-                progress,
-                status="delivered",
-                outcome=decision.outcome.value,
-                next_attempt_at=now,
-                lookup_required=False,
-                last_error=None,
-            )
-        if isinstance(decision, Retry):
-            detail = f"{decision.reason.value}: {policy.describe(exchange)}"
-            log.warning(
-                "outbox.delivery.retry",
-                outcome=decision.reason.value,
-                retry_at=decision.at.isoformat(),
-                lookup_required=decision.lookup_required,
-                error=detail,
-                **fields,
-            )
-            return self._completion(
-                claimed,
-                progress,
-                status="pending",
-                outcome=None,
-                next_attempt_at=decision.at,
-                lookup_required=decision.lookup_required,
-                last_error=detail,
-            )
-        if isinstance(decision, Failed):
-            log.error(
-                "outbox.delivery.failed",
-                outcome=decision.reason.value,
-                error=decision.detail,
-                **fields,
-            )
-            return self._completion(
-                claimed,
-                progress,
-                status="failed",
-                outcome=decision.reason.value,
-                next_attempt_at=now,
-                lookup_required=progress.lookup_required or decision.lookup_required,
-                last_error=decision.detail,
-            )
+        end = _ending(decision, exchange, progress.lookup_required, now)
         if isinstance(decision, Pause):
             self._gate.pause(decision.until, decision.detail, refused=decision.refused)
-            log.error(
-                "outbox.delivery.paused",
-                until=decision.until.isoformat(),
-                error=decision.detail,
-                **fields,
-            )
-            # Due again at once: this daemon's gate holds all sending while it is paused, and
-            # the row must go as soon as a new key works, not when the pause would have ended.
-            return self._completion(
-                claimed,
-                progress,
-                status="pending",
-                outcome=None,
-                next_attempt_at=now,
-                lookup_required=progress.lookup_required,
-                last_error=decision.detail,
-            )
-        # Lookup results are handled in _look_up and a Forbidden in _decide; reaching here would
-        # be a bug in this module.
-        raise AssertionError(f"unexpected decision {decision!r}")
+        getattr(log, end.level)(
+            end.event,
+            event_id=event.id,
+            key=event.transaction_key,
+            type=event.event_type.value,
+            attempt=progress.attempts,
+            status_code=None if exchange is None else exchange.status_code,
+            duration_ms=0.0 if exchange is None else _duration_ms(exchange),
+            **end.fields,
+        )
+        return self._completion(
+            claimed,
+            progress,
+            status=end.status,
+            outcome=end.outcome,
+            reason=end.reason,
+            next_attempt_at=end.next_attempt_at,
+            lookup_required=end.lookup_required,
+            last_error=end.last_error,
+        )
 
     def _unsent_reason(self) -> str:
         return "paused" if self._gate.paused else "lease too short"
@@ -497,8 +375,9 @@ class Executor:
         return self._completion(
             claimed,
             progress,
-            status="pending",
+            status=Status.PENDING,
             outcome=None,
+            reason=None,
             next_attempt_at=self._clock(),
             lookup_required=lookup,
             last_error=None,
@@ -509,8 +388,9 @@ class Executor:
         claimed: Claimed,
         progress: _Progress,
         *,
-        status: str,
-        outcome: str | None,
+        status: Status,
+        outcome: Outcome | None,
+        reason: Outcome | None,
         next_attempt_at: datetime,
         lookup_required: bool,
         last_error: str | None,
@@ -520,6 +400,7 @@ class Executor:
             token=claimed.token,
             status=status,
             outcome=outcome,
+            reason=reason,
             attempts=progress.attempts,
             next_attempt_at=next_attempt_at,
             lookup_required=lookup_required,
@@ -527,6 +408,112 @@ class Executor:
             last_status_code=progress.last_status_code,
             attempt_records=tuple(progress.records),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _KnownDuplicate:
+    """A second sale row of a key whose earlier sale was delivered: `duplicate`, no call."""
+
+
+KNOWN_DUPLICATE = _KnownDuplicate()
+_DUPLICATE_NOTE = "an earlier sale with this key was already delivered; not sent again"
+
+
+@dataclass(frozen=True, slots=True)
+class _Ending:
+    """How a decision ends this claim: the row's new state and the log line that says so."""
+
+    status: Status
+    outcome: Outcome | None
+    reason: Outcome | None
+    next_attempt_at: datetime
+    lookup_required: bool
+    last_error: str | None
+    level: str
+    event: str
+    fields: dict[str, Any]
+
+
+def _ending(
+    decision: Decision | _KnownDuplicate,
+    exchange: Exchange | None,
+    lookup_required: bool,
+    now: datetime,
+) -> _Ending:
+    """The row's new state after `decision` (pure). `lookup_required`: the row's flag so far."""
+    if isinstance(decision, _KnownDuplicate):
+        outcome = Outcome.DUPLICATE
+        return _Ending(
+            Status.DELIVERED,
+            outcome,
+            None,
+            now,
+            False,
+            _DUPLICATE_NOTE,
+            "info",
+            "outbox.delivery.delivered",
+            {"outcome": outcome.value, "note": _DUPLICATE_NOTE},
+        )
+    if isinstance(decision, Delivered):
+        return _Ending(
+            Status.DELIVERED,
+            decision.outcome,
+            None,
+            now,
+            False,
+            None,
+            "info",
+            "outbox.delivery.delivered",
+            {"outcome": decision.outcome.value},
+        )
+    if isinstance(decision, Retry):
+        assert exchange is not None
+        detail = f"{decision.reason.value}: {policy.describe(exchange)}"
+        return _Ending(
+            Status.PENDING,
+            None,
+            decision.reason,
+            decision.at,
+            decision.lookup_required,
+            detail,
+            "warning",
+            "outbox.delivery.retry",
+            {
+                "outcome": decision.reason.value,
+                "retry_at": decision.at.isoformat(),
+                "lookup_required": decision.lookup_required,
+                "error": detail,
+            },
+        )
+    if isinstance(decision, Failed):
+        return _Ending(
+            Status.FAILED,
+            decision.reason,
+            decision.reason,
+            now,
+            lookup_required or decision.lookup_required,
+            decision.detail,
+            "error",
+            "outbox.delivery.failed",
+            {"outcome": decision.reason.value, "error": decision.detail},
+        )
+    if isinstance(decision, Pause):
+        # Due again at once: this daemon's gate holds all sending while it is paused, and the
+        # row must go as soon as a new key works, not when the pause would have ended.
+        return _Ending(
+            Status.PENDING,
+            None,
+            None,
+            now,
+            lookup_required,
+            decision.detail,
+            "error",
+            "outbox.delivery.paused",
+            {"until": decision.until.isoformat(), "error": decision.detail},
+        )
+    # Lookup results are handled in _look_up and a Forbidden in _decide; reaching here would
+    # be a bug in this module.
+    raise AssertionError(f"unexpected decision {decision!r}")
 
 
 def _decision_label(decision: Decision) -> str:

@@ -1,8 +1,8 @@
 """The delivery engine's database side: claim, complete, rescue, next-due, notify.
 
 Each method runs one named statement on its own connection in autocommit mode, so every write
-is atomic and no transaction is ever held open across an HTTP call (SPEC rule 4). A lost
-connection raises psycopg.OperationalError; the daemon reconnects and retries (see daemon.py).
+is atomic and no transaction is ever held open across an HTTP call (docs/design.md, "Leases").
+A lost connection raises psycopg.OperationalError; the services reconnect and retry.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 
 from outbox import queries
 from outbox.db import libpq_url
-from outbox.domain import Event, EventType
+from outbox.domain import Event, EventType, Outcome, Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +58,9 @@ class Completion:
 
     event_id: int
     token: UUID
-    status: str
-    outcome: str | None
+    status: Status
+    outcome: Outcome | None  # the delivered outcome, or the failed reason
+    reason: Outcome | None  # the retry class of a retry (for metrics), or the failed reason
     attempts: int
     next_attempt_at: datetime
     lookup_required: bool
@@ -72,7 +73,6 @@ class Completion:
 class CompleteResult:
     completed: int  # rows whose lease still held and were updated
     woken: int  # parked rows woken because a row of their key settled
-    logged: int  # attempt rows written
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,10 +131,6 @@ class Store:
             await self._conn.close()
             self._conn = None
 
-    async def ping(self) -> None:
-        conn = await self._connection()
-        await conn.execute("SELECT 1")
-
     async def claim(
         self,
         *,
@@ -178,13 +174,13 @@ class Store:
 
     async def complete(self, completions: list[Completion]) -> CompleteResult:
         if not completions:
-            return CompleteResult(0, 0, 0)
+            return CompleteResult(0, 0)
         records = [r for c in completions for r in c.attempt_records]
         params: dict[str, Any] = {
             "ids": [c.event_id for c in completions],
             "tokens": [c.token for c in completions],
-            "statuses": [c.status for c in completions],
-            "outcomes": [c.outcome for c in completions],
+            "statuses": [c.status.value for c in completions],
+            "outcomes": [None if c.outcome is None else c.outcome.value for c in completions],
             "attempts": [c.attempts for c in completions],
             "next_attempt_at": [c.next_attempt_at for c in completions],
             "lookup_required": [c.lookup_required for c in completions],
@@ -203,7 +199,7 @@ class Store:
             "a_daemon": [r.daemon for r in records],
         }
         (row,) = await self._fetch("complete", params)
-        return CompleteResult(int(row["completed"]), int(row["woken"]), int(row["logged"]))
+        return CompleteResult(int(row["completed"]), int(row["woken"]))
 
     async def rescue(self) -> list[Rescued]:
         rows = await self._fetch("rescue")
@@ -222,9 +218,6 @@ class Store:
             oldest_pending_seconds=float(oldest) if oldest is not None else None,
             failed=int(row["failed"]),
         )
-
-    async def notify(self) -> None:
-        await self._fetch("notify")
 
     async def arm_doorbell(self, wait_seconds: float) -> tuple[str, int]:
         """Hold the doorbell on this connection; the state and the connection it holds on."""

@@ -1,0 +1,120 @@
+"""The writer: records results in batches, each row guarded by its lease token.
+
+A batch that cannot be written (the database is away, or refuses it) is kept and written again;
+nothing is dropped. While it holds results it has not written, `Health.unwritten_since` says
+since when, and `Health.problems()` turns that into a problem once it lasts longer than the
+stall limit: a writer that cannot record deliveries stops the watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from outbox.delivery.health import Health
+from outbox.delivery.retrying import DB_ERRORS, retrying
+from outbox.delivery.store import Completion, Store
+from outbox.domain import Status
+from outbox.metrics import Metrics
+from outbox.text import first_line, utcnow
+
+log = structlog.get_logger("outbox.writer")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRound:
+    written: int  # results written in this round
+    applied: int  # of which the row's lease still held (the others belong to another daemon)
+    woken: int  # rows made due now: parked rows of a key that settled, and rows given back
+
+
+class Writer:
+    def __init__(
+        self,
+        store: Store,
+        health: Health,
+        on_woken: Callable[[int], None],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._store = store
+        self._health = health
+        self._on_woken = on_woken
+        self._metrics = metrics
+        self.queue: asyncio.Queue[Completion] = asyncio.Queue()
+        self._batch: list[Completion] = []
+
+    def put(self, completion: Completion) -> None:
+        if self._health.unwritten_since is None:
+            self._health.unwritten_since = time.monotonic()
+        self.queue.put_nowait(completion)
+
+    @property
+    def backlog(self) -> int:
+        return self.queue.qsize() + len(self._batch)
+
+    async def run_once(self, max_batch: int = 1000) -> WriteRound:
+        """Write the next batch (waiting for one if none is queued)."""
+        if not self._batch:
+            self._batch.append(await self.queue.get())
+        while len(self._batch) < max_batch and not self.queue.empty():
+            self._batch.append(self.queue.get_nowait())
+        result = await self._store.complete(self._batch)
+        batch, self._batch = self._batch, []
+        # Progress: what is still queued has waited only since now.
+        self._health.unwritten_since = time.monotonic() if self.backlog else None
+        self._account(batch, len(batch) - result.completed)
+        # Rows written back as pending (a retry, a row given back) may be due before the time
+        # the claimer last planned to wake, and parked rows woken here are due now.
+        woken = result.woken + sum(1 for c in batch if c.status is Status.PENDING)
+        if woken:
+            self._on_woken(woken)
+        return WriteRound(len(batch), result.completed, woken)
+
+    def _account(self, batch: list[Completion], lost: int) -> None:
+        for c in batch:
+            if c.status is Status.DELIVERED:
+                self._health.delivered += 1
+                self._health.last_delivery_at = utcnow()
+            elif c.status is Status.FAILED:
+                self._health.failed += 1
+            elif c.attempt_records:
+                self._health.retried += 1
+            if self._metrics is not None:
+                self._metrics.observe_completion(c)
+        if lost:
+            log.warning(
+                "outbox.writer.lease_lost",
+                results=lost,
+                note="another daemon holds these rows now; their results were not applied",
+            )
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Write batches until stopped, riding out database outages (other errors propagate
+        to the supervisor, which restarts the writer; the unwritten batch is kept)."""
+        while True:
+            async for attempt in retrying(stopping, "write results"):
+                with attempt:
+                    await self.run_once()
+
+    async def flush(self, deadline: float) -> bool:
+        """Write everything queued, retrying until `deadline` (monotonic). True when all written."""
+        while self.backlog:
+            try:
+                await self.run_once()
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "outbox.writer.unflushed",
+                        results=self.backlog,
+                        error=first_line(exc),
+                        note="their leases will expire and the rows be picked up again",
+                    )
+                    return False
+                if not isinstance(exc, DB_ERRORS):
+                    log.error("outbox.writer.flush_failed", exc_info=exc)
+                await asyncio.sleep(0.2)
+        return True

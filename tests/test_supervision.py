@@ -1,0 +1,215 @@
+"""Every service runs under the supervisor: a fault injected into each one is logged with its
+traceback, counted, visible in /healthz and to the watchdog while it lasts, and recovered from:
+by a restart (listener, writer, rescuer, monitor) or by stopping the daemon non-zero (claimer,
+watchdog), with nothing lost."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+import structlog
+
+from outbox.daemon import Daemon, ServiceCrashed
+from outbox.delivery.claimer import Claimer
+from outbox.delivery.listener import Listener
+from outbox.delivery.monitor import Monitor, Watchdog
+from outbox.delivery.rescuer import Rescuer
+from outbox.delivery.store import Store
+from outbox.delivery.supervisor import restart_delay
+from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from tests.daemon_helpers import (
+    API_KEY,
+    DaemonThread,
+    insert_sales,
+    make_settings,
+    settled,
+    statuses,
+    wait_until,
+)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePartneroThread]:
+    with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as server:
+        yield server
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+
+
+class Fault:
+    """Makes a method raise while `on` is set (from the calls numbered `after` on)."""
+
+    def __init__(self, error: Exception, *, after: int = 0) -> None:
+        self.error = error
+        self.after = after
+        self.calls = 0
+        self.raised = 0
+        self.on = threading.Event()
+        self.on.set()
+
+    def wrap(self, method: Callable[..., Any]) -> Callable[..., Any]:
+        fault = self
+
+        async def faulty(*args: Any, **kwargs: Any) -> Any:
+            fault.calls += 1
+            if fault.on.is_set() and fault.calls > fault.after:
+                fault.raised += 1
+                raise fault.error
+            return await method(*args, **kwargs)
+
+        return faulty
+
+
+def crashes(daemon: Daemon, service: str) -> float:
+    value = daemon.metrics.registry.get_sample_value(
+        "outbox_service_crashes_total", {"service": service}
+    )
+    return value or 0.0
+
+
+def crashed_lines(logs: list[dict[str, Any]], service: str) -> list[dict[str, Any]]:
+    return [e for e in logs if e["event"] == "outbox.service.crashed" and e["service"] == service]
+
+
+def running_daemon(thread: DaemonThread) -> Daemon:
+    wait_until(lambda: thread.daemon is not None and thread.daemon.gate.verified, what="the daemon")
+    assert thread.daemon is not None
+    return thread.daemon
+
+
+@pytest.mark.parametrize(
+    ("service", "cls", "method", "after"),
+    [
+        ("listener", Listener, "run_once", 0),
+        ("writer", Store, "complete", 0),
+        ("rescuer", Rescuer, "run_once", 0),
+        ("monitor", Monitor, "run_once", 1),  # the first call is start-up's, before READY
+    ],
+)
+def test_a_crashed_service_is_logged_shown_and_restarted(
+    monkeypatch: pytest.MonkeyPatch,
+    logs: list[dict[str, Any]],
+    engine: sa.Engine,
+    database_url: str,
+    fake: FakePartneroThread,
+    service: str,
+    cls: type,
+    method: str,
+    after: int,
+) -> None:
+    fault = Fault(ValueError(f"injected into the {service}"), after=after)
+    monkeypatch.setattr(cls, method, fault.wrap(getattr(cls, method)))
+    settings = make_settings(database_url, fake.url, stall_seconds=1)
+    with DaemonThread(settings) as thread:
+        if service == "writer":
+            insert_sales(engine, ["inv_during_fault"])  # a result the writer must not lose
+        daemon = thread.daemon
+        wait_until(lambda: daemon is not None and crashes(daemon, service) >= 1, what="a crash")
+        assert daemon is not None
+        # While it is down (or crashing again at each restart): unhealthy, for /healthz and
+        # for the watchdog, with the reason.
+        healthy, body = daemon.healthz()
+        assert not healthy
+        assert any(
+            p.startswith(f"{service} crashed: ValueError: injected") for p in body["problems"]
+        ) or any(p.startswith("results unwritten") for p in body["problems"]), body["problems"]
+        assert daemon.watchdog.run_once() is False
+        fault.on.clear()
+        wait_until(lambda: daemon.healthz()[0], what="healthy again after the restart")
+        if service == "writer":
+            wait_until(lambda: settled(engine, 1), what="the result written after the fault")
+        insert_sales(engine, ["inv_after_fault"])
+        wait_until(lambda: statuses(engine).get("delivered") == (2 if service == "writer" else 1))
+    (line, *_) = crashed_lines(logs, service)
+    assert line["log_level"] == "error"
+    assert isinstance(line["exc_info"], ValueError)  # the traceback goes to the log
+    assert line["action"] == f"restarting in {restart_delay(1):g} s"
+    assert [e for e in logs if e["event"] == "outbox.service.restarted"]
+    assert len(fake.ledger()) == (2 if service == "writer" else 1)
+
+
+def test_a_database_trigger_that_refuses_the_results_stops_the_watchdog_until_it_is_gone(
+    logs: list[dict[str, Any]], engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    """A DBA's audit trigger (or a full tablespace) makes recording a delivery fail: the sales
+    reached Partnero, their rows stay pending. The daemon says so and stops pinging the
+    watchdog; once the trigger is gone the results are written, nothing sent twice."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION outbox.audit_refuses() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN RAISE EXCEPTION 'audit log is full'; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER audit BEFORE UPDATE OF status ON outbox.events FOR EACH ROW "
+                "WHEN (NEW.status = 'delivered') EXECUTE FUNCTION outbox.audit_refuses()"
+            )
+        )
+    with DaemonThread(make_settings(database_url, fake.url, stall_seconds=1)) as thread:
+        daemon = running_daemon(thread)
+        insert_sales(engine, [f"inv_audit{i}" for i in range(20)])
+        wait_until(lambda: len(fake.ledger()) == 20, what="the sales sent")
+        wait_until(
+            lambda: any(p.startswith("results unwritten") for p in daemon.health.problems()),
+            what="the unwritten results to show",
+        )
+        assert statuses(engine) == {"pending": 20}
+        assert daemon.watchdog.run_once() is False
+        assert not daemon.healthz()[0]
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER audit ON outbox.events"))
+        wait_until(lambda: settled(engine, 20), timeout=45, what="the results written")
+        wait_until(lambda: daemon.healthz()[0], what="healthy again")
+    assert statuses(engine) == {"delivered": 20}
+    assert len(fake.ledger()) == 20
+    line = crashed_lines(logs, "writer")[0]
+    assert "audit log is full" in line["error"]
+
+
+@pytest.mark.parametrize(
+    ("service", "cls", "method"),
+    [("claimer", Claimer, "run_once"), ("watchdog", Watchdog, "run_once")],
+)
+def test_a_crash_of_the_claimer_or_the_watchdog_stops_the_daemon_non_zero(
+    monkeypatch: pytest.MonkeyPatch,
+    logs: list[dict[str, Any]],
+    engine: sa.Engine,
+    database_url: str,
+    fake: FakePartneroThread,
+    service: str,
+    cls: type,
+    method: str,
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # the watchdog runs every second
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    fault = Fault(RuntimeError(f"injected into the {service}"))
+    if service == "watchdog":
+        monkeypatch.setattr(cls, method, lambda self: (_ for _ in ()).throw(fault.error))
+    else:
+        monkeypatch.setattr(cls, method, fault.wrap(getattr(cls, method)))
+    insert_sales(engine, ["inv_left"])
+    thread = DaemonThread(make_settings(database_url, fake.url))
+    thread.start()
+    wait_until(lambda: not thread.alive, what="the daemon to stop by itself")
+    with pytest.raises(ServiceCrashed, match=f"the {service} crashed: RuntimeError: injected"):
+        thread.stop()
+    line = crashed_lines(logs, service)[0]
+    assert line["action"] == "the daemon stops (exit 1) and systemd starts it again"
+    assert isinstance(line["exc_info"], RuntimeError)
+    # The shutdown ran: nothing is left leased, nothing half-written.
+    assert statuses(engine) in ({"pending": 1}, {"delivered": 1})
+    with engine.connect() as conn:
+        leased = conn.execute(
+            sa.text("SELECT count(*) FROM outbox.events WHERE lease_token IS NOT NULL")
+        ).scalar()
+    assert leased == 0
