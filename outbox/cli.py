@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import click
 import sqlalchemy as sa
 
 from outbox import __version__, db, migrate
+from outbox.cli_common import database_url_from, fail
 from outbox.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, resolve
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    """One clear line on stderr, then exit."""
-    click.echo(f"outbox: {message}", err=True)
-    sys.exit(code)
 
 
 def setting_options(names: list[str] | None = None) -> Callable[[F], F]:
@@ -46,17 +40,6 @@ def settings_from(options: dict[str, Any], *, need_api_key: bool = True) -> Sett
         return resolve(options, need_api_key=need_api_key)
     except SettingError as exc:
         fail(str(exc), code=2)
-
-
-def database_url_from(value: str | None) -> str:
-    url = value or os.environ.get("OUTBOX_DATABASE_URL")
-    if not url:
-        fail("invalid setting OUTBOX_DATABASE_URL (--database-url): is required", code=2)
-    try:
-        db.sqlalchemy_url(url)
-    except db.DatabaseUrlError as exc:
-        fail(f"invalid setting OUTBOX_DATABASE_URL (--database-url): {exc}", code=2)
-    return url
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

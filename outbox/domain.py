@@ -161,6 +161,46 @@ class LookupNextPage:
 Decision = Delivered | Retry | Failed | Pause | Forbidden | LookupResult | LookupNextPage
 
 
+class DecisionKind(enum.StrEnum):
+    """The first part of a decision's label, as outbox.attempts.decision stores it: `kind:detail`
+    (`delivered:created`, `retry:timeout+lookup`, `lookup:next_page:2`, `pause:auth`...; the
+    labels are listed in docs/operations.md)."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    FAILED = "failed"
+    LOOKUP = "lookup"
+    FORBIDDEN = "forbidden"
+    PAUSE = "pause"
+
+
+_LABEL_SEPARATOR = ":"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionLabel:
+    """A stored decision label, read: its kind and the rest of the text."""
+
+    kind: DecisionKind
+    detail: str
+
+
+def decision_label(kind: DecisionKind, detail: str) -> str:
+    """The text stored for a decision: `decision_label(DecisionKind.PAUSE, "auth")` is
+    `pause:auth`."""
+    return f"{kind.value}{_LABEL_SEPARATOR}{detail}"
+
+
+def parse_decision_label(text: str) -> DecisionLabel | None:
+    """The kind and detail of a stored label; None for text that is not `kind:detail` with a
+    kind this vocabulary knows (a label written by another version stays readable as text)."""
+    kind, separator, detail = text.partition(_LABEL_SEPARATOR)
+    try:
+        return DecisionLabel(DecisionKind(kind), detail) if separator else None
+    except ValueError:
+        return None
+
+
 class PingVerdict(enum.StrEnum):
     """What one `GET /v1/test` says about sending."""
 

@@ -1,10 +1,11 @@
 """The operator surface: what `outbox status | failed | show | retry | discard | prune` ask of the
-database and do to it. No click here (outbox/ops_cli.py renders); every function returns a plain,
-JSON-ready dict whose shape is documented in docs/operations.md.
+database and do to it. No click here (outbox/ops_cli.py renders); every function returns a frozen
+dataclass whose fields, in their order, are the JSON shape documented in docs/operations.md
+(ops_cli serialises it at the edge: times, amounts and enums stay typed until then).
 
-The queries are in outbox/sql/ops.sql; `status` and `failed` read the views of migration 0002
-(outbox.delivery_summary, outbox.failed_deliveries, outbox.blocked_deliveries), so the CLI and a
-plain SQL client give the same answers.
+The queries are named, in outbox/sql/ops.sql; `status` and `failed` read the views of migration
+0002 (outbox.delivery_summary, outbox.failed_deliveries, outbox.blocked_deliveries), so the CLI
+and a plain SQL client give the same answers.
 
 Actions (retry, discard) run in one transaction: the selected rows are locked, checked, changed,
 recorded in outbox.operator_actions / outbox.operator_action_events, and a NOTIFY wakes a running
@@ -14,32 +15,77 @@ locks, reports what would change, and rolls back without writing anything.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import getpass
 import json
 import os
 import re
 import socket
+import typing
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any
-from uuid import UUID
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 
 from outbox import queries
-from outbox.domain import DELIVERED_OUTCOMES, EventType, Outcome
+from outbox.domain import (
+    DELIVERED_OUTCOMES,
+    DecisionKind,
+    EventType,
+    Outcome,
+    Status,
+    parse_decision_label,
+)
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 JSONDict = dict[str, Any]
 
 SQL_FILE = "ops.sql"
 LOCK_TIMEOUT = "10s"  # an action waits at most this long for a row another transaction holds
 
-FAILED_OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome if o not in DELIVERED_OUTCOMES)
-STATES = ("failed", "blocked")
-EVENT_TYPES: tuple[str, ...] = tuple(t.value for t in EventType)
-REFUND_CHOICES = ("keep", "discard", "release")
+
+class ProblemState(enum.StrEnum):
+    """Why `outbox failed` lists a row."""
+
+    FAILED = "failed"
+    BLOCKED = "blocked"  # pending, behind a failed or discarded row of its key
+
+
+class ActionKind(enum.StrEnum):
+    """An operator action, as outbox.operator_actions.action records it."""
+
+    RETRY = "retry"
+    DISCARD = "discard"
+    PRUNE = "prune"
+
+
+class ChangeKind(enum.StrEnum):
+    """What an action does to one row (outbox.operator_action_events.change; wake is not
+    recorded)."""
+
+    RETRY = "retry"
+    DISCARD = "discard"
+    RELEASE = "release"  # a refund sent although its sale was discarded
+    WAKE = "wake"  # a parked row of the same key, made due now
+
+
+class RefundChoice(enum.StrEnum):
+    """`outbox discard --refunds`: what becomes of the refunds a discarded sale leaves waiting."""
+
+    KEEP = "keep"
+    DISCARD = "discard"
+    RELEASE = "release"
+
+
+FAILED_OUTCOMES: tuple[Outcome, ...] = tuple(o for o in Outcome if o not in DELIVERED_OUTCOMES)
 
 
 class OpsError(Exception):
@@ -114,6 +160,11 @@ def format_duration(seconds: float | None) -> str:
     raise AssertionError("unreachable")
 
 
+def plural(count: int, word: str) -> str:
+    """`1 row`, `2 rows`, `3 batches`."""
+    return f"{count} {word}{'' if count == 1 else 'es' if word.endswith('ch') else 's'}"
+
+
 def parse_ids(text: str) -> list[int]:
     """Event ids separated by spaces or commas."""
     ids: list[int] = []
@@ -122,6 +173,15 @@ def parse_ids(text: str) -> list[int]:
             raise ValueError(f"{part!r} is not an event id")
         ids.append(int(part))
     return sorted(set(ids))
+
+
+def parse_status_code(text: str | None) -> int | None:
+    if text is None:
+        return None
+    cleaned = text.strip()
+    if not (cleaned.isascii() and cleaned.isdigit()) or not 100 <= int(cleaned) <= 599:
+        raise ValueError(f"{text!r} is not an HTTP status code (100-599)")
+    return int(cleaned)
 
 
 def default_actor() -> str:
@@ -139,335 +199,48 @@ def default_actor() -> str:
 class Filters:
     """What `outbox failed` (and `retry` / `discard` by filter) select. None means any."""
 
-    state: str | None = None
-    outcome: str | None = None
+    state: ProblemState | None = None
+    outcome: Outcome | None = None
     status_code: int | None = None
     since: TimeBound | None = None
     until: TimeBound | None = None
     key: str | None = None
     customer: str | None = None
-    event_type: str | None = None
+    event_type: EventType | None = None
 
     def given(self) -> bool:
-        return any(getattr(self, name) is not None for name in self.__slots__)
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
 
     def describe(self) -> JSONDict:
         """The filters as given, for the JSON output and the action record."""
         out: JSONDict = {}
-        for name in self.__slots__:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value.text() if isinstance(value, TimeBound) else value
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, TimeBound):
+                out[f.name] = value.text()
+            elif value is not None:
+                out[f.name] = value.value if isinstance(value, enum.Enum) else value
         return out
 
     def params(self, now: datetime, ids: Sequence[int] | None = None) -> JSONDict:
+        """The bound parameters of the `problems` query (every row: no :limit, no :offset)."""
         return {
             "ids": list(ids) if ids is not None else None,
-            "state": self.state,
-            "outcome": self.outcome,
+            "state": _value(self.state),
+            "outcome": _value(self.outcome),
             "status_code": self.status_code,
             "since": self.since.resolve(now) if self.since else None,
             "until": self.until.resolve(now) if self.until else None,
             "key": self.key,
             "customer": self.customer,
-            "event_type": self.event_type,
+            "event_type": _value(self.event_type),
+            "limit": None,
+            "offset": 0,
         }
 
 
-def parse_status_code(text: str | None) -> int | None:
-    if text is None:
-        return None
-    cleaned = text.strip()
-    if not (cleaned.isascii() and cleaned.isdigit()) or not 100 <= int(cleaned) <= 599:
-        raise ValueError(f"{text!r} is not an HTTP status code (100-599)")
-    return int(cleaned)
-
-
-# ---- JSON-ready values -------------------------------------------------------------------------
-
-
-def jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat()
-    if isinstance(value, Decimal):
-        return str(value)
-    if isinstance(value, UUID):
-        return str(value)
-    if isinstance(value, float):
-        return round(value, 3)
-    return value
-
-
-def _pick(row: Mapping[Any, Any], names: Iterable[str]) -> JSONDict:
-    return {name: jsonable(row[name]) for name in names}
-
-
-def _q(name: str) -> sa.TextClause:
-    return sa.text(queries.get(name, SQL_FILE))
-
-
-def _snapshot(engine: sa.Engine) -> sa.Connection:
-    """A read-only connection whose statements all see one snapshot, so the numbers of one
-    command agree with each other."""
-    return engine.connect().execution_options(isolation_level="REPEATABLE READ")
-
-
-def _db_now(conn: sa.Connection) -> datetime:
-    now: datetime = conn.execute(sa.text("SELECT now()")).scalar_one()
-    return now
-
-
-# ---- outbox status -----------------------------------------------------------------------------
-
-SUMMARY_FIELDS = (
-    "event_type",
-    "status",
-    "outcome",
-    "events",
-    "oldest_created_at",
-    "oldest_age_seconds",
-    "last_delivered_at",
-)
-PENDING_FIELDS = (
-    "events",
-    "in_flight",
-    "blocked",
-    "oldest_created_at",
-    "oldest_age_seconds",
-    "oldest_waiting_created_at",
-    "oldest_waiting_age_seconds",
-)
-LEASE_FIELDS = ("owner", "events", "expired", "expires_at", "expires_in_seconds")
-LAST_ATTEMPT_FIELDS = (
-    "event_id",
-    "started_at",
-    "age_seconds",
-    "method",
-    "path",
-    "status_code",
-    "decision",
-    "error",
-    "daemon",
-)
-
-
-def status(engine: sa.Engine, max_pending_age: timedelta) -> JSONDict:
-    """The backlog, what needs a person, and whether the daemons keep up. `ok` is False when a
-    row is failed, a row is blocked behind a failed or discarded row, the oldest pending row
-    that is not blocked has waited longer than `max_pending_age`, or the last HTTP call was
-    refused with 401/403 (the daemons pause sending until the API key works)."""
-    with _snapshot(engine) as conn:
-        counts = [dict(r) for r in conn.execute(_q("summary")).mappings()]
-        pending = dict(conn.execute(_q("pending_overview")).mappings().one())
-        leases = [dict(r) for r in conn.execute(_q("leases")).mappings()]
-        last = conn.execute(_q("last_attempt")).mappings().first()
-    totals = {s: 0 for s in ("pending", "delivered", "failed", "discarded")}
-    for row in counts:
-        totals[row["status"]] += row["events"]
-    delivered_at = [r["last_delivered_at"] for r in counts if r["last_delivered_at"] is not None]
-    last_delivered = max(delivered_at) if delivered_at else None
-    checked_at: datetime = pending["checked_at"]
-    pending["events"] = pending.pop("pending")
-    problems: list[str] = []
-    if totals["failed"]:
-        problems.append(f"{_n(totals['failed'], 'failed row')}")
-    if pending["blocked"]:
-        problems.append(f"{_n(pending['blocked'], 'row')} blocked behind a failed or discarded row")
-    waiting_age = pending["oldest_waiting_age_seconds"]
-    limit = max_pending_age.total_seconds()
-    if waiting_age is not None and waiting_age > limit:
-        problems.append(
-            f"the oldest pending row has waited {format_duration(waiting_age)} "
-            f"(more than {format_duration(limit)})"
-        )
-    if last is not None and str(last["decision"]).startswith("pause:"):
-        # 401/403: the daemon's key is refused and it sends nothing until the key works again.
-        problems.append(
-            f"the last call to Partnero was refused (HTTP {last['status_code']}, "
-            f"{format_duration(last['age_seconds'])} ago): sending is paused; check the API key"
-        )
-    return {
-        "ok": not problems,
-        "problems": problems,
-        "checked_at": jsonable(checked_at),
-        "max_pending_age_seconds": limit,
-        "totals": totals,
-        "counts": [_pick(r, SUMMARY_FIELDS) for r in counts],
-        "pending": _pick(pending, PENDING_FIELDS),
-        "last_delivered_at": jsonable(last_delivered),
-        "last_delivery_age_seconds": (
-            jsonable((checked_at - last_delivered).total_seconds()) if last_delivered else None
-        ),
-        "leases": [_pick(r, LEASE_FIELDS) for r in leases],
-        "last_attempt": _pick(last, LAST_ATTEMPT_FIELDS) if last is not None else None,
-    }
-
-
-def _n(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 's'}"
-
-
-# ---- outbox failed -----------------------------------------------------------------------------
-
-PROBLEM_FIELDS = (
-    "id",
-    "state",
-    "event_type",
-    "transaction_key",
-    "customer_key",
-    "amount",
-    "currency",
-    "outcome",
-    "last_status_code",
-    "last_error",
-    "attempts",
-    "created_at",
-    "updated_at",
-    "age_seconds",
-    "rows_waiting",
-)
-
-
-def _problem(row: Mapping[Any, Any], now: datetime) -> JSONDict:
-    out = _pick({**row, "age_seconds": (now - row["created_at"]).total_seconds()}, PROBLEM_FIELDS)
-    out["blocked_by"] = (
-        {
-            "id": row["blocked_by_id"],
-            "event_type": row["blocked_by_type"],
-            "status": row["blocked_by_status"],
-            "outcome": row["blocked_by_outcome"],
-        }
-        if row["blocked_by_id"] is not None
-        else None
-    )
-    return out
-
-
-def _problems_sql(suffix: str) -> sa.TextClause:
-    return sa.text(f"SELECT * FROM (\n{queries.get('problems', SQL_FILE)}\n) problems {suffix}")
-
-
-def failed(engine: sa.Engine, filters: Filters, *, limit: int = 50, page: int = 1) -> JSONDict:
-    """Failed rows and rows blocked behind one, newest first (by created_at), one page."""
-    with _snapshot(engine) as conn:
-        now = _db_now(conn)
-        params = filters.params(now)
-        total = conn.execute(
-            sa.text(f"SELECT count(*) FROM (\n{queries.get('problems', SQL_FILE)}\n) p"), params
-        ).scalar_one()
-        rows = conn.execute(
-            _problems_sql("ORDER BY created_at DESC, id DESC LIMIT :limit OFFSET :offset"),
-            {**params, "limit": limit, "offset": (page - 1) * limit},
-        ).mappings()
-        found = [_problem(r, now) for r in rows]
-    return {
-        "filters": filters.describe(),
-        "total": total,
-        "page": page,
-        "limit": limit,
-        "pages": max(1, -(-total // limit)),
-        "rows": found,
-    }
-
-
-# ---- outbox show -------------------------------------------------------------------------------
-
-EVENT_FIELDS = (
-    "id",
-    "event_type",
-    "transaction_key",
-    "customer_key",
-    "amount",
-    "currency",
-    "payload",
-    "status",
-    "outcome",
-    "attempts",
-    "next_attempt_at",
-    "lookup_required",
-    "parked",
-    "order_released",
-    "lease_owner",
-    "lease_expires_at",
-    "last_error",
-    "last_status_code",
-    "created_at",
-    "updated_at",
-    "delivered_at",
-    "age_seconds",
-)
-ATTEMPT_FIELDS = (
-    "attempt",
-    "started_at",
-    "finished_at",
-    "duration_ms",
-    "method",
-    "path",
-    "status_code",
-    "response_excerpt",
-    "error",
-    "decision",
-    "daemon",
-)
-ACTION_FIELDS = (
-    "action_id",
-    "at",
-    "actor",
-    "action",
-    "change",
-    "reason",
-    "previous_status",
-    "previous_outcome",
-    "previous_attempts",
-)
-
-
-def _events(conn: sa.Connection, *, event_id: int | None, key: str | None) -> list[JSONDict]:
-    rows = list(conn.execute(_q("events"), {"id": event_id, "key": key}).mappings())
-    ids = [r["id"] for r in rows]
-    attempts: dict[int, list[JSONDict]] = {i: [] for i in ids}
-    actions: dict[int, list[JSONDict]] = {i: [] for i in ids}
-    if ids:
-        for a in conn.execute(_q("attempts"), {"ids": ids}).mappings():
-            attempts[a["event_id"]].append(_pick(a, ATTEMPT_FIELDS))
-        for a in conn.execute(_q("actions"), {"ids": ids}).mappings():
-            actions[a["event_id"]].append(_pick(a, ACTION_FIELDS))
-    out = []
-    for r in rows:
-        event = _pick(r, EVENT_FIELDS)
-        event["blocked_by"] = (
-            {
-                "id": r["blocked_by_id"],
-                "event_type": r["blocked_by_type"],
-                "status": r["blocked_by_status"],
-                "outcome": r["blocked_by_outcome"],
-            }
-            if r["blocked_by_id"] is not None
-            else None
-        )
-        event["attempt_history"] = attempts[r["id"]]
-        event["operator_actions"] = actions[r["id"]]
-        out.append(event)
-    return out
-
-
-def show_event(engine: sa.Engine, event_id: int) -> JSONDict:
-    with _snapshot(engine) as conn:
-        found = _events(conn, event_id=event_id, key=None)
-    if not found:
-        raise OpsError(f"no event with id {event_id}")
-    return {"event": found[0]}
-
-
-def show_key(engine: sa.Engine, key: str) -> JSONDict:
-    with _snapshot(engine) as conn:
-        found = _events(conn, event_id=None, key=key)
-    if not found:
-        raise OpsError(f"no event with transaction key {key!r}")
-    return {"transaction_key": key, "events": found}
-
-
-# ---- outbox retry / outbox discard -------------------------------------------------------------
+def _value(member: enum.StrEnum | None) -> str | None:
+    return None if member is None else member.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,43 +257,532 @@ class Selection:
         return {"filters": self.filters.describe(), "all": self.all_rows}
 
 
-CHANGE_FIELDS = (
-    "event_id",
-    "event_type",
-    "transaction_key",
-    "customer_key",
-    "change",
-    "previous_status",
-    "previous_outcome",
-    "previous_attempts",
-    "new_status",
-)
+# ---- results (the field order is the documented JSON's) ----------------------------------------
 
 
-def _change(row: Mapping[Any, Any], change: str, new_status: str) -> JSONDict:
-    return {
-        "event_id": row["id"],
-        "event_type": row["event_type"],
-        "transaction_key": row["transaction_key"],
-        "customer_key": row.get("customer_key"),
-        "change": change,
-        "previous_status": row["status"],
-        "previous_outcome": row["outcome"],
-        "previous_attempts": row["attempts"],
-        "new_status": new_status,
-    }
+@dataclass(frozen=True, slots=True)
+class CountRow:
+    """`outbox status`: the rows of one type, status and outcome."""
+
+    event_type: EventType
+    status: Status
+    outcome: Outcome | None
+    events: int
+    oldest_created_at: datetime
+    oldest_age_seconds: float
+    last_delivered_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    pending: int
+    delivered: int
+    failed: int
+    discarded: int
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOverview:
+    events: int
+    in_flight: int
+    blocked: int
+    oldest_created_at: datetime | None
+    oldest_age_seconds: float | None
+    oldest_waiting_created_at: datetime | None
+    oldest_waiting_age_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    owner: str
+    events: int
+    expired: int
+    expires_at: datetime
+    expires_in_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class LastAttempt:
+    event_id: int
+    started_at: datetime
+    age_seconds: float
+    method: str
+    path: str
+    status_code: int | None
+    decision: str  # the stored label, e.g. `retry:timeout+lookup` (outbox.domain.DecisionKind)
+    error: str | None
+    daemon: str
+
+    @property
+    def paused_sending(self) -> bool:
+        """401/403: the daemon's key is refused and it sends nothing until the key works."""
+        label = parse_decision_label(self.decision)
+        return label is not None and label.kind is DecisionKind.PAUSE
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    ok: bool
+    problems: tuple[str, ...]
+    checked_at: datetime
+    max_pending_age_seconds: float
+    totals: Totals
+    counts: tuple[CountRow, ...]
+    pending: PendingOverview
+    last_delivered_at: datetime | None
+    last_delivery_age_seconds: float | None
+    leases: tuple[Lease, ...]
+    last_attempt: LastAttempt | None
+
+
+@dataclass(frozen=True, slots=True)
+class BlockedBy:
+    """The failed or discarded row a blocked row waits for."""
+
+    id: int
+    event_type: EventType
+    status: Status
+    outcome: Outcome | None
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """`outbox failed`: a failed row, or a row blocked behind one."""
+
+    id: int
+    state: ProblemState
+    event_type: EventType
+    transaction_key: str
+    customer_key: str | None
+    amount: Decimal | None
+    currency: str | None
+    outcome: Outcome | None
+    last_status_code: int | None
+    last_error: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    age_seconds: float
+    rows_waiting: int
+    blocked_by: BlockedBy | None
+
+
+@dataclass(frozen=True, slots=True)
+class FailedPage:
+    filters: JSONDict  # the filters as given (Filters.describe)
+    total: int
+    page: int
+    limit: int
+    pages: int
+    rows: tuple[Problem, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One HTTP call made for an event."""
+
+    attempt: int
+    started_at: datetime
+    finished_at: datetime | None
+    duration_ms: float | None
+    method: str
+    path: str
+    status_code: int | None
+    response_excerpt: str | None
+    error: str | None
+    decision: str
+    daemon: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActionEntry:
+    """One operator action as it changed one event."""
+
+    action_id: int
+    at: datetime
+    actor: str
+    action: ActionKind
+    change: ChangeKind
+    reason: str
+    previous_status: Status
+    previous_outcome: Outcome | None
+    previous_attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventDetail:
+    """`outbox show`: every column of outbox.events but the lease token, and the history."""
+
+    id: int
+    event_type: EventType
+    transaction_key: str
+    customer_key: str | None
+    amount: Decimal | None
+    currency: str | None
+    payload: dict[str, Any] | None
+    status: Status
+    outcome: Outcome | None
+    attempts: int
+    next_attempt_at: datetime | None
+    lookup_required: bool
+    parked: bool
+    order_released: bool
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    last_error: str | None
+    last_status_code: int | None
+    created_at: datetime
+    updated_at: datetime
+    delivered_at: datetime | None
+    age_seconds: float
+    blocked_by: BlockedBy | None
+    attempt_history: tuple[Attempt, ...]
+    operator_actions: tuple[ActionEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EventShown:
+    """`outbox show ID`."""
+
+    event: EventDetail
+
+
+@dataclass(frozen=True, slots=True)
+class KeyShown:
+    """`outbox show --key KEY`: the key's events in delivery order."""
+
+    transaction_key: str
+    events: tuple[EventDetail, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A row an action changes (or, on a dry run, would change)."""
+
+    event_id: int
+    event_type: EventType
+    transaction_key: str
+    customer_key: str | None
+    change: ChangeKind
+    previous_status: Status
+    previous_outcome: Outcome | None
+    previous_attempts: int
+    new_status: Status
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """`outbox retry` (and the first fields of `outbox discard`)."""
+
+    action: ActionKind
+    dry_run: bool
+    action_id: int | None
+    at: datetime | None
+    actor: str
+    reason: str | None
+    selection: JSONDict  # as recorded: {"ids": [...]} or {"filters": {...}, "all": bool}
+    count: int
+    changes: tuple[Change, ...]
+    notified: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LeftBlocked:
+    """A refund that stays blocked behind its discarded sale (`--refunds keep`)."""
+
+    event_id: int
+    event_type: EventType
+    transaction_key: str
+    sale_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class DiscardResult(ActionResult):
+    left_blocked: tuple[LeftBlocked, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PruneCounts:
+    delivered: int
+    discarded: int
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    dry_run: bool
+    cutoff: datetime
+    older_than_seconds: float
+    include_discarded: bool
+    batch_size: int
+    batches: int
+    pruned: PruneCounts
+    kept_open_key: int
+    action_id: int | None
+
+
+# ---- query rows into results -------------------------------------------------------------------
+
+D = TypeVar("D", bound="DataclassInstance")
+R = TypeVar("R")
+
+
+@functools.cache
+def _enum_fields(cls: type[DataclassInstance]) -> dict[str, type[enum.Enum]]:
+    """The fields of a result whose type is an enum (or an optional one), by name."""
+    hints = typing.get_type_hints(cls)
+    found: dict[str, type[enum.Enum]] = {}
+    for f in dataclasses.fields(cls):
+        for hint in (hints[f.name], *typing.get_args(hints[f.name])):
+            if isinstance(hint, type) and issubclass(hint, enum.Enum):
+                found[f.name] = hint
+    return found
+
+
+def _from_row(cls: type[D], row: Mapping[Any, Any], **given: Any) -> D:
+    """A result from a query row: each field from the column of its name (unless given), a
+    status, outcome or other enum field read from its text."""
+    enums = _enum_fields(cls)
+    values: JSONDict = {}
+    for f in dataclasses.fields(cls):
+        value = given[f.name] if f.name in given else row[f.name]
+        if f.name in enums and value is not None:
+            value = enums[f.name](value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _field_values(result: DataclassInstance) -> JSONDict:
+    """A result's fields by name, not copied (dataclasses.asdict would convert the nested ones)."""
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+
+
+def _blocked_by(row: Mapping[Any, Any]) -> BlockedBy | None:
+    if row["blocked_by_id"] is None:
+        return None
+    outcome = row["blocked_by_outcome"]
+    return BlockedBy(
+        id=row["blocked_by_id"],
+        event_type=EventType(row["blocked_by_type"]),
+        status=Status(row["blocked_by_status"]),
+        outcome=None if outcome is None else Outcome(outcome),
+    )
+
+
+def _q(name: str) -> sa.TextClause:
+    return sa.text(queries.get(name, SQL_FILE))
+
+
+def _rows(
+    conn: sa.Connection, name: str, params: Mapping[str, Any] | None = None
+) -> list[sa.RowMapping]:
+    return list(conn.execute(_q(name), dict(params or {})).mappings())
+
+
+def _snapshot(engine: sa.Engine) -> sa.Connection:
+    """A read-only connection whose statements all see one snapshot, so the numbers of one
+    command agree with each other."""
+    return engine.connect().execution_options(isolation_level="REPEATABLE READ")
+
+
+def _db_now(conn: sa.Connection) -> datetime:
+    now: datetime = conn.execute(_q("now")).scalar_one()
+    return now
+
+
+# ---- outbox status -----------------------------------------------------------------------------
+
+
+def status(engine: sa.Engine, max_pending_age: timedelta) -> StatusReport:
+    """The backlog, what needs a person, and whether the daemons keep up. `ok` is False when a
+    row is failed, a row is blocked behind a failed or discarded row, the oldest pending row
+    that is not blocked has waited longer than `max_pending_age`, or the last HTTP call was
+    refused with 401/403 (the daemons pause sending until the API key works)."""
+    with _snapshot(engine) as conn:
+        counts = tuple(_from_row(CountRow, r) for r in _rows(conn, "summary"))
+        (overview,) = _rows(conn, "pending_overview")
+        leases = tuple(_from_row(Lease, r) for r in _rows(conn, "leases"))
+        last = next((_from_row(LastAttempt, r) for r in _rows(conn, "last_attempt")), None)
+    per_status = Counter[Status]()
+    for row in counts:
+        per_status[row.status] += row.events
+    totals = Totals(**{s.value: per_status[s] for s in Status})
+    delivered_at = [r.last_delivered_at for r in counts if r.last_delivered_at is not None]
+    last_delivered = max(delivered_at) if delivered_at else None
+    checked_at: datetime = overview["checked_at"]
+    pending = _from_row(PendingOverview, overview)
+    limit = max_pending_age.total_seconds()
+    problems = _attention(totals, pending, last, limit)
+    return StatusReport(
+        ok=not problems,
+        problems=problems,
+        checked_at=checked_at,
+        max_pending_age_seconds=limit,
+        totals=totals,
+        counts=counts,
+        pending=pending,
+        last_delivered_at=last_delivered,
+        last_delivery_age_seconds=(
+            (checked_at - last_delivered).total_seconds() if last_delivered else None
+        ),
+        leases=leases,
+        last_attempt=last,
+    )
+
+
+def _attention(
+    totals: Totals, pending: PendingOverview, last: LastAttempt | None, limit: float
+) -> tuple[str, ...]:
+    """What needs a person, one line each (`outbox status` exits 1 when there is any)."""
+    problems: list[str] = []
+    if totals.failed:
+        problems.append(plural(totals.failed, "failed row"))
+    if pending.blocked:
+        problems.append(
+            f"{plural(pending.blocked, 'row')} blocked behind a failed or discarded row"
+        )
+    waiting_age = pending.oldest_waiting_age_seconds
+    if waiting_age is not None and waiting_age > limit:
+        problems.append(
+            f"the oldest pending row has waited {format_duration(waiting_age)} "
+            f"(more than {format_duration(limit)})"
+        )
+    if last is not None and last.paused_sending:
+        problems.append(
+            f"the last call to Partnero was refused (HTTP {last.status_code}, "
+            f"{format_duration(last.age_seconds)} ago): sending is paused; check the API key"
+        )
+    return tuple(problems)
+
+
+# ---- outbox failed -----------------------------------------------------------------------------
+
+
+def failed(engine: sa.Engine, filters: Filters, *, limit: int = 50, page: int = 1) -> FailedPage:
+    """Failed rows and rows blocked behind one, newest first (by created_at), one page."""
+    with _snapshot(engine) as conn:
+        params = {**filters.params(_db_now(conn)), "limit": limit, "offset": (page - 1) * limit}
+        found = _rows(conn, "problems", params)
+    total: int = found[0]["total"]  # a page past the end is one row of NULLs with the total
+    return FailedPage(
+        filters=filters.describe(),
+        total=total,
+        page=page,
+        limit=limit,
+        pages=max(1, -(-total // limit)),
+        rows=tuple(
+            _from_row(Problem, r, blocked_by=_blocked_by(r)) for r in found if r["id"] is not None
+        ),
+    )
+
+
+def _problem_ids(conn: sa.Connection, params: Mapping[str, Any]) -> list[int]:
+    """The ids of every row the `problems` query selects with these parameters."""
+    return [r["id"] for r in _rows(conn, "problems", params) if r["id"] is not None]
+
+
+# ---- outbox show -------------------------------------------------------------------------------
+
+
+def _events(conn: sa.Connection, *, event_id: int | None, key: str | None) -> list[EventDetail]:
+    rows = _rows(conn, "events", {"id": event_id, "key": key})
+    ids = [r["id"] for r in rows]
+    attempts: dict[int, list[Attempt]] = {i: [] for i in ids}
+    actions: dict[int, list[ActionEntry]] = {i: [] for i in ids}
+    if ids:
+        for a in _rows(conn, "attempts", {"ids": ids}):
+            attempts[a["event_id"]].append(_from_row(Attempt, a))
+        for a in _rows(conn, "actions", {"ids": ids}):
+            actions[a["event_id"]].append(_from_row(ActionEntry, a))
+    return [
+        _from_row(
+            EventDetail,
+            r,
+            blocked_by=_blocked_by(r),
+            attempt_history=tuple(attempts[r["id"]]),
+            operator_actions=tuple(actions[r["id"]]),
+        )
+        for r in rows
+    ]
+
+
+def show_event(engine: sa.Engine, event_id: int) -> EventShown:
+    with _snapshot(engine) as conn:
+        found = _events(conn, event_id=event_id, key=None)
+    if not found:
+        raise OpsError(f"no event with id {event_id}")
+    return EventShown(event=found[0])
+
+
+def show_key(engine: sa.Engine, key: str) -> KeyShown:
+    with _snapshot(engine) as conn:
+        found = _events(conn, event_id=None, key=key)
+    if not found:
+        raise OpsError(f"no event with transaction key {key!r}")
+    return KeyShown(transaction_key=key, events=tuple(found))
+
+
+# ---- outbox retry / outbox discard -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """A row an action looks at, locked for the rest of its transaction."""
+
+    id: int
+    event_type: EventType
+    transaction_key: str
+    customer_key: str | None
+    status: Status
+    outcome: Outcome | None
+    attempts: int
+    lease_owner: str | None
+    leased: bool  # a daemon holds it right now
+
+
+_NEW_STATUS = {
+    ChangeKind.RETRY: Status.PENDING,
+    ChangeKind.DISCARD: Status.DISCARDED,
+    ChangeKind.RELEASE: Status.PENDING,
+    ChangeKind.WAKE: Status.PENDING,
+}
+# The statement that carries out each change, in the order they run.
+_APPLY = {
+    ChangeKind.RETRY: "apply_retry",
+    ChangeKind.DISCARD: "apply_discard",
+    ChangeKind.RELEASE: "apply_release",
+    ChangeKind.WAKE: "apply_wake",
+}
+
+
+def _change(row: _Row, change: ChangeKind) -> Change:
+    return Change(
+        event_id=row.id,
+        event_type=row.event_type,
+        transaction_key=row.transaction_key,
+        customer_key=row.customer_key,
+        change=change,
+        previous_status=row.status,
+        previous_outcome=row.outcome,
+        previous_attempts=row.attempts,
+        new_status=_NEW_STATUS[change],
+    )
+
+
+def _locked(conn: sa.Connection, name: str, params: Mapping[str, Any]) -> list[_Row]:
+    return [_from_row(_Row, r) for r in _rows(conn, name, params)]
 
 
 def _lock_selected(
-    conn: sa.Connection, selection: Selection, *, state: str | None
-) -> list[dict[str, Any]]:
+    conn: sa.Connection, selection: Selection, *, state: ProblemState | None
+) -> list[_Row]:
     """Lock the selected rows. Explicit ids must all exist; a filter selects what `outbox
     failed` lists with the same filters (narrowed to `state` when given), checked again once the
     rows are locked."""
     if selection.ids:
         ids = list(selection.ids)
-        rows = [dict(r) for r in conn.execute(_q("lock_events"), {"ids": ids}).mappings()]
-        missing = sorted(set(ids) - {r["id"] for r in rows})
+        rows = _locked(conn, "lock_events", {"ids": ids})
+        missing = sorted(set(ids) - {r.id for r in rows})
         if len(missing) == 1:
             raise OpsError(f"no event with id {missing[0]}")
         if missing:
@@ -530,28 +792,25 @@ def _lock_selected(
     if state is not None:
         if filters.state not in (None, state):
             raise OpsError(f"--state {filters.state}: this action applies to {state} rows only")
-        filters = Filters(**{**_filter_dict(filters), "state": state})
+        filters = dataclasses.replace(filters, state=state)
     now = _db_now(conn)
-    found = conn.execute(_problems_sql(""), filters.params(now)).mappings()
-    candidates = [r["id"] for r in found]
+    candidates = _problem_ids(conn, filters.params(now))
     if not candidates:
         return []
-    locked = {
-        r["id"]: dict(r) for r in conn.execute(_q("lock_events"), {"ids": candidates}).mappings()
-    }
+    locked = {r.id: r for r in _locked(conn, "lock_events", {"ids": candidates})}
     # Under the locks: still failed or blocked, still matching?
-    again = conn.execute(_problems_sql(""), filters.params(now, candidates)).mappings()
-    still = [r["id"] for r in again]
+    still = _problem_ids(conn, filters.params(now, candidates))
     return [locked[i] for i in sorted(still) if i in locked]
 
 
-def _filter_dict(filters: Filters) -> dict[str, Any]:
-    return {name: getattr(filters, name) for name in filters.__slots__}
-
-
-def _blockers(conn: sa.Connection, ids: list[int]) -> dict[int, Mapping[Any, Any]]:
-    rows = conn.execute(_q("blockers"), {"ids": ids}).mappings()
-    return {r["id"]: r for r in rows}
+def _wake_parked(
+    conn: sa.Connection, rows: Iterable[_Row], *, besides: Iterable[_Row]
+) -> list[Change]:
+    """Lock the parked rows of the rows' keys (other than `besides`): they are made due now."""
+    keys = sorted({r.transaction_key for r in rows})
+    ids = [r.id for r in besides]
+    parked = _locked(conn, "parked_rows", {"keys": keys, "ids": ids})
+    return [_change(r, ChangeKind.WAKE) for r in parked]
 
 
 def _refuse(problems: list[str]) -> None:
@@ -562,80 +821,92 @@ def _refuse(problems: list[str]) -> None:
 def _record(
     conn: sa.Connection,
     *,
-    action: str,
+    action: ActionKind,
     actor: str,
     reason: str,
     selection: JSONDict,
-    changes: list[JSONDict],
-    event_count: int | None = None,
+    changes: Sequence[Change],
+    event_count: int,
 ) -> tuple[int, datetime]:
-    recorded = [c for c in changes if c["change"] != "wake"]
-    row = (
-        conn.execute(
-            _q("record_action"),
-            {
-                "actor": actor,
-                "action": action,
-                "reason": reason,
-                "selection": json.dumps(selection),
-                "event_count": len(recorded) if event_count is None else event_count,
-            },
-        )
-        .mappings()
-        .one()
+    """The action and the rows it changed (their state before), in the record."""
+    (row,) = _rows(
+        conn,
+        "record_action",
+        {
+            "actor": actor,
+            "action": action.value,
+            "reason": reason,
+            "selection": json.dumps(selection),
+            "event_count": event_count,
+        },
     )
-    if recorded:
+    if changes:
         conn.execute(
             _q("record_action_events"),
             {
                 "action_id": row["id"],
-                "event_ids": [c["event_id"] for c in recorded],
-                "event_types": [c["event_type"] for c in recorded],
-                "keys": [c["transaction_key"] for c in recorded],
-                "changes": [c["change"] for c in recorded],
-                "statuses": [c["previous_status"] for c in recorded],
-                "outcomes": [c["previous_outcome"] for c in recorded],
-                "attempts": [c["previous_attempts"] for c in recorded],
+                "event_ids": [c.event_id for c in changes],
+                "event_types": [c.event_type.value for c in changes],
+                "keys": [c.transaction_key for c in changes],
+                "changes": [c.change.value for c in changes],
+                "statuses": [c.previous_status.value for c in changes],
+                "outcomes": [_value(c.previous_outcome) for c in changes],
+                "attempts": [c.previous_attempts for c in changes],
             },
         )
     return int(row["id"]), row["at"]
 
 
-def _result(
-    action: str,
+def _commit(
+    conn: sa.Connection,
+    action: ActionKind,
+    changes: list[Change],
     *,
+    selection: JSONDict,
     dry_run: bool,
     actor: str,
     reason: str | None,
-    selection: JSONDict,
-    changes: list[JSONDict],
-    recorded: tuple[int, datetime] | None,
-) -> JSONDict:
-    return {
-        "action": action,
-        "dry_run": dry_run,
-        "action_id": recorded[0] if recorded else None,
-        "at": jsonable(recorded[1]) if recorded else None,
-        "actor": actor,
-        "reason": reason,
-        "selection": selection,
-        "count": sum(1 for c in changes if c["change"] != "wake"),
-        "changes": changes,
-        "notified": recorded is not None and bool(changes),
-    }
+) -> ActionResult:
+    """Carry out the changes (not on a dry run, not when only wake-ups are left), record them and
+    ring the doorbell; the result says what changed or would."""
+    counted = [c for c in changes if c.change is not ChangeKind.WAKE]
+    recorded = None
+    if counted and not dry_run:
+        assert reason is not None
+        for kind, statement in _APPLY.items():
+            ids = [c.event_id for c in changes if c.change is kind]
+            if ids:
+                conn.execute(_q(statement), {"ids": ids})
+        recorded = _record(
+            conn,
+            action=action,
+            actor=actor,
+            reason=reason,
+            selection=selection,
+            changes=counted,
+            event_count=len(counted),
+        )
+        conn.execute(_q("notify"))
+    return ActionResult(
+        action=action,
+        dry_run=dry_run,
+        action_id=recorded[0] if recorded else None,
+        at=recorded[1] if recorded else None,
+        actor=actor,
+        reason=reason,
+        selection=selection,
+        count=len(counted),
+        changes=tuple(changes),
+        notified=recorded is not None,
+    )
 
 
 def _begin(conn: sa.Connection) -> None:
-    """Settings for a short writing transaction: never wait long for a lock, and no JIT (these
-    statements touch a few rows; a stale estimate could make compiling them cost more than
-    running them)."""
-    conn.execute(sa.text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-    conn.execute(sa.text("SET LOCAL jit = off"))
+    """Settings for a short writing transaction (lock timeout, no JIT), until it ends."""
+    conn.execute(_q("action_settings"), {"lock_timeout": LOCK_TIMEOUT})
 
 
-def _run_action(
-    engine: sa.Engine, dry_run: bool, body: Callable[[sa.Connection], JSONDict]
-) -> JSONDict:
+def _run_action(engine: sa.Engine, dry_run: bool, body: Callable[[sa.Connection], R]) -> R:
     with engine.connect() as conn:
         try:
             with conn.begin() as tx:
@@ -653,6 +924,44 @@ def _run_action(
     return result
 
 
+def _retry_problems(conn: sa.Connection, rows: list[_Row]) -> list[str]:
+    """Why rows that are neither failed nor discarded cannot be retried."""
+    pending = [r.id for r in rows if r.status is Status.PENDING]
+    blockers = {b["id"]: b for b in _rows(conn, "blockers", {"ids": pending})}
+    problems = []
+    for r in rows:
+        if r.status in (Status.FAILED, Status.DISCARDED):
+            continue
+        if r.id in blockers:
+            b = blockers[r.id]
+            problems.append(
+                f"event {r.id} is pending, blocked behind event {b['blocked_by_id']} "
+                f"({b['blocked_by_type']}, {b['blocked_by_status']}): retry or discard that one"
+            )
+        elif r.status is Status.PENDING:
+            problems.append(f"event {r.id} is pending already: nothing to retry")
+        else:
+            problems.append(f"event {r.id} is delivered ({r.outcome}): nothing to retry")
+    return problems
+
+
+def _refunds_already_sent(conn: sa.Connection, rows: list[_Row]) -> list[str]:
+    """Discarded sales whose refund was delivered since: sending them now would create a
+    commission that stays."""
+    sales = [r for r in rows if _discarded_sale(r)]
+    if not sales:
+        return []
+    keys = sorted({r.transaction_key for r in sales})
+    problems = []
+    for refund in _rows(conn, "delivered_refunds", {"keys": keys}):
+        sale = next(s for s in sales if s.transaction_key == refund["transaction_key"])
+        problems.append(
+            f"event {sale.id}: its refund (event {refund['id']}) was delivered after the sale "
+            "was discarded; sending the sale now would create a commission that stays"
+        )
+    return problems
+
+
 def retry(
     engine: sa.Engine,
     selection: Selection,
@@ -660,67 +969,25 @@ def retry(
     dry_run: bool,
     actor: str,
     reason: str | None,
-) -> JSONDict:
+) -> ActionResult:
     """Send failed (or, by id, discarded) rows again: pending, due now, attempts back to 0 so
     every retry class has its full budget; lookup_required is kept. Parked rows of their keys are
     woken, and a NOTIFY wakes a running daemon."""
 
-    def body(conn: sa.Connection) -> JSONDict:
-        rows = _lock_selected(conn, selection, state=None if selection.ids else "failed")
-        problems = []
-        blockers = _blockers(conn, [r["id"] for r in rows if r["status"] == "pending"])
-        for r in rows:
-            if r["status"] in ("failed", "discarded"):
-                continue
-            if r["id"] in blockers:
-                b = blockers[r["id"]]
-                problems.append(
-                    f"event {r['id']} is pending, blocked behind event {b['blocked_by_id']} "
-                    f"({b['blocked_by_type']}, {b['blocked_by_status']}): retry or discard that one"
-                )
-            elif r["status"] == "pending":
-                problems.append(f"event {r['id']} is pending already: nothing to retry")
-            else:
-                problems.append(f"event {r['id']} is delivered ({r['outcome']}): nothing to retry")
-        _refuse(problems)
-        sales = [r for r in rows if r["status"] == "discarded" and r["event_type"] == "sale"]
-        if sales:
-            keys = sorted({r["transaction_key"] for r in sales})
-            for refund in conn.execute(_q("delivered_refunds"), {"keys": keys}).mappings():
-                sale = next(s for s in sales if s["transaction_key"] == refund["transaction_key"])
-                problems.append(
-                    f"event {sale['id']}: its refund (event {refund['id']}) was delivered after "
-                    "the sale was discarded; sending the sale now would create a commission "
-                    "that stays"
-                )
-        _refuse(problems)
-        changes = [_change(r, "retry", "pending") for r in rows]
-        ids = [r["id"] for r in rows]
-        keys = sorted({r["transaction_key"] for r in rows})
-        parked = list(conn.execute(_q("parked_rows"), {"keys": keys, "ids": ids}).mappings())
-        changes += [_change(r, "wake", "pending") for r in parked]
-        recorded = None
-        if rows and not dry_run:
-            assert reason is not None
-            conn.execute(_q("apply_retry"), {"ids": ids})
-            conn.execute(_q("apply_wake"), {"ids": [r["id"] for r in parked]})
-            recorded = _record(
-                conn,
-                action="retry",
-                actor=actor,
-                reason=reason,
-                selection=selection.describe(),
-                changes=changes,
-            )
-            conn.execute(_q("notify"))
-        return _result(
-            "retry",
+    def body(conn: sa.Connection) -> ActionResult:
+        rows = _lock_selected(conn, selection, state=None if selection.ids else ProblemState.FAILED)
+        _refuse(_retry_problems(conn, rows))
+        _refuse(_refunds_already_sent(conn, rows))
+        changes = [_change(r, ChangeKind.RETRY) for r in rows]
+        changes += _wake_parked(conn, rows, besides=rows)
+        return _commit(
+            conn,
+            ActionKind.RETRY,
+            changes,
+            selection=selection.describe(),
             dry_run=dry_run,
             actor=actor,
             reason=reason,
-            selection=selection.describe(),
-            changes=changes,
-            recorded=recorded,
         )
 
     return _run_action(engine, dry_run, body)
@@ -730,105 +997,81 @@ def discard(
     engine: sa.Engine,
     selection: Selection,
     *,
-    refunds: str,
+    refunds: RefundChoice,
     dry_run: bool,
     actor: str,
     reason: str | None,
-) -> JSONDict:
+) -> DiscardResult:
     """Give up on rows: failed or blocked ones by filter, failed or pending ones (not in flight)
     by id. `refunds` says what becomes of refunds that the discarded sales leave waiting: keep
     (they stay blocked, visibly), discard (discarded too, recorded), release (sent anyway)."""
-    if refunds not in REFUND_CHOICES:
-        raise OpsError(f"--refunds: {refunds!r} is not one of {', '.join(REFUND_CHOICES)}")
 
-    def body(conn: sa.Connection) -> JSONDict:
+    def body(conn: sa.Connection) -> DiscardResult:
         selected = _lock_selected(conn, selection, state=None)
         # A sale discarded earlier may be named again to decide about its refunds now.
-        earlier = [
-            r
-            for r in selected
-            if r["status"] == "discarded" and r["event_type"] == "sale" and refunds != "keep"
-        ]
+        earlier = [r for r in selected if _discarded_sale(r) and refunds is not RefundChoice.KEEP]
         rows = [r for r in selected if r not in earlier]
-        _refuse([p for p in (_discard_problem(r) for r in rows) if p])
-        ids = [r["id"] for r in rows]
-        behind = [
-            dict(r)
-            for r in conn.execute(
-                _q("refunds_left_behind"), {"ids": ids + [r["id"] for r in earlier]}
-            ).mappings()
-        ]
-        changes = [_change(r, "discard", "discarded") for r in rows]
-        released: list[int] = []
-        left_blocked: list[JSONDict] = []
-        if refunds == "keep":
-            sale_of = {
-                r["transaction_key"]: r["id"]
-                for r in sorted(rows + earlier, key=lambda r: -int(r["id"]))
-                if r["event_type"] == "sale"
-            }
-            left_blocked = [
-                {
-                    "event_id": r["id"],
-                    "event_type": r["event_type"],
-                    "transaction_key": r["transaction_key"],
-                    "sale_id": sale_of[r["transaction_key"]],
-                }
-                for r in behind
-            ]
+        _refuse(_discard_problems(rows))
+        behind = _locked(conn, "refunds_left_behind", {"ids": [r.id for r in rows + earlier]})
+        changes = [_change(r, ChangeKind.DISCARD) for r in rows]
+        left_blocked: tuple[LeftBlocked, ...] = ()
+        if refunds is RefundChoice.KEEP:
+            left_blocked = _left_blocked(rows, behind)
         else:
-            _refuse([p for p in (_discard_problem(r) for r in behind) if p])
-            if refunds == "discard":
-                changes += [_change(r, "discard", "discarded") for r in behind]
-                ids += [r["id"] for r in behind]
-            else:
-                changes += [_change(r, "release", "pending") for r in behind]
-                released = [r["id"] for r in behind]
-        keys = sorted({r["transaction_key"] for r in rows})
-        not_woken = ids + [r["id"] for r in behind]
-        parked = list(conn.execute(_q("parked_rows"), {"keys": keys, "ids": not_woken}).mappings())
-        changes += [_change(r, "wake", "pending") for r in parked]
-        recorded = None
-        if (rows or behind) and not dry_run:
-            assert reason is not None
-            conn.execute(_q("apply_discard"), {"ids": ids})
-            conn.execute(_q("apply_release"), {"ids": released})
-            conn.execute(_q("apply_wake"), {"ids": [r["id"] for r in parked]})
-            recorded = _record(
-                conn,
-                action="discard",
-                actor=actor,
-                reason=reason,
-                selection={**selection.describe(), "refunds": refunds},
-                changes=changes,
-            )
-            conn.execute(_q("notify"))
-        result = _result(
-            "discard",
+            _refuse(_discard_problems(behind))
+            kind = ChangeKind.DISCARD if refunds is RefundChoice.DISCARD else ChangeKind.RELEASE
+            changes += [_change(r, kind) for r in behind]
+        changes += _wake_parked(conn, rows, besides=rows + behind)
+        result = _commit(
+            conn,
+            ActionKind.DISCARD,
+            changes,
+            selection={**selection.describe(), "refunds": refunds.value},
             dry_run=dry_run,
             actor=actor,
             reason=reason,
-            selection={**selection.describe(), "refunds": refunds},
-            changes=changes,
-            recorded=recorded,
         )
-        result["left_blocked"] = left_blocked
-        return result
+        return DiscardResult(**_field_values(result), left_blocked=left_blocked)
 
     return _run_action(engine, dry_run, body)
 
 
-def _discard_problem(row: Mapping[Any, Any]) -> str | None:
-    if row["status"] == "delivered":
-        return f"event {row['id']} is delivered ({row['outcome']}): it cannot be discarded"
-    if row["status"] == "discarded":
+def _discarded_sale(row: _Row) -> bool:
+    return row.status is Status.DISCARDED and row.event_type is EventType.SALE
+
+
+def _left_blocked(sales: list[_Row], refunds: list[_Row]) -> tuple[LeftBlocked, ...]:
+    """The refunds that stay blocked, each with the (first) discarded sale of its key."""
+    sale_of: dict[str, int] = {}
+    for r in sorted(sales, key=lambda r: r.id):
+        if r.event_type is EventType.SALE:
+            sale_of.setdefault(r.transaction_key, r.id)
+    return tuple(
+        LeftBlocked(
+            event_id=r.id,
+            event_type=r.event_type,
+            transaction_key=r.transaction_key,
+            sale_id=sale_of[r.transaction_key],
+        )
+        for r in refunds
+    )
+
+
+def _discard_problems(rows: list[_Row]) -> list[str]:
+    return [p for p in map(_discard_problem, rows) if p]
+
+
+def _discard_problem(row: _Row) -> str | None:
+    if row.status is Status.DELIVERED:
+        return f"event {row.id} is delivered ({row.outcome}): it cannot be discarded"
+    if row.status is Status.DISCARDED:
         return (
-            f"event {row['id']} is discarded already (for a sale, --refunds release|discard "
+            f"event {row.id} is discarded already (for a sale, --refunds release|discard "
             "decides about the refunds queued behind it)"
         )
-    if row["leased"]:
+    if row.leased:
         return (
-            f"event {row['id']} is in flight (leased by {row['lease_owner']}): try again when "
+            f"event {row.id} is in flight (leased by {row.lease_owner}): try again when "
             "its call is over"
         )
     return None
@@ -836,12 +1079,10 @@ def _discard_problem(row: Mapping[Any, Any]) -> str | None:
 
 # ---- outbox prune ------------------------------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class PruneBatch:
-    status: str
-    events: int
-    attempts: int
+_PRUNE_BATCH = {
+    Status.DELIVERED: "prune_delivered_batch",
+    Status.DISCARDED: "prune_discarded_batch",
+}
 
 
 def prune(
@@ -853,8 +1094,7 @@ def prune(
     dry_run: bool,
     actor: str,
     reason: str,
-    on_batch: Callable[[PruneBatch], None] | None = None,
-) -> JSONDict:
+) -> PruneResult:
     """Delete delivered rows (and, when asked, discarded rows) older than `older_than`, with
     their attempts, `batch_size` rows per transaction. Failed and pending rows are never
     deleted, nor any row whose transaction key still has a pending or failed row."""
@@ -862,77 +1102,100 @@ def prune(
         cutoff: datetime = conn.execute(
             _q("prune_cutoff"), {"seconds": older_than.total_seconds()}
         ).scalar_one()
-        preview = dict(
-            conn.execute(
-                _q("prune_preview"), {"cutoff": cutoff, "include_discarded": include_discarded}
-            )
-            .mappings()
-            .one()
-        )
-    pruned = {"delivered": 0, "discarded": 0, "attempts": 0}
-    batches = 0
-    recorded: tuple[int, datetime] | None = None
+    action_id = None
     if dry_run:
-        pruned = {k: int(preview[k]) for k in pruned}
-        batches = sum(-(-pruned[s] // batch_size) for s in ("delivered", "discarded"))
-        kept = int(preview["kept_open_key"])
+        preview = _prune_preview(engine, cutoff, include_discarded)
+        pruned = _from_row(PruneCounts, preview)
+        batches = sum(-(-n // batch_size) for n in (pruned.delivered, pruned.discarded))
     else:
-        statuses = ["delivered", "discarded"] if include_discarded else ["delivered"]
-        for status_ in statuses:
-            while True:
-                with engine.begin() as conn:
-                    _begin(conn)
-                    done = (
-                        conn.execute(
-                            _q(f"prune_{status_}_batch"),
-                            {"cutoff": cutoff, "batch_size": batch_size},
-                        )
-                        .mappings()
-                        .one()
-                    )
-                if done["events"]:
-                    batches += 1
-                    pruned[status_] += int(done["events"])
-                    pruned["attempts"] += int(done["attempts"])
-                    if on_batch is not None:
-                        on_batch(PruneBatch(status_, int(done["events"]), int(done["attempts"])))
-                if done["events"] < batch_size:
-                    break
-        with engine.connect() as conn:
-            kept = int(
-                conn.execute(
-                    _q("prune_preview"), {"cutoff": cutoff, "include_discarded": include_discarded}
-                )
-                .mappings()
-                .one()["kept_open_key"]
+        statuses = [Status.DELIVERED, Status.DISCARDED] if include_discarded else [Status.DELIVERED]
+        pruned, batches = _prune_batches(engine, cutoff, statuses, batch_size)
+        preview = _prune_preview(engine, cutoff, include_discarded)  # for the rows it kept
+        if pruned.delivered or pruned.discarded:
+            action_id = _record_prune(
+                engine,
+                older_than=older_than,
+                cutoff=cutoff,
+                include_discarded=include_discarded,
+                batch_size=batch_size,
+                pruned=pruned,
+                actor=actor,
+                reason=reason,
             )
-        if pruned["delivered"] or pruned["discarded"]:
-            with engine.begin() as conn:
-                recorded = _record(
-                    conn,
-                    action="prune",
-                    actor=actor,
-                    reason=reason,
-                    selection={
-                        "older_than": format_duration(older_than.total_seconds()),
-                        "cutoff": jsonable(cutoff),
-                        "include_discarded": include_discarded,
-                        "batch_size": batch_size,
-                        "delivered": pruned["delivered"],
-                        "discarded": pruned["discarded"],
-                        "attempts": pruned["attempts"],
-                    },
-                    changes=[],
-                    event_count=pruned["delivered"] + pruned["discarded"],
-                )
-    return {
-        "dry_run": dry_run,
-        "cutoff": jsonable(cutoff),
-        "older_than_seconds": older_than.total_seconds(),
+    return PruneResult(
+        dry_run=dry_run,
+        cutoff=cutoff,
+        older_than_seconds=older_than.total_seconds(),
+        include_discarded=include_discarded,
+        batch_size=batch_size,
+        batches=batches,
+        pruned=pruned,
+        kept_open_key=int(preview["kept_open_key"]),
+        action_id=action_id,
+    )
+
+
+def _prune_preview(engine: sa.Engine, cutoff: datetime, include_discarded: bool) -> sa.RowMapping:
+    """What a run would delete, and the old rows it keeps for their key."""
+    with engine.connect() as conn:
+        (row,) = _rows(
+            conn, "prune_preview", {"cutoff": cutoff, "include_discarded": include_discarded}
+        )
+    return row
+
+
+def _record_prune(
+    engine: sa.Engine,
+    *,
+    older_than: timedelta,
+    cutoff: datetime,
+    include_discarded: bool,
+    batch_size: int,
+    pruned: PruneCounts,
+    actor: str,
+    reason: str,
+) -> int:
+    """A run that deleted rows, in the record: what it was asked and what it deleted."""
+    selection = {
+        "older_than": format_duration(older_than.total_seconds()),
+        "cutoff": cutoff.astimezone(UTC).isoformat(),
         "include_discarded": include_discarded,
         "batch_size": batch_size,
-        "batches": batches,
-        "pruned": pruned,
-        "kept_open_key": kept,
-        "action_id": recorded[0] if recorded else None,
+        **_field_values(pruned),
     }
+    with engine.begin() as conn:
+        action_id, _ = _record(
+            conn,
+            action=ActionKind.PRUNE,
+            actor=actor,
+            reason=reason,
+            selection=selection,
+            changes=[],
+            event_count=pruned.delivered + pruned.discarded,
+        )
+    return action_id
+
+
+def _prune_batches(
+    engine: sa.Engine, cutoff: datetime, statuses: list[Status], batch_size: int
+) -> tuple[PruneCounts, int]:
+    """Delete in batches, one transaction each, until a batch comes back short."""
+    pruned = Counter[str]()
+    batches = 0
+    for status_ in statuses:
+        while True:
+            with engine.begin() as conn:
+                _begin(conn)
+                (done,) = _rows(
+                    conn, _PRUNE_BATCH[status_], {"cutoff": cutoff, "batch_size": batch_size}
+                )
+            if done["events"]:
+                batches += 1
+                pruned[status_.value] += int(done["events"])
+                pruned["attempts"] += int(done["attempts"])
+            if done["events"] < batch_size:
+                break
+    counts = PruneCounts(
+        delivered=pruned["delivered"], discarded=pruned["discarded"], attempts=pruned["attempts"]
+    )
+    return counts, batches

@@ -1,20 +1,26 @@
 """The operator commands: `outbox status | failed | show | retry | discard | prune`.
 
-Click options and rendering only; the queries and actions are in outbox/ops.py. Every command
-takes `--database-url` (or OUTBOX_DATABASE_URL) and `--json`; the JSON shapes are documented in
-docs/operations.md. Human output is rich tables sized to the terminal (80 columns when piped).
+Click options and rendering only; the queries and actions are in outbox/ops.py, which returns
+frozen dataclasses: rendered here as tables, or serialised by `to_json` for `--json`. Every
+command takes `--database-url` (or OUTBOX_DATABASE_URL) and `--json`; the JSON shapes are
+documented in docs/operations.md. Human output is rich tables sized to the terminal (80 columns
+when piped).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
 import json
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, TypeVar
 
 import click
 import sqlalchemy as sa
@@ -24,14 +30,17 @@ from rich.table import Table
 from rich.text import Text
 
 from outbox import db, migrate, ops
-from outbox.ops import JSONDict, format_duration
+from outbox.cli_common import EXIT_ERROR, EXIT_USAGE, database_url_from, fail
+from outbox.domain import EventType, Outcome, Status
+from outbox.ops import format_duration, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
+E = TypeVar("E", bound=enum.StrEnum)
+R = TypeVar("R")
 
-# Exit codes
+# Exit codes: EXIT_ERROR (1) unknown id, a row in the wrong state, database errors, and for
+# status attention needed; EXIT_USAGE (2) a bad option or setting; and these.
 EXIT_OK = 0
-EXIT_ERROR = 1  # unknown id, a row in the wrong state, database errors; status: attention needed
-EXIT_USAGE = 2  # a bad option or setting
 EXIT_UNKNOWN = 3  # status only: the database could not be asked
 
 STATUS_EXIT_CODES = """\b
@@ -48,39 +57,27 @@ Exit status: 0 done (or nothing to do), 1 an error (unknown id, a row in a
 state the action does not apply to, database unreachable), 2 a bad option."""
 
 
-def _fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    from outbox.cli import fail  # late: outbox.cli imports this module to register it
-
-    fail(message, code)
-
-
-def _database_url(value: str | None) -> str:
-    from outbox.cli import database_url_from
-
-    return database_url_from(value)
-
-
 @contextlib.contextmanager
 def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Iterator[sa.Engine]:
     """An engine on a database at this build's schema; database trouble is one clear line."""
-    url = _database_url(database_url)
+    url = database_url_from(database_url)
     engine = db.create_engine(url, poolclass=sa.NullPool)
     try:
         migrate.check_current(engine)
         yield engine
     except ops.OpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except migrate.MigrationError as exc:
-        _fail(str(exc), db_error_code)
+        fail(str(exc), db_error_code)
     except sa.exc.OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) is None:
-            _fail(
+            fail(
                 f"cannot reach the database at {db.redact(url)}: {db.first_line(exc.orig)}",
                 db_error_code,
             )
-        _fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
+        fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
     except sa.exc.DBAPIError as exc:
-        _fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
+        fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
     finally:
         engine.dispose()
 
@@ -92,7 +89,7 @@ def _parse(option: str, parse: Callable[[str], Any], value: str | None) -> Any:
     try:
         return parse(value)
     except ValueError as exc:
-        _fail(f"{option}: {exc}", EXIT_USAGE)
+        fail(f"{option}: {exc}", EXIT_USAGE)
 
 
 def _positive_int(value: str) -> int:
@@ -101,11 +98,14 @@ def _positive_int(value: str) -> int:
     return int(value)
 
 
-def _choice(*choices: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if value not in choices:
-            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
-        return value
+def _one_of(*choices: E) -> Callable[[str], E]:
+    """A parser for one of these enum members, by value."""
+    by_value = {c.value: c for c in choices}
+
+    def check(value: str) -> E:
+        if value not in by_value:
+            raise ValueError(f"{value!r} is not one of {', '.join(by_value)}")
+        return by_value[value]
 
     return check
 
@@ -114,8 +114,32 @@ def _console() -> Console:
     return Console(highlight=False, markup=False, emoji=False, soft_wrap=False)
 
 
-def _emit_json(data: JSONDict) -> None:
-    click.echo(json.dumps(data, indent=2))
+def to_json(value: Any) -> Any:
+    """A result of outbox.ops as its documented JSON (docs/operations.md, "JSON output"): a
+    dataclass is an object of its fields in their order, a tuple a list; times are ISO 8601 in
+    UTC, amounts strings, seconds and milliseconds 3 decimals, enums their value. A dict is a
+    JSON document already (a payload, the filters or selection as given) and stays as it is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [to_json(item) for item in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
+
+
+def _emit(result: R, as_json: bool, render: Callable[[R, Console], None]) -> None:
+    """A result as its JSON (--json) or rendered for people."""
+    if as_json:
+        click.echo(json.dumps(to_json(result), indent=2))
+    else:
+        render(result, _console())
 
 
 # ---- shared options ----------------------------------------------------------------------------
@@ -162,14 +186,14 @@ def filter_options(func: F) -> F:
 
 def _filters(options: dict[str, Any]) -> ops.Filters:
     return ops.Filters(
-        state=_parse("--state", _choice(*ops.STATES), options.pop("state")),
-        outcome=_parse("--outcome", _choice(*ops.FAILED_OUTCOMES), options.pop("outcome")),
+        state=_parse("--state", _one_of(*ops.ProblemState), options.pop("state")),
+        outcome=_parse("--outcome", _one_of(*ops.FAILED_OUTCOMES), options.pop("outcome")),
         status_code=_parse("--status-code", ops.parse_status_code, options.pop("status_code")),
         since=_parse("--since", ops.parse_time_bound, options.pop("since")),
         until=_parse("--until", ops.parse_time_bound, options.pop("until")),
         key=options.pop("key"),
         customer=options.pop("customer"),
-        event_type=_parse("--type", _choice(*ops.EVENT_TYPES), options.pop("event_type")),
+        event_type=_parse("--type", _one_of(*EventType), options.pop("event_type")),
     )
 
 
@@ -198,9 +222,9 @@ def action_options(func: F) -> F:
 def _selection(ids: tuple[str, ...], filters: ops.Filters, all_rows: bool) -> ops.Selection:
     parsed: list[int] = _parse("ID", ops.parse_ids, " ".join(ids)) if ids else []
     if parsed and (filters.given() or all_rows):
-        _fail("give event ids or filters (or --all), not both", EXIT_USAGE)
+        fail("give event ids or filters (or --all), not both", EXIT_USAGE)
     if not parsed and not filters.given() and not all_rows:
-        _fail(
+        fail(
             "say which rows: event ids, filters (--outcome, --status-code, --since, --until, "
             "--key, --customer, --type, --state) or --all",
             EXIT_USAGE,
@@ -212,7 +236,7 @@ def _reason(reason: str | None, dry_run: bool) -> str | None:
     if reason is not None and not reason.strip():
         reason = None
     if reason is None and not dry_run:
-        _fail("--reason is required: say why (it is recorded with the action)", EXIT_USAGE)
+        fail("--reason is required: say why (it is recorded with the action)", EXIT_USAGE)
     return reason.strip() if reason else None
 
 
@@ -288,11 +312,11 @@ def _print_pairs(console: Console, pairs: list[tuple[str, str]]) -> None:
             console.print(" " * indent + line)
 
 
-def _when(value: str | None) -> str:
-    """An ISO time from the JSON as 2026-01-31 14:05:09 (UTC)."""
+def _when(value: datetime | None) -> str:
+    """A time as 2026-01-31 14:05:09 (UTC)."""
     if value is None:
         return "-"
-    return datetime.fromisoformat(value).strftime("%Y-%m-%d %H:%M:%S")
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _ago(seconds: float | None) -> str:
@@ -303,38 +327,28 @@ def _dash(value: Any) -> str:
     return "-" if value is None or value == "" else str(value)
 
 
-def _one_line(text: str | None, width: int | None = None) -> str:
-    flat = " ".join((text or "").split())
-    if width is not None and len(flat) > width:
-        return flat[: width - 1] + "…"
-    return flat or "-"
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split()) or "-"
 
 
-def _plural(count: int, word: str) -> str:
-    return f"{count} {word}{'' if count == 1 else 'es' if word.endswith('ch') else 's'}"
-
-
-def _state(row: JSONDict) -> str:
-    """`failed: customer_not_found`, `pending (parked)`, `delivered: created`..."""
-    status = row.get("status") or row.get("previous_status")
-    outcome = row.get("outcome") if "status" in row else row.get("previous_outcome")
+def _state(status: Status, outcome: Outcome | None) -> str:
+    """`failed: customer_not_found`, `pending`, `delivered: created`..."""
     return f"{status}: {outcome}" if outcome else str(status)
 
 
-def _behind(blocked_by: JSONDict) -> str:
-    text = f"behind #{blocked_by['id']} ({blocked_by['event_type']}, {blocked_by['status']}"
-    return text + (f": {blocked_by['outcome']})" if blocked_by["outcome"] else ")")
+def _behind(b: ops.BlockedBy) -> str:
+    return f"behind #{b.id} ({b.event_type}, {_state(b.status, b.outcome)})"
 
 
 # ---- outbox status -----------------------------------------------------------------------------
 
 
-def render_status(data: JSONDict, console: Console) -> None:
-    if data["ok"]:
+def render_status(report: ops.StatusReport, console: Console) -> None:
+    if report.ok:
         console.print(Text("outbox status: OK", style="bold green"))
     else:
         console.print(Text("outbox status: attention needed", style="bold red"))
-        for problem in data["problems"]:
+        for problem in report.problems:
             console.print(f"  - {problem}")
     console.print()
     _print_table(
@@ -342,63 +356,65 @@ def render_status(data: JSONDict, console: Console) -> None:
         [Col("type"), Col("status"), Col("outcome"), Col("rows", True), Col("oldest", True)],
         [
             [
-                row["event_type"],
-                row["status"],
-                _dash(row["outcome"]),
-                str(row["events"]),
-                format_duration(row["oldest_age_seconds"]),
+                row.event_type.value,
+                row.status.value,
+                _dash(row.outcome),
+                str(row.events),
+                format_duration(row.oldest_age_seconds),
             ]
-            for row in data["counts"]
+            for row in report.counts
         ]
         or [["-", "no events yet", "", "", ""]],
     )
     console.print()
-    pending = data["pending"]
-    details = f"{pending['in_flight']} in flight, {pending['blocked']} blocked"
-    line = f"{_plural(pending['events'], 'row')} ({details})"
-    if pending["events"]:
-        line += f"; oldest {_ago(pending['oldest_age_seconds'])}"
-        waiting = pending["oldest_waiting_age_seconds"]
-        if waiting is not None and waiting != pending["oldest_age_seconds"]:
+    _print_pairs(console, _status_pairs(report))
+
+
+def _status_pairs(report: ops.StatusReport) -> list[tuple[str, str]]:
+    pending = report.pending
+    details = f"{pending.in_flight} in flight, {pending.blocked} blocked"
+    line = f"{plural(pending.events, 'row')} ({details})"
+    if pending.events:
+        line += f"; oldest {_ago(pending.oldest_age_seconds)}"
+        waiting = pending.oldest_waiting_age_seconds
+        if waiting is not None and waiting != pending.oldest_age_seconds:
             line += f", oldest not blocked {_ago(waiting)}"
     pairs = [("pending", line)]
-    last = data["last_delivered_at"]
+    last = report.last_delivered_at
     pairs.append(
         (
             "last delivery",
             "never"
             if last is None
-            else f"{_when(last)} UTC ({_ago(data['last_delivery_age_seconds'])})",
+            else f"{_when(last)} UTC ({_ago(report.last_delivery_age_seconds)})",
         )
     )
-    for n, lease in enumerate(data["leases"]):
-        expired = f", {lease['expired']} expired" if lease["expired"] else ""
-        when = lease["expires_in_seconds"]
-        expiry = (
-            f"expires in {format_duration(when)}"
-            if when > 0
-            else f"expired {format_duration(-when)} ago"
-        )
-        pairs.append(
-            (
-                "leases" if n == 0 else "",
-                f"{lease['owner']}: {_plural(lease['events'], 'row')}{expired}, last {expiry}",
-            )
-        )
-    if not data["leases"]:
+    for n, lease in enumerate(report.leases):
+        pairs.append(("leases" if n == 0 else "", _lease_line(lease)))
+    if not report.leases:
         pairs.append(("leases", "none (nothing in flight)"))
-    attempt = data["last_attempt"]
+    attempt = report.last_attempt
     if attempt is not None:
-        answer = str(attempt["status_code"]) if attempt["status_code"] else "no answer"
+        answer = str(attempt.status_code) if attempt.status_code else "no answer"
         pairs.append(
             (
                 "last call",
-                f"{attempt['method']} {attempt['path']} -> {answer} {attempt['decision']}, "
-                f"{_ago(attempt['age_seconds'])} by {attempt['daemon']} "
-                f"(event {attempt['event_id']})",
+                f"{attempt.method} {attempt.path} -> {answer} {attempt.decision}, "
+                f"{_ago(attempt.age_seconds)} by {attempt.daemon} (event {attempt.event_id})",
             )
         )
-    _print_pairs(console, pairs)
+    return pairs
+
+
+def _lease_line(lease: ops.Lease) -> str:
+    expired = f", {lease.expired} expired" if lease.expired else ""
+    when = lease.expires_in_seconds
+    expiry = (
+        f"expires in {format_duration(when)}"
+        if when > 0
+        else f"expired {format_duration(-when)} ago"
+    )
+    return f"{lease.owner}: {plural(lease.events, 'row')}{expired}, last {expiry}"
 
 
 @click.command(
@@ -425,36 +441,32 @@ def status_command(database_url: str | None, as_json: bool, max_pending_age: str
     """
     limit: timedelta = _parse("--max-pending-age", ops.parse_duration, max_pending_age)
     with _engine(database_url, db_error_code=EXIT_UNKNOWN) as engine:
-        data = ops.status(engine, limit)
-    if as_json:
-        _emit_json(data)
-    else:
-        render_status(data, _console())
-    sys.exit(EXIT_OK if data["ok"] else EXIT_ERROR)
+        report = ops.status(engine, limit)
+    _emit(report, as_json, render_status)
+    sys.exit(EXIT_OK if report.ok else EXIT_ERROR)
 
 
 # ---- outbox failed -----------------------------------------------------------------------------
 
 
-def _problem_cell(row: JSONDict) -> str:
-    if row["state"] == "blocked":
-        return f"behind #{row['blocked_by']['id']} ({row['blocked_by']['status']})"
-    return str(row["outcome"])
+def _problem_cell(row: ops.Problem) -> str:
+    if row.blocked_by is not None:
+        return f"behind #{row.blocked_by.id} ({row.blocked_by.status})"
+    return str(row.outcome)
 
 
-def _reason_cell(row: JSONDict) -> str:
-    if row["state"] == "blocked":
-        b = row["blocked_by"]
-        return f"waits for {b['event_type']} #{b['id']}: " + _state(b)
+def _reason_cell(row: ops.Problem) -> str:
+    if row.blocked_by is not None:
+        b = row.blocked_by
+        return f"waits for {b.event_type} #{b.id}: " + _state(b.status, b.outcome)
     # The daemon's last_error starts with the outcome, which the problem column shows already.
-    error = _one_line(row["last_error"])
-    return error.removeprefix(f"{row['outcome']}: ")
+    return _one_line(row.last_error).removeprefix(f"{row.outcome}: ")
 
 
-def render_failed(data: JSONDict, console: Console) -> None:
-    rows = data["rows"]
+def render_failed(page: ops.FailedPage, console: Console) -> None:
+    rows = page.rows
     if not rows:
-        console.print("no failed or blocked rows" + (" match" if data["filters"] else ""))
+        console.print("no failed or blocked rows" + (" match" if page.filters else ""))
         return
     _print_table(
         console,
@@ -471,23 +483,23 @@ def render_failed(data: JSONDict, console: Console) -> None:
         ],
         [
             [
-                str(row["id"]),
-                row["event_type"],
-                row["transaction_key"],
-                _dash(row["customer_key"]),
+                str(row.id),
+                row.event_type.value,
+                row.transaction_key,
+                _dash(row.customer_key),
                 _problem_cell(row),
-                _dash(row["last_status_code"]),
-                str(row["attempts"]),
-                format_duration(row["age_seconds"]),
+                _dash(row.last_status_code),
+                str(row.attempts),
+                format_duration(row.age_seconds),
                 _reason_cell(row),
             ]
             for row in rows
         ],
     )
-    first = (data["page"] - 1) * data["limit"] + 1
-    footer = f"rows {first}-{first + len(rows) - 1} of {data['total']}, newest first"
-    if data["page"] < data["pages"]:
-        footer += f"; next: --page {data['page'] + 1}"
+    first = (page.page - 1) * page.limit + 1
+    footer = f"rows {first}-{first + len(rows) - 1} of {page.total}, newest first"
+    if page.page < page.pages:
+        footer += f"; next: --page {page.page + 1}"
     console.print(footer)
     console.print("details: outbox show ID; act: outbox retry ID / outbox discard ID")
 
@@ -514,82 +526,95 @@ def failed_command(
     per_page = _parse("--limit", _positive_int, limit)
     page_no = _parse("--page", _positive_int, page)
     with _engine(database_url) as engine:
-        data = ops.failed(engine, filters, limit=per_page, page=page_no)
-    if as_json:
-        _emit_json(data)
-    else:
-        render_failed(data, _console())
+        found = ops.failed(engine, filters, limit=per_page, page=page_no)
+    _emit(found, as_json, render_failed)
 
 
 # ---- outbox show -------------------------------------------------------------------------------
 
 
-def _render_event(event: JSONDict, console: Console) -> None:
-    title = f"event {event['id']}: {event['event_type']} {event['transaction_key']}"
+def _render_event(event: ops.EventDetail, console: Console) -> None:
+    title = f"event {event.id}: {event.event_type} {event.transaction_key}"
     console.print(Text(title, style="bold"))
-    pairs = [("status", _state(event) + (" (parked)" if event["parked"] else ""))]
-    if event["blocked_by"] is not None:
-        pairs.append(("waits for", _behind(event["blocked_by"])[len("behind ") :]))
-    pairs.append(("customer", _dash(event["customer_key"])))
-    if event["amount"] is not None:
-        pairs.append(("amount", f"{event['amount']} {event['currency'] or ''}".strip()))
-    if event["payload"]:
-        pairs.append(("payload", json.dumps(event["payload"], sort_keys=True)))
-    pairs.append(("attempts", str(event["attempts"])))
-    pairs.append(("recorded", f"{_when(event['created_at'])} UTC ({_ago(event['age_seconds'])})"))
-    if event["delivered_at"]:
-        pairs.append(("delivered", _when(event["delivered_at"]) + " UTC"))
-    elif event["status"] == "pending":
-        pairs.append(("next attempt", _when(event["next_attempt_at"]) + " UTC"))
-    if event["last_error"] and event["status"] != "delivered":
-        pairs.append(("last error", _one_line(event["last_error"])))
-    elif event["last_status_code"] is not None:
-        pairs.append(("last answer", f"HTTP {event['last_status_code']}"))
-    # lookup_required: an earlier create may have reached Partnero; it is looked up first.
-    flags = [name for name in ("lookup_required", "order_released") if event[name]]
-    if flags:
-        pairs.append(("flags", ", ".join(flags)))
-    if event["lease_owner"]:
-        pairs.append(
-            ("leased by", f"{event['lease_owner']} until {_when(event['lease_expires_at'])} UTC")
-        )
-    if event["blocked_by"] is not None:
-        b = event["blocked_by"]
-        if b["status"] == "discarded":
-            hint = (
-                f"outbox discard {b['id']} --refunds release (send it anyway), or "
-                f"outbox discard {event['id']} (give up on it)"
-            )
-        else:
-            hint = f"outbox retry {b['id']} or outbox discard {b['id']} (see its history)"
-        pairs.append(("to unblock", hint))
-    _print_pairs(console, pairs)
+    _print_pairs(console, _event_pairs(event))
     console.print()
-    history = event["attempt_history"]
+    history = event.attempt_history
     console.print(
         Text(f"HTTP calls ({len(history)})", style="bold") if history else "no HTTP calls"
     )
     for a in history:
-        code = f"HTTP {a['status_code']}" if a["status_code"] is not None else "no answer"
+        code = f"HTTP {a.status_code}" if a.status_code is not None else "no answer"
         console.print(
-            f"  {a['attempt']:>2}  {_when(a['started_at'])}  {a['method']} {a['path']}  "
-            f"({a['duration_ms']:.0f} ms)"
+            f"  {a.attempt:>2}  {_when(a.started_at)}  {a.method} {a.path}  "
+            f"({a.duration_ms:.0f} ms)"
         )
-        console.print(f"      {code}, {a['decision']}")
-        answer = _one_line(a["error"] or a["response_excerpt"])
+        console.print(f"      {code}, {a.decision}")
+        answer = _one_line(a.error or a.response_excerpt)
         _print_wrapped(console, answer, indent=6, max_lines=3)
-    if event["operator_actions"]:
+    if event.operator_actions:
         console.print()
         console.print(Text("operator actions", style="bold"))
-    for a in event["operator_actions"]:
-        console.print(f"  #{a['action_id']}  {_when(a['at'])}  {a['change']} by {a['actor']}")
+    for action in event.operator_actions:
+        console.print(
+            f"  #{action.action_id}  {_when(action.at)}  {action.change} by {action.actor}"
+        )
         _print_wrapped(
             console,
-            f"was {_state(a)} after {_plural(a['previous_attempts'], 'attempt')}; "
-            f"reason: {a['reason']}",
+            f"was {_state(action.previous_status, action.previous_outcome)} after "
+            f"{plural(action.previous_attempts, 'attempt')}; reason: {action.reason}",
             indent=6,
             max_lines=3,
         )
+
+
+def _event_pairs(event: ops.EventDetail) -> list[tuple[str, str]]:
+    pairs = [
+        ("status", _state(event.status, event.outcome) + (" (parked)" if event.parked else ""))
+    ]
+    if event.blocked_by is not None:
+        pairs.append(("waits for", _behind(event.blocked_by).removeprefix("behind ")))
+    pairs.append(("customer", _dash(event.customer_key)))
+    if event.amount is not None:
+        pairs.append(("amount", f"{event.amount} {event.currency or ''}".strip()))
+    if event.payload:
+        pairs.append(("payload", json.dumps(event.payload, sort_keys=True)))
+    pairs.append(("attempts", str(event.attempts)))
+    pairs.append(("recorded", f"{_when(event.created_at)} UTC ({_ago(event.age_seconds)})"))
+    if event.delivered_at:
+        pairs.append(("delivered", _when(event.delivered_at) + " UTC"))
+    elif event.status is Status.PENDING:
+        pairs.append(("next attempt", _when(event.next_attempt_at) + " UTC"))
+    if event.last_error and event.status is not Status.DELIVERED:
+        pairs.append(("last error", _one_line(event.last_error)))
+    elif event.last_status_code is not None:
+        pairs.append(("last answer", f"HTTP {event.last_status_code}"))
+    # lookup_required: an earlier create may have reached Partnero; it is looked up first.
+    flags = [
+        name
+        for name, on in (
+            ("lookup_required", event.lookup_required),
+            ("order_released", event.order_released),
+        )
+        if on
+    ]
+    if flags:
+        pairs.append(("flags", ", ".join(flags)))
+    if event.lease_owner:
+        pairs.append(
+            ("leased by", f"{event.lease_owner} until {_when(event.lease_expires_at)} UTC")
+        )
+    if event.blocked_by is not None:
+        pairs.append(("to unblock", _unblock_hint(event.id, event.blocked_by)))
+    return pairs
+
+
+def _unblock_hint(event_id: int, b: ops.BlockedBy) -> str:
+    if b.status is Status.DISCARDED:
+        return (
+            f"outbox discard {b.id} --refunds release (send it anyway), or "
+            f"outbox discard {event_id} (give up on it)"
+        )
+    return f"outbox retry {b.id} or outbox discard {b.id} (see its history)"
 
 
 def _print_wrapped(console: Console, text: str, *, indent: int, max_lines: int) -> None:
@@ -598,6 +623,14 @@ def _print_wrapped(console: Console, text: str, *, indent: int, max_lines: int) 
         lines = [*lines[: max_lines - 1], lines[max_lines - 1][:-1] + "…"]
     for line in lines:
         console.print(" " * indent + line)
+
+
+def render_shown(shown: ops.EventShown | ops.KeyShown, console: Console) -> None:
+    events = [shown.event] if isinstance(shown, ops.EventShown) else shown.events
+    for n, event in enumerate(events):
+        if n:
+            console.print()
+        _render_event(event, console)
 
 
 @click.command(
@@ -613,52 +646,49 @@ def show_command(
     decision) and every operator action; or, with --key, every event of a transaction key in
     delivery order (sales before refunds, then by id)."""
     if (event_id is None) == (key is None):
-        _fail("give an event ID or --key KEY (one of them)", EXIT_USAGE)
+        fail("give an event ID or --key KEY (one of them)", EXIT_USAGE)
     with _engine(database_url) as engine:
         if event_id is not None:
             parsed: list[int] = _parse("ID", ops.parse_ids, event_id)
             if len(parsed) != 1:
-                _fail(f"ID: {event_id!r} is not one event id", EXIT_USAGE)
-            data = ops.show_event(engine, parsed[0])
+                fail(f"ID: {event_id!r} is not one event id", EXIT_USAGE)
+            shown: ops.EventShown | ops.KeyShown = ops.show_event(engine, parsed[0])
         else:
             assert key is not None
-            data = ops.show_key(engine, key)
-    if as_json:
-        _emit_json(data)
-        return
-    console = _console()
-    events = [data["event"]] if "event" in data else data["events"]
-    for n, event in enumerate(events):
-        if n:
-            console.print()
-        _render_event(event, console)
+            shown = ops.show_key(engine, key)
+    _emit(shown, as_json, render_shown)
 
 
 # ---- outbox retry / outbox discard -------------------------------------------------------------
 
 
-def _summary(changes: list[JSONDict], *, conditional: bool) -> str:
+_DO = {kind: kind.value for kind in ops.ChangeKind}
+_DONE = {
+    ops.ChangeKind.RETRY: "retried",
+    ops.ChangeKind.DISCARD: "discarded",
+    ops.ChangeKind.RELEASE: "released",
+    ops.ChangeKind.WAKE: "woke",
+}
+
+
+def _summary(changes: tuple[ops.Change, ...], *, conditional: bool) -> str:
     """`discard 1 row and release 1 row` (or `would ...`), parked rows woken last."""
-    counts: dict[str, int] = {}
-    for c in changes:
-        counts[c["change"]] = counts.get(c["change"], 0) + 1
-    words = {"retry": "retry", "discard": "discard", "release": "release", "wake": "wake"}
-    if not conditional:
-        words = {"retry": "retried", "discard": "discarded", "release": "released", "wake": "woke"}
+    counts = Counter(c.change for c in changes)
+    words = _DO if conditional else _DONE
     parts = [
-        f"{words[change]} {_plural(n, 'parked row' if change == 'wake' else 'row')}"
+        f"{words[change]} {plural(n, 'parked row' if change is ops.ChangeKind.WAKE else 'row')}"
         for change, n in counts.items()
     ]
     text = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
     return ("would " if conditional else "") + text
 
 
-def render_action(data: JSONDict, console: Console) -> None:
-    changes = data["changes"]
+def render_action(result: ops.ActionResult, console: Console) -> None:
+    changes = result.changes
     if not changes:
-        console.print(f"nothing to {data['action']}: no row matches")
+        console.print(f"nothing to {result.action}: no row matches")
     else:
-        if data["dry_run"]:
+        if result.dry_run:
             console.print(f"dry run: {_summary(changes, conditional=True)}; nothing was changed")
         _print_table(
             console,
@@ -673,45 +703,43 @@ def render_action(data: JSONDict, console: Console) -> None:
             ],
             [
                 [
-                    str(c["event_id"]),
-                    c["event_type"],
-                    c["transaction_key"],
-                    _dash(c["customer_key"]),
-                    c["change"],
-                    _state(c),
-                    str(c["previous_attempts"]),
+                    str(c.event_id),
+                    c.event_type.value,
+                    c.transaction_key,
+                    _dash(c.customer_key),
+                    c.change.value,
+                    _state(c.previous_status, c.previous_outcome),
+                    str(c.previous_attempts),
                 ]
                 for c in changes
             ],
         )
-    for row in data.get("left_blocked", []):
+    left_blocked = result.left_blocked if isinstance(result, ops.DiscardResult) else ()
+    for row in left_blocked:
         _print_wrapped(
             console,
-            f"refund {row['event_id']} ({row['transaction_key']}) stays blocked behind its "
-            f"discarded sale {row['sale_id']} (--refunds keep). Decide later: outbox discard "
-            f"{row['sale_id']} --refunds release|discard",
+            f"refund {row.event_id} ({row.transaction_key}) stays blocked behind its "
+            f"discarded sale {row.sale_id} (--refunds keep). Decide later: outbox discard "
+            f"{row.sale_id} --refunds release|discard",
             indent=0,
             max_lines=4,
         )
-    if changes and not data["dry_run"]:
+    if changes and not result.dry_run:
         _print_wrapped(
             console,
-            f"{_summary(changes, conditional=False)}: action {data['action_id']} by "
-            f"{data['actor']} ({data['reason']}); running daemons were notified",
+            f"{_summary(changes, conditional=False)}: action {result.action_id} by "
+            f"{result.actor} ({result.reason}); running daemons were notified",
             indent=0,
             max_lines=4,
         )
 
 
 def _run_action(
-    as_json: bool, database_url: str | None, run: Callable[[sa.Engine], JSONDict]
+    as_json: bool, database_url: str | None, run: Callable[[sa.Engine], ops.ActionResult]
 ) -> None:
     with _engine(database_url) as engine:
-        data = run(engine)
-    if as_json:
-        _emit_json(data)
-    else:
-        render_action(data, _console())
+        result = run(engine)
+    _emit(result, as_json, render_action)
 
 
 @click.command(
@@ -742,8 +770,8 @@ def retry_command(
     outbox.operator_actions with --reason and --actor.
     """
     selection = _selection(ids, _filters(options), all_rows)
-    if selection.filters.state == "blocked":
-        _fail(
+    if selection.filters.state is ops.ProblemState.BLOCKED:
+        fail(
             "--state blocked: retry takes failed rows; the rows blocked behind them are woken "
             "with them",
             EXIT_USAGE,
@@ -793,7 +821,7 @@ def discard_command(
     --actor, with every row's status before.
     """
     selection = _selection(ids, _filters(options), all_rows)
-    what = _parse("--refunds", _choice(*ops.REFUND_CHOICES), refunds)
+    what = _parse("--refunds", _one_of(*ops.RefundChoice), refunds)
     why = _reason(reason, dry_run)
     who = actor or ops.default_actor()
     _run_action(
@@ -808,21 +836,21 @@ def discard_command(
 # ---- outbox prune ------------------------------------------------------------------------------
 
 
-def render_prune(data: JSONDict, console: Console) -> None:
-    pruned = data["pruned"]
-    what = _plural(pruned["delivered"], "delivered row")
-    if data["include_discarded"]:
-        what += f", {_plural(pruned['discarded'], 'discarded row')}"
-    verb = "would prune" if data["dry_run"] else "pruned"
+def render_prune(result: ops.PruneResult, console: Console) -> None:
+    pruned = result.pruned
+    what = plural(pruned.delivered, "delivered row")
+    if result.include_discarded:
+        what += f", {plural(pruned.discarded, 'discarded row')}"
+    verb = "would prune" if result.dry_run else "pruned"
     console.print(
-        f"{verb} {what} and {_plural(pruned['attempts'], 'attempt')} in "
-        f"{_plural(data['batches'], 'batch')} of at most {data['batch_size']} "
-        f"(older than {format_duration(data['older_than_seconds'])}: before "
-        f"{_when(data['cutoff'])} UTC)" + ("; nothing was changed" if data["dry_run"] else "")
+        f"{verb} {what} and {plural(pruned.attempts, 'attempt')} in "
+        f"{plural(result.batches, 'batch')} of at most {result.batch_size} "
+        f"(older than {format_duration(result.older_than_seconds)}: before "
+        f"{_when(result.cutoff)} UTC)" + ("; nothing was changed" if result.dry_run else "")
     )
-    if data["kept_open_key"]:
+    if result.kept_open_key:
         console.print(
-            f"kept {_plural(data['kept_open_key'], 'old row')} whose transaction key still has "
+            f"kept {plural(result.kept_open_key, 'old row')} whose transaction key still has "
             "a pending or failed row"
         )
 
@@ -869,12 +897,12 @@ def prune_command(
     outbox.operator_actions.
     """
     if older_than is None:
-        _fail("--older-than is required, e.g. --older-than 30d", EXIT_USAGE)
+        fail("--older-than is required, e.g. --older-than 30d", EXIT_USAGE)
     age: timedelta = _parse("--older-than", ops.parse_duration, older_than)
     size: int = _parse("--batch-size", _positive_int, batch_size)
     who = actor or ops.default_actor()
     with _engine(database_url) as engine:
-        data = ops.prune(
+        result = ops.prune(
             engine,
             age,
             include_discarded=include_discarded,
@@ -883,10 +911,7 @@ def prune_command(
             actor=who,
             reason=reason.strip() or "retention",
         )
-    if as_json:
-        _emit_json(data)
-    else:
-        render_prune(data, _console())
+    _emit(result, as_json, render_prune)
 
 
 COMMANDS = (

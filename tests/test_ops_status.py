@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import datetime
 
 import sqlalchemy as sa
 
+from outbox.domain import DecisionKind, DecisionLabel, decision_label, parse_decision_label
 from tests.daemon_helpers import insert_sales
 from tests.test_ops_seed import cli, cli_json, run_outbox, seed
 
@@ -207,3 +210,56 @@ def test_status_human_output_fits_80_columns(engine: sa.Engine, database_url: st
     assert any(line.split()[:4] == ["sale", "failed", "customer_not_found", "1"] for line in lines)
     assert any(line.startswith("leases") and "host-a:101: 1 row" in line for line in lines)
     assert "\x1b[" not in result.stdout  # no colour codes when piped
+
+
+# Every decision label docs/operations.md lists, as the executor writes them.
+DOCUMENTED_LABELS = [
+    ("delivered:created", DecisionKind.DELIVERED, "created"),
+    ("retry:timeout", DecisionKind.RETRY, "timeout"),
+    ("retry:network_error+lookup", DecisionKind.RETRY, "network_error+lookup"),
+    ("lookup:found", DecisionKind.LOOKUP, "found"),
+    ("lookup:next_page:3", DecisionKind.LOOKUP, "next_page:3"),
+    ("failed:customer_not_found", DecisionKind.FAILED, "customer_not_found"),
+    ("forbidden:check_key", DecisionKind.FORBIDDEN, "check_key"),
+    ("pause:auth", DecisionKind.PAUSE, "auth"),
+]
+
+
+def test_decision_labels_are_read_and_written_by_one_vocabulary() -> None:
+    for text, kind, detail in DOCUMENTED_LABELS:
+        assert parse_decision_label(text) == DecisionLabel(kind, detail)
+        assert decision_label(kind, detail) == text
+    # A label this build does not know stays text: no kind, no error.
+    for text in ("", "x", "pause", "paused:auth", "PAUSE:auth", ":auth"):
+        assert parse_decision_label(text) is None
+
+
+def test_status_reads_the_pause_through_the_label_vocabulary(
+    engine: sa.Engine, database_url: str
+) -> None:
+    insert_sales(engine, ["inv_1"])
+    for label, paused in (("pause:auth", True), ("failed:forbidden", False), ("x", False)):
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO outbox.attempts (event_id, attempt, started_at, finished_at, "
+                    "method, path, status_code, decision) SELECT max(id), 1, now(), now(), "
+                    "'POST', '/v1/transactions', 403, :label FROM outbox.events"
+                ),
+                {"label": label},
+            )
+        data = cli_json("status", database_url=database_url)
+        assert data["last_attempt"]["decision"] == label
+        assert any("sending is paused" in p for p in data["problems"]) is paused
+
+
+def test_the_operator_commands_do_not_import_the_command_line_back() -> None:
+    """outbox.cli registers outbox.ops_cli; ops_cli takes what it shares from outbox.cli_common."""
+    code = (
+        "import sys, outbox.ops_cli, outbox.roles_cli; "
+        "print('outbox.cli' in sys.modules, 'outbox.cli_common' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "True"]

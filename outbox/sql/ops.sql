@@ -4,37 +4,60 @@
 -- `outbox status` and `outbox failed` read the views of migration 0002, so the CLI and plain SQL
 -- give the same answers.
 
+-- name: now
+-- The database's clock (in a transaction: when it began); --since and --until count from it.
+SELECT now()
+
+-- name: action_settings
+-- A short writing transaction (retry, discard, a prune batch): never wait longer than
+-- :lock_timeout for a row another transaction holds, and no JIT (these statements touch a few
+-- rows; a stale estimate could make compiling them cost more than running them). Both as
+-- SET LOCAL: they end with the transaction.
+SELECT set_config('lock_timeout', CAST(:lock_timeout AS text), true),
+       set_config('jit', 'off', true)
+
 -- name: problems
 -- Failed rows and rows blocked behind a failed or discarded row: what `outbox failed` lists and
 -- what `outbox retry` / `outbox discard` select by filter. Filters apply to the row itself; a
 -- blocked row has no outcome of its own (its blocked_by_* columns say what it waits for). Times
--- filter and sort on created_at, when the shop recorded the event. ops.py wraps this query for
--- counting, paging and locking.
-SELECT p.*
-FROM (
-    SELECT 'failed' AS state, f.id, f.event_type, f.transaction_key, f.customer_key, f.amount,
-           f.currency, f.outcome, f.last_status_code, f.last_error, f.attempts, f.created_at,
-           f.failed_at AS updated_at, f.rows_waiting,
-           NULL::bigint AS blocked_by_id, NULL::text AS blocked_by_type,
-           NULL::text AS blocked_by_status, NULL::text AS blocked_by_outcome
-    FROM outbox.failed_deliveries f
-    UNION ALL
-    SELECT 'blocked', b.id, b.event_type, b.transaction_key, b.customer_key, b.amount,
-           b.currency, NULL, b.last_status_code, b.last_error, b.attempts, b.created_at,
-           b.updated_at, 0, b.blocked_by_id, b.blocked_by_type, b.blocked_by_status,
-           b.blocked_by_outcome
-    FROM outbox.blocked_deliveries b
-) p
-WHERE (CAST(:ids AS bigint[]) IS NULL OR p.id = ANY(CAST(:ids AS bigint[])))
-  AND (CAST(:state AS text) IS NULL OR p.state = CAST(:state AS text))
-  AND (CAST(:outcome AS text) IS NULL OR p.outcome = CAST(:outcome AS text))
-  AND (CAST(:status_code AS integer) IS NULL
-       OR p.last_status_code = CAST(:status_code AS integer))
-  AND (CAST(:since AS timestamptz) IS NULL OR p.created_at >= CAST(:since AS timestamptz))
-  AND (CAST(:until AS timestamptz) IS NULL OR p.created_at < CAST(:until AS timestamptz))
-  AND (CAST(:key AS text) IS NULL OR p.transaction_key = CAST(:key AS text))
-  AND (CAST(:customer AS text) IS NULL OR p.customer_key = CAST(:customer AS text))
-  AND (CAST(:event_type AS text) IS NULL OR p.event_type = CAST(:event_type AS text))
+-- filter and sort on created_at, when the shop recorded the event. An optional filter is NULL
+-- when not given; :limit NULL means every row, :offset skips that many.
+-- One page, newest first, each row with `total`, the rows matching over all pages. A page past
+-- the end is one row whose columns are all NULL but `total`, so the count is always there.
+WITH problems AS (
+    SELECT p.*, extract(epoch FROM now() - p.created_at)::float8 AS age_seconds
+    FROM (
+        SELECT 'failed' AS state, f.id, f.event_type, f.transaction_key, f.customer_key, f.amount,
+               f.currency, f.outcome, f.last_status_code, f.last_error, f.attempts, f.created_at,
+               f.failed_at AS updated_at, f.rows_waiting,
+               NULL::bigint AS blocked_by_id, NULL::text AS blocked_by_type,
+               NULL::text AS blocked_by_status, NULL::text AS blocked_by_outcome
+        FROM outbox.failed_deliveries f
+        UNION ALL
+        SELECT 'blocked', b.id, b.event_type, b.transaction_key, b.customer_key, b.amount,
+               b.currency, NULL, b.last_status_code, b.last_error, b.attempts, b.created_at,
+               b.updated_at, 0, b.blocked_by_id, b.blocked_by_type, b.blocked_by_status,
+               b.blocked_by_outcome
+        FROM outbox.blocked_deliveries b
+    ) p
+    WHERE (CAST(:ids AS bigint[]) IS NULL OR p.id = ANY(CAST(:ids AS bigint[])))
+      AND (CAST(:state AS text) IS NULL OR p.state = CAST(:state AS text))
+      AND (CAST(:outcome AS text) IS NULL OR p.outcome = CAST(:outcome AS text))
+      AND (CAST(:status_code AS integer) IS NULL
+           OR p.last_status_code = CAST(:status_code AS integer))
+      AND (CAST(:since AS timestamptz) IS NULL OR p.created_at >= CAST(:since AS timestamptz))
+      AND (CAST(:until AS timestamptz) IS NULL OR p.created_at < CAST(:until AS timestamptz))
+      AND (CAST(:key AS text) IS NULL OR p.transaction_key = CAST(:key AS text))
+      AND (CAST(:customer AS text) IS NULL OR p.customer_key = CAST(:customer AS text))
+      AND (CAST(:event_type AS text) IS NULL OR p.event_type = CAST(:event_type AS text))
+)
+SELECT t.total, page.*
+FROM (SELECT count(*) AS total FROM problems) t
+LEFT JOIN LATERAL (
+    SELECT * FROM problems
+    ORDER BY created_at DESC, id DESC
+    LIMIT CAST(:limit AS bigint) OFFSET CAST(:offset AS bigint)
+) page ON true
 
 -- name: summary
 -- `outbox status`: the backlog by type, status and outcome (the delivery_summary view).
@@ -49,7 +72,7 @@ ORDER BY event_type DESC, array_position(ARRAY['pending', 'failed', 'discarded',
 -- or discarded row, the oldest pending row, and the oldest one that is not blocked (the
 -- daemon's lag). Ages are the database's now() minus created_at.
 WITH blocked AS (SELECT id FROM outbox.blocked_deliveries)
-SELECT count(*) AS pending,
+SELECT count(*) AS events,
        count(*) FILTER (WHERE e.lease_expires_at > now()) AS in_flight,
        (SELECT count(*) FROM blocked) AS blocked,
        min(e.created_at) AS oldest_created_at,
@@ -121,8 +144,7 @@ ORDER BY ae.event_id, a.id
 -- retry / discard: the selected rows, locked for the rest of the transaction (a daemon's claim
 -- skips them; its result writes wait). `leased` means a daemon holds the row right now.
 SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.status, e.outcome, e.attempts,
-       e.lease_owner, e.lease_token IS NOT NULL AS has_lease,
-       coalesce(e.lease_expires_at > now(), false) AS leased
+       e.lease_owner, coalesce(e.lease_expires_at > now(), false) AS leased
 FROM outbox.events e
 WHERE e.id = ANY(CAST(:ids AS bigint[]))
 ORDER BY e.id
@@ -145,8 +167,9 @@ ORDER BY r.id
 
 -- name: parked_rows
 -- retry / discard: parked pending rows of the keys, other than the selected rows; they are
--- woken (due now) so that a running daemon looks at them at once.
-SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.status, e.outcome, e.attempts
+-- woken (due now) so that a running daemon looks at them at once. The columns of lock_events.
+SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.status, e.outcome, e.attempts,
+       e.lease_owner, coalesce(e.lease_expires_at > now(), false) AS leased
 FROM outbox.events e
 WHERE e.status = 'pending' AND e.parked
   AND e.transaction_key = ANY(CAST(:keys AS text[]))
@@ -158,8 +181,7 @@ FOR UPDATE
 -- discard: pending refunds that discarding :ids would leave behind sales that are all
 -- discarded (the claim query keeps those waiting unless a person releases them).
 SELECT r.id, r.event_type, r.transaction_key, r.customer_key, r.status, r.outcome, r.attempts,
-       r.lease_owner, r.lease_token IS NOT NULL AS has_lease,
-       coalesce(r.lease_expires_at > now(), false) AS leased
+       r.lease_owner, coalesce(r.lease_expires_at > now(), false) AS leased
 FROM outbox.events r
 WHERE r.event_type = 'refund' AND r.status = 'pending' AND NOT r.order_released
   AND r.id <> ALL(CAST(:ids AS bigint[]))
@@ -184,7 +206,6 @@ SET status = 'pending',
     parked = false,
     updated_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[])) AND status IN ('failed', 'discarded')
-RETURNING id
 
 -- name: apply_discard
 -- A person gives up on the rows. A pending row whose lease had expired (its daemon died) may
@@ -198,7 +219,6 @@ SET status = 'discarded',
     lease_expires_at = NULL,
     updated_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[])) AND status IN ('pending', 'failed')
-RETURNING id
 
 -- name: apply_release
 -- Let refunds go although their sale was discarded; due now.
@@ -208,13 +228,11 @@ SET order_released = true,
     next_attempt_at = now(),
     updated_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'pending'
-RETURNING id
 
 -- name: apply_wake
 UPDATE outbox.events
 SET parked = false, next_attempt_at = now()
 WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'pending'
-RETURNING id
 
 -- name: record_action
 INSERT INTO outbox.operator_actions (actor, action, reason, selection, event_count)
