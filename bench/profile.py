@@ -12,17 +12,17 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]+)(?::\d+)?\)$")
 
 # Inclusive time worth naming: the daemon's own steps and the libraries under them.
 _WATCH = (
-    ("outbox.daemon", "claim_once"),
-    ("outbox.daemon", "_deliver"),
-    ("outbox.daemon", "run_once"),
-    ("outbox.executor", "process"),
-    ("outbox.executor", "_finish"),
-    ("outbox.executor", "_decide"),
+    ("outbox.delivery.claimer", "claim_once"),
+    ("outbox.delivery.claimer", "_deliver"),
+    ("outbox.delivery.writer", "run_once"),
+    ("outbox.delivery.executor", "process"),
+    ("outbox.delivery.executor", "_finish"),
+    ("outbox.delivery.executor", "_decide"),
     ("outbox.partnero", "create"),
     ("outbox.partnero", "_call"),
     ("outbox.partnero", "build_create_body"),
-    ("outbox.store", "claim"),
-    ("outbox.store", "complete"),
+    ("outbox.delivery.store", "claim"),
+    ("outbox.delivery.store", "complete"),
     ("outbox.policy", "decide"),
     ("outbox.logs", "__call__"),
     ("structlog", "meth"),
@@ -34,13 +34,15 @@ _IDLE = {("selectors", "EpollSelector.select"), ("stdlib:concurrent", "_worker")
 
 
 def package(path: str) -> str:
-    """`httpx` for site-packages/httpx/_client.py, `outbox.executor`, `asyncio`, `stdlib:json`."""
+    """`httpx` for site-packages/httpx/_client.py, `outbox.delivery.executor`, `asyncio`,
+    `stdlib:json`."""
     parts = Path(path).parts
     if "site-packages" in parts:
         rest = parts[parts.index("site-packages") + 1 :]
         return rest[0].removesuffix(".py") if rest else path
     if "outbox" in parts:
-        return "outbox." + Path(path).stem
+        inner = parts[len(parts) - 1 - parts[::-1].index("outbox") :]  # from the last "outbox"
+        return ".".join([*inner[:-1], Path(path).stem])
     if "bench" in parts:
         return "bench." + Path(path).stem
     for i, part in enumerate(parts):

@@ -165,30 +165,6 @@ class Daemon:
                     raise psycopg.OperationalError(first_line(exc.orig)) from None
         self.health.database_ok = True
 
-    def _services(self) -> list[Service]:
-        """The services started once the schema is current, with each one's crash policy."""
-        rescue_every = lambda: max(0.5, min(self.settings.lease_seconds / 2, 30.0))  # noqa: E731
-        return [
-            Service(
-                "listener",
-                lambda: self.listener.run(self.stopping),
-                OnCrash.RESTART,
-                "holds no state; polling covers the gap",
-            ),
-            Service(
-                "writer",
-                lambda: self.writer.run(self.stopping),
-                OnCrash.RESTART,
-                "its unwritten results wait in memory and are written once it runs again",
-            ),
-            Service(
-                "rescuer",
-                lambda: self.rescuer.run(self.stopping, rescue_every),
-                OnCrash.RESTART,
-                "holds no state",
-            ),
-        ]
-
     async def _start_up(self) -> bool:
         """Everything before READY=1. False when stopped meanwhile."""
         try:
@@ -199,7 +175,7 @@ class Daemon:
             raise
         if self.stopping.is_set():
             return False
-        for service in self._services():
+        for service in _before_ready(self):
             self.supervisor.start(service)
         # READY=1 only with the database reachable, the schema current and LISTEN active.
         await wait_any(self.listener.ready, self.stopping, timeout=math.inf)
@@ -217,38 +193,13 @@ class Daemon:
         return True
 
     def _start_running(self) -> None:
-        self.supervisor.start(
-            Service(
-                "monitor",
-                lambda: self.monitor.run(self.stopping),
-                OnCrash.RESTART,
-                "only refreshes figures",
-            )
-        )
-        if self.notifier.watchdog_seconds:
-            interval = self.notifier.watchdog_seconds / 2
-            self.supervisor.start(
-                Service(
-                    "watchdog",
-                    lambda: self.watchdog.run(self.stopping, interval),
-                    OnCrash.EXIT,
-                    "without it systemd would kill the daemon anyway; exiting says why at once",
-                )
-            )
-        self.supervisor.start(
-            Service(
-                "claimer",
-                self.claimer.run,
-                OnCrash.EXIT,
-                "it owns the calls in flight; a fresh process starts from the table, and "
-                "the shutdown gives every claimed row back",
-            )
-        )
+        for service in _after_ready(self):
+            self.supervisor.start(service)
 
     # ---- the whole ------------------------------------------------------------------------
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
-        self._log_start()
+        _log_start(self.settings)
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -277,22 +228,6 @@ class Daemon:
             self.notifier.close()
         if self.supervisor.fatal is not None:
             raise self.supervisor.fatal
-
-    def _log_start(self) -> None:
-        s = self.settings
-        log.info(
-            "outbox.daemon.starting",
-            owner=s.owner,
-            partnero=s.partnero_api_url,
-            database=db.redact(s.database_url),
-            concurrency=s.concurrency,
-        )
-        if s.insecure_skip_tls_verify:
-            log.warning(
-                "outbox.daemon.tls_verification_off",
-                note="OUTBOX_INSECURE_SKIP_TLS_VERIFY is set: Partnero's certificate is "
-                "NOT checked; never run like this in production",
-            )
 
     def request_stop(self) -> None:
         if not self.stopping.is_set():
@@ -344,42 +279,117 @@ class Daemon:
                 "outbox.daemon.reload_refused", error=str(exc), note="the running settings are kept"
             )
         else:
-            self._apply(fresh)
+            _apply_live(self, fresh)
         if self._ready_sent:
             self.notifier.ready(self.health.status_line())
         else:  # reloaded during start-up: READY=1 still waits for start-up to finish
             self.notifier.status(self.health.status_line())
 
-    def _apply(self, fresh: Settings) -> None:
-        old = self.settings
-        changed = sorted(
-            f.name
-            for f in fields(Settings)
-            if f.name != "api_key" and getattr(old, f.name) != getattr(fresh, f.name)
+
+def _log_start(s: Settings) -> None:
+    log.info(
+        "outbox.daemon.starting",
+        owner=s.owner,
+        partnero=s.partnero_api_url,
+        database=db.redact(s.database_url),
+        concurrency=s.concurrency,
+    )
+    if s.insecure_skip_tls_verify:
+        log.warning(
+            "outbox.daemon.tls_verification_off",
+            note="OUTBOX_INSECURE_SKIP_TLS_VERIFY is set: Partnero's certificate is "
+            "NOT checked; never run like this in production",
         )
-        live = {name: getattr(fresh, name) for name in changed if name in LIVE}
-        needs_restart = [name for name in changed if name not in LIVE]
-        key_changed = fresh.api_key != old.api_key
-        self.settings = replace(old, **live, api_key=fresh.api_key)
-        self.health.stall_seconds = self.settings.stall_seconds
-        self.claimer.slots.resize(self.settings.concurrency)
-        self.executor.reconfigure(
-            retry_policy=self.settings.retry_policy(),
-            limiter=_limiter(self.settings.rate_limit_per_second),
+
+
+def _apply_live(d: Daemon, fresh: Settings) -> None:
+    """Apply what a reload may change while the daemon runs; name what needs a restart."""
+    old = d.settings
+    changed = sorted(
+        f.name
+        for f in fields(Settings)
+        if f.name != "api_key" and getattr(old, f.name) != getattr(fresh, f.name)
+    )
+    live = {name: getattr(fresh, name) for name in changed if name in LIVE}
+    needs_restart = [name for name in changed if name not in LIVE]
+    key_changed = fresh.api_key != old.api_key
+    d.settings = replace(old, **live, api_key=fresh.api_key)
+    d.health.stall_seconds = d.settings.stall_seconds
+    d.claimer.slots.resize(d.settings.concurrency)
+    d.executor.reconfigure(
+        retry_policy=d.settings.retry_policy(),
+        limiter=_limiter(d.settings.rate_limit_per_second),
+    )
+    if key_changed:
+        d.client.set_api_key(ApiKey(fresh.api_key))
+        d.key_check.key_version += 1
+        d.gate.check_now()  # paused on the old key: try the new one at once
+    if "log_level" in live:
+        logs.set_level(d.settings.log_level)
+    log.info("outbox.daemon.reloaded", changed=sorted(live), api_key_changed=key_changed)
+    if needs_restart:
+        log.warning(
+            "outbox.daemon.reload_needs_restart",
+            settings=needs_restart,
+            note="these settings take effect only after a restart",
         )
-        if key_changed:
-            self.client.set_api_key(ApiKey(fresh.api_key))
-            self.key_check.key_version += 1
-            self.gate.check_now()  # paused on the old key: try the new one at once
-        if "log_level" in live:
-            logs.set_level(self.settings.log_level)
-        log.info("outbox.daemon.reloaded", changed=sorted(live), api_key_changed=key_changed)
-        if needs_restart:
-            log.warning(
-                "outbox.daemon.reload_needs_restart",
-                settings=needs_restart,
-                note="these settings take effect only after a restart",
+
+
+# ---- the services and what a crash of each does (see outbox.delivery.supervisor) -------------
+
+
+def _before_ready(d: Daemon) -> list[Service]:
+    """Started once the schema is current, before READY=1."""
+    s = d._current_settings
+    return [
+        Service(
+            "listener",
+            lambda: d.listener.run(d.stopping),
+            OnCrash.RESTART,
+            "holds no state; polling covers the gap",
+        ),
+        Service(
+            "writer",
+            lambda: d.writer.run(d.stopping),
+            OnCrash.RESTART,
+            "its unwritten results wait in memory and are written once it runs again",
+        ),
+        Service(
+            "rescuer",
+            lambda: d.rescuer.run(d.stopping, lambda: max(0.5, min(s().lease_seconds / 2, 30.0))),
+            OnCrash.RESTART,
+            "holds no state",
+        ),
+    ]
+
+
+def _after_ready(d: Daemon) -> list[Service]:
+    """Started after READY=1: the figures, the watchdog (under systemd), the claimer."""
+    services = [
+        Service(
+            "monitor", lambda: d.monitor.run(d.stopping), OnCrash.RESTART, "only refreshes figures"
+        )
+    ]
+    if d.notifier.watchdog_seconds:
+        interval = d.notifier.watchdog_seconds / 2
+        services.append(
+            Service(
+                "watchdog",
+                lambda: d.watchdog.run(d.stopping, interval),
+                OnCrash.EXIT,
+                "without it systemd would kill the daemon anyway; exiting says why at once",
             )
+        )
+    services.append(
+        Service(
+            "claimer",
+            d.claimer.run,
+            OnCrash.EXIT,
+            "it owns the calls in flight; a fresh process starts from the table, and the "
+            "shutdown gives every claimed row back",
+        )
+    )
+    return services
 
 
 def _limiter(rate: float) -> Callable[[], asyncio.Future[None] | None] | None:

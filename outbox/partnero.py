@@ -23,6 +23,7 @@ import json
 import math
 import re
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -474,6 +475,31 @@ class PartneroClient:
     ) -> Exchange:
         if self._closed:
             raise ClientClosedError("the Partnero client is closed")
+        received = _Received()
+        failure: tuple[TransportError, str] | None = None
+        started_at = _utcnow()
+        try:
+            async with asyncio.timeout(self._timeout):
+                request = self._request(method, path, content, content_type)
+                await self._send(request, max_body, received)
+        except TimeoutError:
+            # The total deadline; httpx's own timeouts are httpx.TimeoutException, not this.
+            failure = (
+                TransportError.UNKNOWN_OUTCOME,
+                f"TimeoutError: no complete answer within {self._timeout:g} s",
+            )
+        except _NOT_SENT_ERRORS as exc:
+            failure = (TransportError.NOT_SENT, self._describe_error(exc))
+        except Exception as exc:
+            # ReadTimeout, WriteTimeout, ReadError, WriteError, RemoteProtocolError, a body that
+            # fails to decode, anything unexpected from a transport: it may have arrived.
+            # CancelledError is a BaseException and propagates.
+            failure = (TransportError.UNKNOWN_OUTCOME, self._describe_error(exc))
+        return _exchange(kind, method, path, received, failure, started_at, max_body)
+
+    def _request(
+        self, method: str, path: str, content: bytes | None, content_type: str | None
+    ) -> httpx.Request:
         headers = self._headers
         if content is not None:
             headers = [
@@ -481,83 +507,32 @@ class PartneroClient:
                 (b"Content-Type", (content_type or "application/octet-stream").encode("ascii")),
                 (b"Content-Length", str(len(content)).encode("ascii")),
             ]
-        started_at = _utcnow()
-        response: httpx.Response | None = None
-        body = bytearray()
-        complete = False
-        transport_error: TransportError | None = None
-        error: str | None = None
-        try:
-            async with asyncio.timeout(self._timeout):
-                # stream= rather than content=: httpx then adds no headers of its own (it would
-                # re-scan and rebuild the header list for Host and Content-Length per call).
-                request = httpx.Request(
-                    method,
-                    self._urls.get(path) or self._prefix + path,
-                    headers=headers,
-                    stream=httpx.ByteStream(content or b""),
-                    extensions={"timeout": self._timeouts},
-                )
-                request.read()
-                response = await self._transport.handle_async_request(request)
-                try:
-                    async for chunk in response.aiter_bytes():
-                        body += chunk
-                        if len(body) > max_body:
-                            break
-                    else:
-                        complete = True
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            # The total deadline; httpx's own timeouts are httpx.TimeoutException, not this.
-            transport_error = TransportError.UNKNOWN_OUTCOME
-            error = f"TimeoutError: no complete answer within {self._timeout:g} s"
-        except _NOT_SENT_ERRORS as exc:
-            transport_error = TransportError.NOT_SENT
-            error = self._describe_error(exc)
-        except Exception as exc:
-            # ReadTimeout, WriteTimeout, ReadError, WriteError, RemoteProtocolError, a body that
-            # fails to decode, anything unexpected from a transport: it may have arrived.
-            # CancelledError is a BaseException and propagates.
-            transport_error = TransportError.UNKNOWN_OUTCOME
-            error = self._describe_error(exc)
-        finished_at = _utcnow()
-
-        if response is None:
-            return Exchange(
-                kind=kind,
-                method=method,
-                path=path,
-                transport_error=transport_error,
-                error=error,
-                started_at=started_at,
-                finished_at=finished_at,
-            )
-
-        # The status line and headers arrived. If the body then failed, the status is kept and
-        # the transport error says the answer is incomplete (never "not sent": it was).
-        if transport_error is not None:
-            transport_error = TransportError.UNKNOWN_OUTCOME
-        data = bytes(body[:max_body])
-        json_body = _parse_json_object(data) if complete and transport_error is None else None
-        message = json_body.get("message") if json_body is not None else None
-        return Exchange(
-            kind=kind,
-            method=method,
-            path=path,
-            status_code=response.status_code,
-            body_excerpt=data[: BODY_EXCERPT_CHARS * 4].decode("utf-8", errors="replace")[
-                :BODY_EXCERPT_CHARS
-            ],
-            message=message[:MESSAGE_MAX_CHARS] if isinstance(message, str) else None,
-            json_body=json_body,
-            retry_after_seconds=parse_retry_after(response.headers.get("Retry-After"), finished_at),
-            transport_error=transport_error,
-            error=error,
-            started_at=started_at,
-            finished_at=finished_at,
+        # stream= rather than content=: httpx then adds no headers of its own (it would re-scan
+        # and rebuild the header list for Host and Content-Length per call).
+        request = httpx.Request(
+            method,
+            self._urls.get(path) or self._prefix + path,
+            headers=headers,
+            stream=httpx.ByteStream(content or b""),
+            extensions={"timeout": self._timeouts},
         )
+        request.read()
+        return request
+
+    async def _send(self, request: httpx.Request, max_body: int, received: _Received) -> None:
+        """Send, and read at most `max_body` bytes of the answer into `received` (which keeps
+        what arrived when the call fails half-way)."""
+        response = await self._transport.handle_async_request(request)
+        received.status_code = response.status_code
+        received.retry_after = response.headers.get("Retry-After")
+        try:
+            async for chunk in response.aiter_bytes():
+                received.body += chunk
+                if len(received.body) > max_body:
+                    return
+            received.complete = True
+        finally:
+            await response.aclose()
 
     def _describe_error(self, exc: BaseException) -> str:
         """``ReadTimeout: ...``, short, and never with the API key in it."""
@@ -567,6 +542,63 @@ class PartneroClient:
         if len(text) > ERROR_MAX_CHARS:
             text = text[: ERROR_MAX_CHARS - 1] + "…"
         return text
+
+
+@dataclass(slots=True)
+class _Received:
+    """What came back of one call so far: the status line and as much body as was read."""
+
+    status_code: int | None = None
+    retry_after: str | None = None
+    body: bytearray = field(default_factory=bytearray)
+    complete: bool = False
+
+
+def _exchange(
+    kind: RequestKind,
+    method: str,
+    path: str,
+    received: _Received,
+    failure: tuple[TransportError, str] | None,
+    started_at: datetime,
+    max_body: int,
+) -> Exchange:
+    """The Exchange for what came back (`received`) and how the call ended (`failure`)."""
+    finished_at = _utcnow()
+    transport_error, error = failure if failure is not None else (None, None)
+    if received.status_code is None:
+        return Exchange(
+            kind=kind,
+            method=method,
+            path=path,
+            transport_error=transport_error,
+            error=error,
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+    # The status line and headers arrived. If the body then failed, the status is kept and the
+    # transport error says the answer is incomplete (never "not sent": it was).
+    if transport_error is not None:
+        transport_error = TransportError.UNKNOWN_OUTCOME
+    data = bytes(received.body[:max_body])
+    whole = received.complete and transport_error is None
+    json_body = _parse_json_object(data) if whole else None
+    message = json_body.get("message") if json_body is not None else None
+    excerpt = data[: BODY_EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
+    return Exchange(
+        kind=kind,
+        method=method,
+        path=path,
+        status_code=received.status_code,
+        body_excerpt=excerpt[:BODY_EXCERPT_CHARS],
+        message=message[:MESSAGE_MAX_CHARS] if isinstance(message, str) else None,
+        json_body=json_body,
+        retry_after_seconds=parse_retry_after(received.retry_after, finished_at),
+        transport_error=transport_error,
+        error=error,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
 
 
 def _deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""What to do after one HTTP exchange with Partnero: the pure retry policy (SPEC section 3).
+"""What to do after one HTTP exchange with Partnero: the pure retry policy (docs/design.md,
+"Reading Partnero's answers" and "Delivery rules" 3).
 
 Everything here is a pure function. The clock (`now`) and the randomness (`rand`, a float in
 [0, 1)) are passed in, so every rule can be tested with a table and no network. This module
@@ -10,7 +11,7 @@ imports no I/O library (import-linter checks it).
 - `LookupResult`: a lookup answered definitively (the earlier create is there, or it is not);
 - `Retry`: try again later, with the reason class that becomes the failed reason when the
   attempts run out, and whether the next step must be a lookup (the call may have reached
-  Partnero, SPEC rule 1);
+  Partnero: docs/design.md, "Delivery rules" 1);
 - `LookupNextPage`: the lookup must read the next page of the list filter;
 - `Failed`: needs a person;
 - `Forbidden`: 403; the executor asks `GET /v1/test` and `after_access_check` settles it;
@@ -53,6 +54,7 @@ __all__ = [
     "KnownMessage",
     "after_access_check",
     "backoff_delay",
+    "cooldown_until",
     "decide",
     "describe",
     "is_retryable",
@@ -259,6 +261,19 @@ def _settle(
         reason=verdict.reason,
         lookup_required=verdict.lookup_required,
     )
+
+
+def cooldown_until(
+    exchange: Exchange, now: datetime, policy: RetryPolicy, rand: float
+) -> datetime | None:
+    """After a 429 the whole daemon waits: until Partnero's Retry-After, or a first backoff
+    step when it gave none; never longer than the policy's max delay. None for other answers."""
+    if exchange.status_code != 429:
+        return None
+    wait = exchange.retry_after_seconds
+    if wait is None or not math.isfinite(wait):
+        wait = backoff_delay(1, policy, rand)
+    return now + timedelta(seconds=min(max(wait, 0.0), policy.max_delay_seconds))
 
 
 def describe(exchange: Exchange) -> str:

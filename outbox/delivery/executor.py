@@ -1,10 +1,11 @@
 """The executor: deliver one claimed row and say what became of it.
 
 For a sale whose earlier create may have reached Partnero (`lookup_required`) it looks the key up
-first and creates only when Partnero does not have it (SPEC rule 1). Before every call it checks
-that the lease has more than the request timeout left, so a request is never in flight once the
-lease has expired. Every answer goes through the pure policy (outbox.policy.decide); this module
-only carries the decision out. The result is a Completion for the writer, never a database write.
+first and creates only when Partnero does not have it (docs/design.md, "Delivery rules" 1).
+Before every call it checks that the lease has more than the request timeout left, so a request
+is never in flight once the lease has expired ("Delivery rules" 4). Every answer goes through the
+pure policy (outbox.policy.decide); this module only carries the decision out. The result is a
+Completion for the writer, never a database write.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import structlog
 
 from outbox import policy
+from outbox.delivery.access import AccessCheck
 from outbox.delivery.gate import Gate
 from outbox.delivery.store import AttemptRecord, Claimed, Completion
 from outbox.domain import (
@@ -34,7 +36,6 @@ from outbox.domain import (
     LookupResult,
     Outcome,
     Pause,
-    PingVerdict,
     RequestKind,
     Retry,
     RetryPolicy,
@@ -96,10 +97,7 @@ class Executor:
         self._monotonic = monotonic
         self._observe = observe
         self._progress: dict[int, _Progress] = {}
-        # One GET /v1/test at a time for rows answered 403, and when the last one that worked
-        # started: a ping that started after a 403 arrived speaks for that 403 as well.
-        self._access_lock = asyncio.Lock()
-        self._access_ok_since: datetime | None = None
+        self._access = AccessCheck(client, self._clock, observe)
 
     async def process(self, claimed: Claimed, lease_deadline: float) -> Completion:
         """Deliver one row; `lease_deadline` is the monotonic time the lease runs out (locally
@@ -139,7 +137,7 @@ class Executor:
         kind = RequestKind.CREATE if event.event_type is EventType.SALE else RequestKind.DELETE
         exchange = await self._call(claimed, progress, kind, deadline)
         if exchange is None:
-            return self._release(claimed, progress, self._unsent_reason())
+            return self._release(claimed, progress, self._gate.unsent_reason)
         decision = await self._decide(event, progress, exchange)
         return self._finish(claimed, progress, exchange, decision)
 
@@ -153,42 +151,31 @@ class Executor:
         short between pages, `links.next` does not point to the next page, more than
         MAX_LOOKUP_PAGES pages) is an unsettled attempt: retried with backoff, and failed when
         the attempts run out, so it can neither loop nor be read as "absent"."""
-        event = claimed.event
-        page = 1
-        previous: Exchange | None = None
+        page, last = 1, None
         while True:
             exchange = await self._call(claimed, progress, RequestKind.LOOKUP, deadline, page)
             if exchange is None:
-                if previous is None or self._gate.paused:
-                    return self._release(claimed, progress, self._unsent_reason())
-                return self._unsettled(
-                    claimed,
-                    progress,
-                    previous,
-                    f"the lookup read {page - 1} pages and the lease ran short before the rest",
-                )
-            decision = await self._decide(event, progress, exchange, counted=page == 1)
-            if isinstance(decision, LookupResult):
-                return decision.found, exchange
-            if not isinstance(decision, LookupNextPage):
-                return self._finish(claimed, progress, exchange, decision)
-            if decision.page != page + 1:
-                why = f"the lookup's page {page} pointed to page {decision.page}"
-                return self._unsettled(claimed, progress, exchange, why)
-            if decision.page > MAX_LOOKUP_PAGES:
-                why = f"the lookup did not settle within {MAX_LOOKUP_PAGES} pages"
-                return self._unsettled(claimed, progress, exchange, why)
-            page, previous = decision.page, exchange
-
-    def _unsettled(
-        self, claimed: Claimed, progress: _Progress, exchange: Exchange, why: str
-    ) -> Completion:
-        # The first page already counted this attempt: the policy sees it as the current one.
-        current = replace(claimed.event, attempts=progress.attempts - 1, lookup_required=True)
-        settled = policy.lookup_unsettled(
-            current, exchange, self._clock(), self._policy, self._rand(), why
-        )
-        return self._finish(claimed, progress, exchange, settled)
+                if last is None or self._gate.paused:
+                    return self._release(claimed, progress, self._gate.unsent_reason)
+                why = f"the lookup read {page - 1} pages and the lease ran short before the rest"
+                exchange = last
+            else:
+                decision = await self._decide(claimed.event, progress, exchange, counted=page == 1)
+                if isinstance(decision, LookupResult):
+                    return decision.found, exchange
+                if not isinstance(decision, LookupNextPage):
+                    return self._finish(claimed, progress, exchange, decision)
+                unsettled = _unsettled_why(page, decision.page)
+                if unsettled is None:
+                    page, last = decision.page, exchange
+                    continue
+                why = unsettled
+            # The first page already counted this attempt: the policy sees it as the current one.
+            current = replace(claimed.event, attempts=progress.attempts - 1, lookup_required=True)
+            settled = policy.lookup_unsettled(
+                current, exchange, self._clock(), self._policy, self._rand(), why
+            )
+            return self._finish(claimed, progress, exchange, settled)
 
     async def _call(
         self,
@@ -200,16 +187,7 @@ class Executor:
     ) -> Exchange | None:
         """Make one call, or None when the row must be given back unsent (paused, or too
         little lease left)."""
-        if self._gate.paused:
-            return None
-        await self._gate.wait_for_cooldown()
-        if self._limiter is not None:
-            waiting = self._limiter()
-            if waiting is not None:
-                await waiting
-        if self._gate.paused:
-            return None
-        if deadline - self._monotonic() < self._timeout + LEASE_MARGIN_SECONDS:
+        if not await self._may_send(deadline):
             return None
         key = claimed.event.transaction_key
         if kind is RequestKind.CREATE:
@@ -222,6 +200,18 @@ class Executor:
         if self._observe is not None:
             self._observe(exchange)
         return exchange
+
+    async def _may_send(self, deadline: float) -> bool:
+        """Wait out a 429 cool-down and the rate limit; then True unless sending is paused or
+        the lease has too little left for a whole request."""
+        if self._gate.paused:
+            return False
+        await self._gate.wait_for_cooldown()
+        waiting = self._limiter() if self._limiter is not None else None
+        if waiting is not None:
+            await waiting
+        left = deadline - self._monotonic()
+        return not self._gate.paused and left >= self._timeout + LEASE_MARGIN_SECONDS
 
     def reconfigure(
         self,
@@ -247,11 +237,9 @@ class Executor:
             progress.attempts += 1
         if exchange.status_code is not None:
             progress.last_status_code = exchange.status_code
-        if exchange.status_code == 429:
-            wait = exchange.retry_after_seconds
-            if wait is None:
-                wait = policy.backoff_delay(1, self._policy, self._rand())
-            self._gate.cool_down(now + timedelta(seconds=min(wait, self._policy.max_delay_seconds)))
+        cool_down = policy.cooldown_until(exchange, now, self._policy, self._rand())
+        if cool_down is not None:
+            self._gate.cool_down(cool_down)
         if isinstance(decision, Forbidden):
             decision = await self._check_access(event, progress, exchange, decision, attempts + 1)
             if counted and isinstance(decision, Failed):
@@ -268,19 +256,7 @@ class Executor:
     ) -> Failed | Pause:
         """A 403 on this row: ask `GET /v1/test` whether the key still works. If it does, the
         row alone is refused (failed); if not, the daemon pauses."""
-        async with self._access_lock:
-            asked_at = exchange.finished_at or self._clock()
-            ok_since = self._access_ok_since
-            if ok_since is not None and ok_since >= asked_at:
-                ping = None  # a ping that started after this 403 came back already said OK
-            else:
-                started = self._clock()
-                ping = await self._client.ping()
-                if self._observe is not None:
-                    self._observe(ping)
-                if policy.ping_ok(ping):
-                    self._access_ok_since = started
-        verdict = PingVerdict.OK if ping is None else policy.ping_verdict(ping)
+        verdict, ping = await self._access.check(exchange.finished_at or self._clock())
         decision = policy.after_access_check(forbidden, verdict, self._clock(), self._policy)
         if ping is not None:
             self._record(event, attempt, ping, decision, progress)
@@ -294,22 +270,8 @@ class Executor:
         decision: Decision,
         progress: _Progress,
     ) -> None:
-        now = self._clock()
-        progress.records.append(
-            AttemptRecord(
-                event_id=event.id,
-                attempt=attempt,
-                started_at=exchange.started_at or now,
-                finished_at=exchange.finished_at or now,
-                method=exchange.method,
-                path=exchange.path,
-                status_code=exchange.status_code,
-                response_excerpt=exchange.body_excerpt or None,
-                error=exchange.error,
-                decision=_decision_label(decision),
-                daemon=self._owner,
-            )
-        )
+        record = _attempt_record(event, attempt, exchange, decision, self._owner, self._clock())
+        progress.records.append(record)
         if isinstance(decision, LookupResult):
             log.info(
                 "outbox.delivery.lookup",
@@ -345,19 +307,7 @@ class Executor:
             duration_ms=0.0 if exchange is None else _duration_ms(exchange),
             **end.fields,
         )
-        return self._completion(
-            claimed,
-            progress,
-            status=end.status,
-            outcome=end.outcome,
-            reason=end.reason,
-            next_attempt_at=end.next_attempt_at,
-            lookup_required=end.lookup_required,
-            last_error=end.last_error,
-        )
-
-    def _unsent_reason(self) -> str:
-        return "paused" if self._gate.paused else "lease too short"
+        return _completion(claimed, progress, end)
 
     def _release(self, claimed: Claimed, progress: _Progress, reason: str) -> Completion:
         """Give the row back, due now. A sale whose create had started may have reached
@@ -372,42 +322,52 @@ class Executor:
             reason=reason,
             lookup_required=lookup,
         )
-        return self._completion(
-            claimed,
-            progress,
-            status=Status.PENDING,
-            outcome=None,
-            reason=None,
-            next_attempt_at=self._clock(),
-            lookup_required=lookup,
-            last_error=None,
-        )
+        end = _Ending(Status.PENDING, None, None, self._clock(), lookup, None, "info", "", {})
+        return _completion(claimed, progress, end)
 
-    def _completion(
-        self,
-        claimed: Claimed,
-        progress: _Progress,
-        *,
-        status: Status,
-        outcome: Outcome | None,
-        reason: Outcome | None,
-        next_attempt_at: datetime,
-        lookup_required: bool,
-        last_error: str | None,
-    ) -> Completion:
-        return Completion(
-            event_id=claimed.event.id,
-            token=claimed.token,
-            status=status,
-            outcome=outcome,
-            reason=reason,
-            attempts=progress.attempts,
-            next_attempt_at=next_attempt_at,
-            lookup_required=lookup_required,
-            last_error=last_error,
-            last_status_code=progress.last_status_code,
-            attempt_records=tuple(progress.records),
-        )
+
+def _unsettled_why(page: int, next_page: int) -> str | None:
+    """Why a lookup cannot go on from `page` to `next_page` (None: it can)."""
+    if next_page != page + 1:
+        return f"the lookup's page {page} pointed to page {next_page}"
+    if next_page > MAX_LOOKUP_PAGES:
+        return f"the lookup did not settle within {MAX_LOOKUP_PAGES} pages"
+    return None
+
+
+def _attempt_record(
+    event: Event, attempt: int, exchange: Exchange, decision: Decision, owner: str, now: datetime
+) -> AttemptRecord:
+    """The outbox.attempts row for one HTTP call and what was decided on it."""
+    return AttemptRecord(
+        event_id=event.id,
+        attempt=attempt,
+        started_at=exchange.started_at or now,
+        finished_at=exchange.finished_at or now,
+        method=exchange.method,
+        path=exchange.path,
+        status_code=exchange.status_code,
+        response_excerpt=exchange.body_excerpt or None,
+        error=exchange.error,
+        decision=_decision_label(decision),
+        daemon=owner,
+    )
+
+
+def _completion(claimed: Claimed, progress: _Progress, end: _Ending) -> Completion:
+    return Completion(
+        event_id=claimed.event.id,
+        token=claimed.token,
+        status=end.status,
+        outcome=end.outcome,
+        reason=end.reason,
+        attempts=progress.attempts,
+        next_attempt_at=end.next_attempt_at,
+        lookup_required=end.lookup_required,
+        last_error=end.last_error,
+        last_status_code=progress.last_status_code,
+        attempt_records=tuple(progress.records),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,78 +402,90 @@ def _ending(
 ) -> _Ending:
     """The row's new state after `decision` (pure). `lookup_required`: the row's flag so far."""
     if isinstance(decision, _KnownDuplicate):
-        outcome = Outcome.DUPLICATE
-        return _Ending(
-            Status.DELIVERED,
-            outcome,
-            None,
-            now,
-            False,
-            _DUPLICATE_NOTE,
-            "info",
-            "outbox.delivery.delivered",
-            {"outcome": outcome.value, "note": _DUPLICATE_NOTE},
-        )
+        return _delivered(Outcome.DUPLICATE, now, _DUPLICATE_NOTE)
     if isinstance(decision, Delivered):
-        return _Ending(
-            Status.DELIVERED,
-            decision.outcome,
-            None,
-            now,
-            False,
-            None,
-            "info",
-            "outbox.delivery.delivered",
-            {"outcome": decision.outcome.value},
-        )
+        return _delivered(decision.outcome, now, None)
     if isinstance(decision, Retry):
         assert exchange is not None
-        detail = f"{decision.reason.value}: {policy.describe(exchange)}"
-        return _Ending(
-            Status.PENDING,
-            None,
-            decision.reason,
-            decision.at,
-            decision.lookup_required,
-            detail,
-            "warning",
-            "outbox.delivery.retry",
-            {
-                "outcome": decision.reason.value,
-                "retry_at": decision.at.isoformat(),
-                "lookup_required": decision.lookup_required,
-                "error": detail,
-            },
-        )
+        return _retried(decision, exchange)
     if isinstance(decision, Failed):
-        return _Ending(
-            Status.FAILED,
-            decision.reason,
-            decision.reason,
-            now,
-            lookup_required or decision.lookup_required,
-            decision.detail,
-            "error",
-            "outbox.delivery.failed",
-            {"outcome": decision.reason.value, "error": decision.detail},
-        )
+        return _failed(decision, lookup_required, now)
     if isinstance(decision, Pause):
-        # Due again at once: this daemon's gate holds all sending while it is paused, and the
-        # row must go as soon as a new key works, not when the pause would have ended.
-        return _Ending(
-            Status.PENDING,
-            None,
-            None,
-            now,
-            lookup_required,
-            decision.detail,
-            "error",
-            "outbox.delivery.paused",
-            {"until": decision.until.isoformat(), "error": decision.detail},
-        )
+        return _paused(decision, lookup_required, now)
     # Lookup results are handled in _look_up and a Forbidden in _decide; reaching here would
     # be a bug in this module.
     raise AssertionError(f"unexpected decision {decision!r}")
+
+
+def _delivered(outcome: Outcome, now: datetime, note: str | None) -> _Ending:
+    fields: dict[str, Any] = {"outcome": outcome.value}
+    if note is not None:
+        fields["note"] = note
+    return _Ending(
+        Status.DELIVERED,
+        outcome,
+        None,
+        now,
+        False,
+        note,
+        "info",
+        "outbox.delivery.delivered",
+        fields,
+    )
+
+
+def _retried(decision: Retry, exchange: Exchange) -> _Ending:
+    detail = f"{decision.reason.value}: {policy.describe(exchange)}"
+    fields = {
+        "outcome": decision.reason.value,
+        "retry_at": decision.at.isoformat(),
+        "lookup_required": decision.lookup_required,
+        "error": detail,
+    }
+    return _Ending(
+        Status.PENDING,
+        None,
+        decision.reason,
+        decision.at,
+        decision.lookup_required,
+        detail,
+        "warning",
+        "outbox.delivery.retry",
+        fields,
+    )
+
+
+def _failed(decision: Failed, lookup_required: bool, now: datetime) -> _Ending:
+    fields = {"outcome": decision.reason.value, "error": decision.detail}
+    lookup = lookup_required or decision.lookup_required
+    return _Ending(
+        Status.FAILED,
+        decision.reason,
+        decision.reason,
+        now,
+        lookup,
+        decision.detail,
+        "error",
+        "outbox.delivery.failed",
+        fields,
+    )
+
+
+def _paused(decision: Pause, lookup_required: bool, now: datetime) -> _Ending:
+    # Due again at once: this daemon's gate holds all sending while it is paused, and the row
+    # must go as soon as a new key works, not when the pause would have ended.
+    fields = {"until": decision.until.isoformat(), "error": decision.detail}
+    return _Ending(
+        Status.PENDING,
+        None,
+        None,
+        now,
+        lookup_required,
+        decision.detail,
+        "error",
+        "outbox.delivery.paused",
+        fields,
+    )
 
 
 def _decision_label(decision: Decision) -> str:

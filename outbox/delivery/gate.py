@@ -52,6 +52,11 @@ class Gate:
             self.cooldown_until = until
 
     @property
+    def unsent_reason(self) -> str:
+        """Why a row is given back without a call: the pause, or else a lease too short."""
+        return "paused" if self.paused else "lease too short"
+
+    @property
     def paused(self) -> bool:
         return self.paused_until is not None
 

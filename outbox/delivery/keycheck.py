@@ -1,7 +1,6 @@
 """The key check: `GET /v1/test` must answer 2xx before the first delivery and after every
 pause. A URL that is not Partnero's API stops start-up; a refused key pauses sending; no answer
-keeps the daemon asking, sending nothing (docs/reliability.md, "How Partnero's answers are
-read")."""
+keeps the daemon asking, sending nothing (docs/design.md, "Reading Partnero's answers")."""
 
 from __future__ import annotations
 
