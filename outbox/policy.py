@@ -327,24 +327,8 @@ def _classify(
     looked up before it is sent again, and it is never recorded as delivered."""
     kind = exchange.kind
     code = exchange.status_code
-    # Any call that fails in an unknown way may have been applied: flag it. For a create (and a
-    # lookup still owed) this means a lookup first; for a delete, how a later 404 reads.
-    look_up = True
-
-    # A transport error wins over a status code: when the body could not be read in full the
-    # client keeps the status it saw but reports UNKNOWN_OUTCOME, and the safe reading is that
-    # the outcome is unknown (a create is then looked up, a delete sent again).
-    if exchange.transport_error is TransportError.NOT_SENT:
-        # Certainly not sent: a create or a delete is simply sent again; a lookup is still owed.
-        return _RetryClass(Outcome.NETWORK_ERROR, kind is RequestKind.LOOKUP or maybe_applied)
-    if exchange.transport_error is TransportError.UNKNOWN_OUTCOME:
-        return _RetryClass(Outcome.TIMEOUT, look_up)
-    if code is None:
-        # The client refused to send the request (an amount that is not a finite number, a
-        # payload that cannot be encoded): nothing went out, and sending again would not help,
-        # so it needs a person.
-        return Failed(Outcome.REJECTED, describe(exchange), lookup_required=maybe_applied)
-
+    if exchange.transport_error is not None or code is None:
+        return _classify_unanswered(exchange, maybe_applied)
     if code == 401:
         return Pause(
             until=now + timedelta(seconds=policy.auth_pause_seconds),
@@ -356,59 +340,78 @@ def _classify(
             detail=describe(exchange),
             lookup_required=maybe_applied or kind is RequestKind.CREATE,
         )
-
     if kind is RequestKind.LOOKUP:
         return _classify_lookup(exchange, key)
+    return _classify_answer(exchange, maybe_applied) or _classify_status(exchange, maybe_applied)
 
+
+def _classify_unanswered(exchange: Exchange, maybe_applied: bool) -> Decision | _RetryClass:
+    """No HTTP answer to read. A transport error wins over a status code: when the body could
+    not be read in full the client keeps the status it saw but reports UNKNOWN_OUTCOME, and the
+    safe reading is that the outcome is unknown (a create is then looked up, a delete sent
+    again)."""
+    if exchange.transport_error is TransportError.NOT_SENT:
+        # Certainly not sent: a create or a delete is simply sent again; a lookup is still owed.
+        owed = exchange.kind is RequestKind.LOOKUP or maybe_applied
+        return _RetryClass(Outcome.NETWORK_ERROR, owed)
+    if exchange.transport_error is TransportError.UNKNOWN_OUTCOME:
+        return _RetryClass(Outcome.TIMEOUT, lookup_required=True)
+    # The client refused to send the request (an amount that is not a finite number, a payload
+    # that cannot be encoded): nothing went out, and sending again would not help, so it needs
+    # a person.
+    return Failed(Outcome.REJECTED, describe(exchange), lookup_required=maybe_applied)
+
+
+def _classify_answer(exchange: Exchange, maybe_applied: bool) -> Decision | _RetryClass | None:
+    """Partnero's own answers to a create or a delete: its success shapes, its documented
+    messages, and any other 2xx (which is not Partnero's: {"status": 0}, an HTML page from a
+    proxy or a wrong URL; the call may or may not have landed). None: none of these."""
+    code = exchange.status_code
+    kind = exchange.kind
+    if _is_2xx(code):
+        if not partnero_success(exchange):
+            return _RetryClass(Outcome.BAD_RESPONSE, lookup_required=True)
+        return Delivered(Outcome.CREATED if kind is RequestKind.CREATE else Outcome.DELETED)
     known = partnero_message(exchange)
-    if kind is RequestKind.CREATE:
-        if _is_2xx(code):
-            if partnero_success(exchange):
-                return Delivered(Outcome.CREATED)
-            # A 2xx that is not Partnero's success ({"status": 0}, an HTML page from a proxy
-            # or a wrong URL): the create may or may not have landed.
-            return _RetryClass(Outcome.BAD_RESPONSE, look_up)
-        if known is KnownMessage.DUPLICATE_KEY:
-            return Delivered(Outcome.DUPLICATE)
-        if known is KnownMessage.CUSTOMER_NOT_FOUND:
-            return _RetryClass(Outcome.CUSTOMER_NOT_FOUND, lookup_required=False)
-    elif kind is RequestKind.DELETE:
-        if _is_2xx(code):
-            if partnero_success(exchange):
-                return Delivered(Outcome.DELETED)
-            return _RetryClass(Outcome.BAD_RESPONSE, look_up)
-        if known is KnownMessage.TRANSACTION_NOT_FOUND:
-            # After a DELETE whose answer was lost, a 404 is most likely that DELETE's doing: the
-            # sale was delivered before its refund was sent, so the transaction did exist.
-            return Delivered(Outcome.DELETED if maybe_applied else Outcome.NOT_FOUND)
+    if known is KnownMessage.DUPLICATE_KEY:
+        return Delivered(Outcome.DUPLICATE)
+    if known is KnownMessage.CUSTOMER_NOT_FOUND:
+        return _RetryClass(Outcome.CUSTOMER_NOT_FOUND, lookup_required=False)
+    if known is KnownMessage.TRANSACTION_NOT_FOUND:
+        # After a DELETE whose answer was lost, a 404 is most likely that DELETE's doing: the
+        # sale was delivered before its refund was sent, so the transaction did exist.
+        return Delivered(Outcome.DELETED if maybe_applied else Outcome.NOT_FOUND)
+    return None
 
+
+def _classify_status(exchange: Exchange, maybe_applied: bool) -> Decision | _RetryClass:
+    """Every other answer, by its status code. Any that may follow an applied call flags the
+    row: for a create that means a lookup first; for a delete, how a later 404 reads."""
+    code = exchange.status_code
+    assert code is not None
     if code == 408:
-        # Partnero lists 408 as a timeout on its side, so for a create the request may have
-        # been applied: look it up first.
-        return _RetryClass(Outcome.TIMEOUT, look_up)
+        # Partnero lists 408 as a timeout on its side: the request may have been applied.
+        return _RetryClass(Outcome.TIMEOUT, lookup_required=True)
     if code == 429:
         return _RetryClass(Outcome.RATE_LIMITED, lookup_required=maybe_applied)
     if 500 <= code <= 599:
         # A 500, or a gateway 502/504, may come after Partnero applied the create.
-        return _RetryClass(Outcome.SERVER_ERROR, look_up)
+        return _RetryClass(Outcome.SERVER_ERROR, lookup_required=True)
     if code in (404, 405):
         # Our calls go to documented routes: a 404 or 405 that is not Partnero's own "not
         # found" comes from the routing (a proxy, a deploy, a wrong URL), not from Partnero's
         # answer to this row. Ask again later; the attempts limit ends it with the text.
-        return _RetryClass(Outcome.BAD_RESPONSE, look_up)
+        return _RetryClass(Outcome.BAD_RESPONSE, lookup_required=True)
     if code == 422 and isinstance((exchange.json_body or {}).get("errors"), dict):
         # Laravel's validation answer: refused before anything was applied.
         return Failed(Outcome.VALIDATION_ERROR, describe(exchange), lookup_required=maybe_applied)
     if 400 <= code <= 499:
         # Another 4xx, or a documented code with a message Partnero does not document for it:
         # needs a person. For a create its effect is unknown, so a retry looks it up first.
-        return Failed(
-            Outcome.REJECTED,
-            describe(exchange),
-            lookup_required=maybe_applied or kind is RequestKind.CREATE,
-        )
+        flagged = maybe_applied or exchange.kind is RequestKind.CREATE
+        return Failed(Outcome.REJECTED, describe(exchange), lookup_required=flagged)
     # 1xx, 3xx (redirects are not followed), or a code outside 100-599.
-    return _RetryClass(Outcome.BAD_RESPONSE, look_up)
+    return _RetryClass(Outcome.BAD_RESPONSE, lookup_required=True)
 
 
 def _classify_lookup(exchange: Exchange, key: str) -> Decision | _RetryClass:
