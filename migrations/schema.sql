@@ -395,7 +395,8 @@ COMMENT ON FUNCTION outbox.goes_before(text, bigint, text, bigint) IS
     'planner; used by the claim query and the views failed_deliveries and blocked_deliveries.';
 
 -- Failed rows: they need a person (`outbox failed`, `outbox retry`, `outbox discard`).
--- rows_waiting counts the pending rows of the same key that wait for this one (SPEC rule 2).
+-- rows_waiting counts the pending rows of the same key that wait for this one
+-- (docs/design.md, "Delivery rules" 2).
 CREATE VIEW outbox.failed_deliveries AS
 SELECT e.id,
        e.event_type,

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from outbox import __version__, db, migrate
 from outbox.cli_common import database_url_from, fail
 from outbox.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, resolve
+from outbox.text import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,7 +69,7 @@ def migrate_command(database_url: str | None, show_status: bool) -> None:
     except migrate.MigrationError as exc:
         fail(str(exc))
     except sa.exc.OperationalError as exc:
-        fail(f"cannot reach the database at {db.redact(url)}: {db.first_line(exc.orig)}")
+        fail(f"cannot reach the database at {db.redact(url)}: {first_line(exc.orig)}")
     finally:
         engine.dispose()
     if applied:

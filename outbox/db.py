@@ -20,13 +20,6 @@ def _split(url: str) -> str:
     raise DatabaseUrlError("must start with postgresql:// (or postgres://, postgresql+psycopg://)")
 
 
-def first_line(exc: BaseException | None) -> str:
-    """The first line of an error's message (psycopg's carry DETAIL and HINT lines), or its type
-    name when it has no message: for one-line errors and log fields."""
-    text = str(exc or "").strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def sqlalchemy_url(url: str) -> str:
     """The URL with SQLAlchemy's psycopg 3 driver named."""
     return "postgresql+psycopg://" + _split(url)

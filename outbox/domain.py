@@ -66,7 +66,8 @@ class TransportError(enum.StrEnum):
     # The request certainly did not reach Partnero (connect refused, DNS, pool timeout).
     NOT_SENT = "not_sent"
     # The request may have reached Partnero: timeout while waiting for the answer, connection
-    # dropped after sending, a cancelled call. The outcome is unknown (SPEC rule 1).
+    # dropped after sending, a cancelled call. The outcome is unknown (docs/design.md,
+    # "Delivery rules" 1).
     UNKNOWN_OUTCOME = "unknown_outcome"
 
 

@@ -42,6 +42,7 @@ from outbox.domain import (
     Status,
     parse_decision_label,
 )
+from outbox.text import format_duration, plural
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -141,28 +142,6 @@ def parse_time_bound(text: str) -> TimeBound:
             f"{text!r} is not a duration like 30m, 2h, 7d or a time like 2026-01-31T14:00"
         ) from None
     return TimeBound(at=at if at.tzinfo else at.replace(tzinfo=UTC))
-
-
-def format_duration(seconds: float | None) -> str:
-    """A short human duration, two units at most: 45s, 12m, 2m08s, 3h05m, 2h, 30d, 2d04h."""
-    if seconds is None:
-        return "-"
-    total = max(0, round(seconds))
-    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
-    for n, (unit, size) in enumerate(units):
-        if total >= size or unit == "s":
-            big, rest = divmod(total, size)
-            if unit == "s":
-                return f"{big}s"
-            small_unit, small_size = units[n + 1]
-            small = rest // small_size
-            return f"{big}{unit}{small:02d}{small_unit}" if small else f"{big}{unit}"
-    raise AssertionError("unreachable")
-
-
-def plural(count: int, word: str) -> str:
-    """`1 row`, `2 rows`, `3 batches`."""
-    return f"{count} {word}{'' if count == 1 else 'es' if word.endswith('ch') else 's'}"
 
 
 def parse_ids(text: str) -> list[int]:

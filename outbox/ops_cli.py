@@ -32,7 +32,7 @@ from rich.text import Text
 from outbox import db, migrate, ops
 from outbox.cli_common import EXIT_ERROR, EXIT_USAGE, database_url_from, fail
 from outbox.domain import EventType, Outcome, Status
-from outbox.ops import format_duration, plural
+from outbox.text import first_line, format_duration, one_line, plural
 
 F = TypeVar("F", bound=Callable[..., Any])
 E = TypeVar("E", bound=enum.StrEnum)
@@ -72,12 +72,12 @@ def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Ite
     except sa.exc.OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) is None:
             fail(
-                f"cannot reach the database at {db.redact(url)}: {db.first_line(exc.orig)}",
+                f"cannot reach the database at {db.redact(url)}: {first_line(exc.orig)}",
                 db_error_code,
             )
-        fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
+        fail(f"database error: {first_line(exc.orig)}", db_error_code)
     except sa.exc.DBAPIError as exc:
-        fail(f"database error: {db.first_line(exc.orig)}", db_error_code)
+        fail(f"database error: {first_line(exc.orig)}", db_error_code)
     finally:
         engine.dispose()
 
@@ -328,7 +328,7 @@ def _dash(value: Any) -> str:
 
 
 def _one_line(text: str | None) -> str:
-    return " ".join((text or "").split()) or "-"
+    return one_line(text or "") or "-"
 
 
 def _state(status: Status, outcome: Outcome | None) -> str:

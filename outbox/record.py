@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 metadata = sa.MetaData(schema="outbox")
 
-# The columns an application may set (SPEC section 2). The daemon's columns are left out on
-# purpose: they are not the application's to write.
+# The columns an application may set (docs/design.md, "The insert contract"). The daemon's
+# columns are left out on purpose: they are not the application's to write.
 events = sa.Table(
     "events",
     metadata,

@@ -26,10 +26,6 @@ class Notifier:
         self.watchdog_seconds = _watchdog_seconds(environ)
         self._socket: socket.socket | None = None
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def send(self, **fields: str | int) -> bool:
         """Send one message; True if it went out. Never raises: systemd may be gone."""
         if self._address is None:

@@ -1,10 +1,10 @@
 """Every setting of `outbox run`, in one table: flag, environment variable, default, bounds, help.
 
-Each setting is read from its flag, else from `OUTBOX_<NAME>` (a few keep the names SPEC section 4
-gives them: OUTBOX_DATABASE_URL, PARTNERO_API_URL), else its default. A bad value stops start-up
-with one line naming the setting and why (SettingError). The Partnero API key is never a flag value
-(it would show in /proc/<pid>/cmdline): it comes from PARTNERO_API_KEY, a file, or a systemd
-credential.
+Each setting is read from its flag, else from `OUTBOX_<NAME>` (PARTNERO_API_URL keeps the name
+of the service it points to), else its default (docs/design.md, "Settings"). A bad value stops
+start-up with one line naming the setting and why (SettingError). The Partnero API key is never a
+flag value (it would show in /proc/<pid>/cmdline): it comes from PARTNERO_API_KEY, a file, or a
+systemd credential.
 """
 
 from __future__ import annotations
@@ -361,11 +361,6 @@ class Settings:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
         shown["database_url"] = "<hidden>"
         return f"Settings({shown})"
-
-
-def raw_from_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    environ = os.environ if environ is None else environ
-    return {spec.name: environ[spec.envvar] for spec in SPECS if spec.envvar in environ}
 
 
 def load(

@@ -1,4 +1,5 @@
-"""The chaos run: SPEC rules 1-5 under crashes, a database restart and a Partnero outage.
+"""The chaos run: docs/design.md, "Delivery rules" 1-5, under crashes, a database restart and a
+Partnero outage.
 
 While several writers insert sales and refunds over their own connections, two or three
 `outbox run` processes deliver them to a fake Partnero that does NOT deduplicate keys and

@@ -1,4 +1,4 @@
-"""The insert contract (SPEC section 2), enforced by Postgres, tested with real INSERTs."""
+"""The insert contract (docs/insert-contract.md), enforced by Postgres, tested with real INSERTs."""
 
 from __future__ import annotations
 

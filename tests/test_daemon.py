@@ -1,4 +1,5 @@
-"""The delivery rules of SPEC section 3, each against a real Postgres and a real HTTP fake."""
+"""The delivery rules (docs/design.md, "Delivery rules"), each against a real Postgres and a real
+HTTP fake."""
 
 from __future__ import annotations
 

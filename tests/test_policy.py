@@ -1,4 +1,5 @@
-"""The pure retry policy: every rule of SPEC section 3 as a table."""
+"""The pure retry policy: every rule of docs/design.md, "Reading Partnero's answers" and
+"Delivery rules" 3, as a table."""
 
 from __future__ import annotations
 

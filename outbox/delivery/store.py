@@ -1,9 +1,8 @@
 """The delivery engine's database side: claim, complete, rescue, next-due, notify.
 
 Each method runs one named statement on its own connection in autocommit mode, so every write
-is atomic and no transaction is ever held open across an HTTP call (docs/design.md,
-"Delivery rules" 4).
-A lost connection raises psycopg.OperationalError; the services reconnect and retry.
+is atomic and no transaction is ever held open across an HTTP call (docs/design.md, "Delivery
+rules" 4). A lost connection raises psycopg.OperationalError; the services reconnect and retry.
 """
 
 from __future__ import annotations

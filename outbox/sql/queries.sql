@@ -4,14 +4,15 @@
 
 -- name: claim
 -- Take up to %(limit)s due rows under a lease. Rows that must wait for another row of their key
--- are parked instead (SPEC rule 2): they leave the head of the queue until recheck_seconds pass
--- or the row they wait for settles (see `complete`). Per key, every sale comes before every
--- refund, and rows of one type go in id order (outbox.goes_before, migration 0005, which the
--- planner inlines). A refund needs a delivered sale; with no sale row at all it waits
+-- are parked instead (docs/design.md, "Delivery rules" 2): they leave the head of the queue
+-- until recheck_seconds pass or the row they wait for settles (see `complete`). Per key, every
+-- sale comes before every refund, and rows of one type go in id order (outbox.goes_before,
+-- migration 0005, which the planner inlines). A refund needs a delivered sale; with no sale row at all it waits
 -- orphan_grace_seconds for one to commit. A refund a person released behind a discarded sale
 -- (order_released: `outbox discard --refunds release`) needs neither. A leased row's
 -- next_attempt_at is its lease expiry, so an expired lease makes the row due again: it is
--- claimed with lookup_required set (an earlier call may have reached Partnero, SPEC rule 1).
+-- claimed with lookup_required set (an earlier call may have reached Partnero: docs/design.md,
+-- "Delivery rules" 1; leases: "Delivery rules" 4).
 WITH candidates AS (
     SELECT e.id, e.event_type, e.transaction_key, e.created_at, e.order_released
     FROM outbox.events e
