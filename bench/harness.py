@@ -24,7 +24,7 @@ import httpx
 import psutil
 import psycopg
 
-from outbox.pgtemp import DatabaseFactory, embedded_server
+from outbox.dev.pgtemp import DatabaseFactory, embedded_server
 
 API_KEY = "bench-key-0123456789"
 ROOT = Path(__file__).resolve().parent.parent  # the tree whose `outbox` is benchmarked

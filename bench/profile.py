@@ -24,7 +24,7 @@ _WATCH = (
     ("outbox.delivery.store", "claim"),
     ("outbox.delivery.store", "complete"),
     ("outbox.policy", "decide"),
-    ("outbox.logs", "__call__"),
+    ("outbox.service.logs", "__call__"),
     ("structlog", "meth"),
     ("structlog", "PrintLogger.msg"),
 )

@@ -508,7 +508,7 @@ def memory(pg: Postgres, fake: Fake, count: int, concurrency: int) -> dict[str, 
 
 def claim_times(url: str, repeats: int, limit: int = 100) -> dict[str, float]:
     """Server-side execution time of the claim query (EXPLAIN ANALYZE, rolled back each time)."""
-    from outbox import queries
+    from outbox.db import queries
 
     sql = "EXPLAIN (ANALYZE, FORMAT JSON) " + queries.get("claim")
     params = {

@@ -1,17 +1,22 @@
-"""The `outbox` command line."""
+"""The `outbox` command line.
+
+`migrate` and `run` live here; the other commands live in their own modules (the operator
+commands in outbox/ops/, the development tools in outbox/dev/) and are imported only when one of
+them runs or shows its help: `outbox --help` and `outbox status --help` import neither the daemon,
+nor the fake Partnero, nor a database library (docs/benchmarks.md, "A cold command line")."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
-import sqlalchemy as sa
 
-from outbox import __version__, db, migrate
+from outbox import __version__, db
 from outbox.cli_common import database_url_from, fail
-from outbox.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, resolve
+from outbox.service.settings import SPECS, SPECS_BY_NAME, SettingError, Settings, resolve
 from outbox.text import first_line
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,7 +48,87 @@ def settings_from(options: dict[str, Any], *, need_api_key: bool = True) -> Sett
         fail(str(exc), code=2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# name -> (module, attribute, the short help `outbox --help` shows without importing it)
+LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "status": (
+        "outbox.ops.cli",
+        "status_command",
+        "Backlog, failed and blocked rows, lag, leases; exit 1 if attention is needed.",
+    ),
+    "failed": (
+        "outbox.ops.cli",
+        "failed_command",
+        "Failed rows and rows blocked behind them, newest first.",
+    ),
+    "show": (
+        "outbox.ops.cli",
+        "show_command",
+        "One event (or a key's events) with its full history.",
+    ),
+    "retry": (
+        "outbox.ops.cli",
+        "retry_command",
+        "Send failed rows again now (by id or filter; --dry-run).",
+    ),
+    "discard": (
+        "outbox.ops.cli",
+        "discard_command",
+        "Give up on rows (by id or filter; --refunds; --dry-run).",
+    ),
+    "prune": (
+        "outbox.ops.cli",
+        "prune_command",
+        "Delete old delivered rows and their attempts, in batches.",
+    ),
+    "roles-sql": (
+        "outbox.ops.roles",
+        "roles_sql_command",
+        "Print the SQL creating the least-privilege roles for applications and the daemon.",
+    ),
+    "demo": (
+        "outbox.dev.demo",
+        "demo_command",
+        "Run the whole pipeline on this machine and report what happened.",
+    ),
+    "fake-partnero": (
+        "outbox.dev.fake_partnero",
+        "fake_partnero_command",
+        "Serve a fake Partnero API (a test and demo tool) until SIGINT or SIGTERM.",
+    ),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose commands in LAZY_COMMANDS are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in LAZY_COMMANDS and cmd_name not in self.commands:
+            module, attribute, _ = LAZY_COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(module), attribute)
+            assert isinstance(command, click.Command) and command.name == cmd_name
+            self.add_command(command)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS and name not in self.commands:
+                rows.append((name, LAZY_COMMANDS[name][2]))
+            else:
+                command = super().get_command(ctx, name)
+                assert command is not None
+                rows.append((name, command.get_short_help_str(formatter.width)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="outbox")
 def main() -> None:
     """Deliver sale and refund events from the outbox table to Partnero."""
@@ -54,6 +139,10 @@ def main() -> None:
 @click.option("--status", "show_status", is_flag=True, help="List the migrations and their state.")
 def migrate_command(database_url: str | None, show_status: bool) -> None:
     """Apply pending schema migrations (safe to run from several hosts at once)."""
+    import sqlalchemy as sa
+
+    from outbox.db import migrate
+
     url = database_url_from(database_url)
     engine = db.create_engine(url, poolclass=sa.NullPool)
     try:
@@ -90,9 +179,9 @@ def run_command(**options: Any) -> None:
     """
     import asyncio
 
-    from outbox import logs
     from outbox.daemon import Daemon, NotPartneroError
-    from outbox.migrate import MigrationError
+    from outbox.db.migrate import MigrationError
+    from outbox.service import logs
 
     settings = settings_from(options)
     logs.configure(settings.log_format, settings.log_level, secrets=[settings.api_key])
@@ -105,23 +194,6 @@ def run_command(**options: Any) -> None:
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass
 
-
-def _register_commands() -> None:
-    """Commands that live in their own modules."""
-    from outbox.demo import demo_command
-    from outbox.fake_partnero import fake_partnero_command
-
-    main.add_command(demo_command)
-    main.add_command(fake_partnero_command)
-
-    from outbox.ops_cli import register
-    from outbox.roles_cli import register as register_roles
-
-    register(main)
-    register_roles(main)
-
-
-_register_commands()
 
 if __name__ == "__main__":
     main()

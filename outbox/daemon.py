@@ -24,7 +24,8 @@ import sqlalchemy as sa
 import structlog
 from aiolimiter import AsyncLimiter
 
-from outbox import db, logs, migrate
+from outbox import db
+from outbox.db import migrate
 from outbox.delivery.claimer import Claimer
 from outbox.delivery.executor import Executor
 from outbox.delivery.gate import Gate
@@ -38,10 +39,11 @@ from outbox.delivery.store import Store
 from outbox.delivery.supervisor import OnCrash, Service, ServiceCrashed, Supervisor
 from outbox.delivery.waits import wait_any
 from outbox.delivery.writer import Writer
-from outbox.metrics import Metrics, MetricsServer
 from outbox.partnero import ApiKey, PartneroClient
-from outbox.sdnotify import Notifier
-from outbox.settings import LIVE, SettingError, Settings, resolve
+from outbox.service import logs
+from outbox.service.metrics import Metrics, MetricsServer
+from outbox.service.sdnotify import Notifier
+from outbox.service.settings import LIVE, SettingError, Settings, resolve
 from outbox.text import first_line, utcnow
 
 __all__ = ["Daemon", "NotPartneroError", "ServiceCrashed"]
@@ -212,7 +214,11 @@ class Daemon:
                 self.metrics, self.healthz, s.metrics_host, s.metrics_port
             )
             self._metrics_server.start()
-            log.info("outbox.metrics.serving", host=s.metrics_host, port=self._metrics_server.port)
+            log.info(
+                "outbox.service.metrics.serving",
+                host=s.metrics_host,
+                port=self._metrics_server.port,
+            )
         try:
             if await self._start_up():
                 self._start_running()

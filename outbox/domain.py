@@ -213,7 +213,7 @@ class PingVerdict(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Settings the pure policy needs; every value is a setting (see outbox.settings)."""
+    """Settings the pure policy needs; every value is a setting (see outbox.service.settings)."""
 
     max_attempts: int = 20
     base_delay_seconds: float = 1.0

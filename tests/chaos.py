@@ -47,9 +47,9 @@ from typing import Any
 
 import psycopg
 
-from outbox import pgtemp
+from outbox.dev import pgtemp
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from outbox.domain import RetryPolicy
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
 from outbox.policy import backoff_delay
 from tests.daemon_helpers import API_KEY, env_for
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from outbox import db, pgtemp
+from outbox import db
+from outbox.dev import pgtemp
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from outbox import demo
-from outbox.settings import Settings, load
+from outbox.dev import demo
+from outbox.service.settings import Settings, load
 
 API_KEY = "test-key-0123456789"
 

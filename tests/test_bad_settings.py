@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from outbox.cli import main
-from outbox.settings import SPECS, SettingError, resolve
+from outbox.service.settings import SPECS, SettingError, resolve
 
 KEY = "pk_test_0123456789abcdef"
 

@@ -12,7 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import db, pgtemp
+from outbox import db
+from outbox.dev import pgtemp
 from tests.helpers import psql
 
 VALID_SALE: dict[str, Any] = {

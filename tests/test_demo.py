@@ -1,7 +1,7 @@
 """`outbox demo`: run it for real (embedded Postgres, fake Partnero, daemon) and read the report.
 
-`demo` is registered on the `outbox` group elsewhere; these tests call `outbox.demo.demo_command`
-directly (and `python -m outbox.demo` for --keep, which needs a real process to interrupt).
+`demo` is registered on the `outbox` group elsewhere; these tests call
+`outbox.dev.demo.demo_command` directly (and `python -m outbox.dev.demo` for --keep, which needs a real process to interrupt).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
-from outbox import db, demo
+from outbox import db
+from outbox.dev import demo
 
 PLAN = demo.make_plan()
 SALES = len(PLAN.sales)  # 40 distinct sales in round 1
@@ -344,7 +345,7 @@ class LineReader:
 def test_keep_leaves_the_database_until_interrupted() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with subprocess.Popen(
-        [sys.executable, "-m", "outbox.demo", "--keep"],
+        [sys.executable, "-m", "outbox.dev.demo", "--keep"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

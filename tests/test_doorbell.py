@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from outbox.db import libpq_url
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,

@@ -15,8 +15,8 @@ import pytest
 
 from outbox.delivery.executor import Executor, Gate
 from outbox.delivery.store import Claimed, Completion
+from outbox.dev.fake_partnero import FakeConfig, FakePartnero
 from outbox.domain import Event, EventType, RetryPolicy
-from outbox.fake_partnero import FakeConfig, FakePartnero
 from outbox.partnero import ApiKey, PartneroClient
 
 API_KEY = "test-key-not-a-secret"

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from outbox.fake_partnero import (
+from outbox.dev.fake_partnero import (
     ODD_ANSWERS,
     FakeConfig,
     FakePartnero,
@@ -913,7 +913,7 @@ def test_command_takes_no_key_on_the_command_line() -> None:
 
 def test_command_serves_until_sigterm() -> None:
     env = dict(os.environ, FAKE_KEY_FOR_TEST=API_KEY)
-    code = "from outbox.fake_partnero import fake_partnero_command; fake_partnero_command()"
+    code = "from outbox.dev.fake_partnero import fake_partnero_command; fake_partnero_command()"
     args = ["--port", "0", "--api-key-env", "FAKE_KEY_FOR_TEST", "--no-dedupe", "--seed", "1"]
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],

@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from outbox import queries
+from outbox.db import queries
 
 # The claim's parameters, as outbox/store.py binds them.
 CLAIM_PARAMS: dict[str, Any] = {

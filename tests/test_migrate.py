@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from outbox import db, migrate
+from outbox import db
+from outbox.db import migrate
 from tests.schema_fingerprint import fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -210,7 +211,7 @@ def test_wheel_carries_the_migrations_and_migrates_without_a_checkout(
         [
             sys.executable,
             "-c",
-            "import outbox.migrate as m, sys; print(m.migrations_dir()); "
+            "import outbox.db.migrate as m, sys; print(m.migrations_dir()); "
             "from outbox.cli import main; sys.argv=['outbox','migrate']; main()",
         ],
         capture_output=True,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,

@@ -10,8 +10,9 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 
-from outbox import db, pgtemp
+from outbox import db
 from outbox.cli import main
+from outbox.dev import pgtemp
 from tests.test_ops_seed import cli, cli_json, seed
 
 PROBLEM_FIELDS = [

@@ -254,9 +254,9 @@ def test_status_reads_the_pause_through_the_label_vocabulary(
 
 
 def test_the_operator_commands_do_not_import_the_command_line_back() -> None:
-    """outbox.cli registers outbox.ops_cli; ops_cli takes what it shares from outbox.cli_common."""
+    """outbox.cli registers outbox.ops.cli; ops_cli takes what it shares from outbox.cli_common."""
     code = (
-        "import sys, outbox.ops_cli, outbox.roles_cli; "
+        "import sys, outbox.ops.cli, outbox.ops.roles; "
         "print('outbox.cli' in sys.modules, 'outbox.cli_common' in sys.modules)"
     )
     done = subprocess.run(

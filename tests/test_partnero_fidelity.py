@@ -15,8 +15,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from outbox import db, migrate
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox import db
+from outbox.db import migrate
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,

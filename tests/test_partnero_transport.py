@@ -12,8 +12,8 @@ from decimal import Decimal
 
 import pytest
 
+from outbox.dev.fake_partnero import FakeConfig, FakePartnero
 from outbox.domain import Event, EventType, TransportError
-from outbox.fake_partnero import FakeConfig, FakePartnero
 from outbox.partnero import BODY_EXCERPT_CHARS, ApiKey, PartneroClient
 
 KEY = "transport-test-key"

@@ -21,9 +21,10 @@ from psycopg import errors
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import db, queries
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
-from outbox.roles_cli import register, roles_sql
+from outbox import db
+from outbox.db import queries
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.ops.roles import roles_sql
 from tests.daemon_helpers import API_KEY, DaemonThread, make_settings, settled, wait_until
 from tests.helpers import psql
 from tests.test_key_order import CLAIM_PARAMS
@@ -279,13 +280,8 @@ def test_the_daemon_claims_when_functions_are_not_executable_by_public(roles: Ro
 
 
 def test_roles_sql_command_prints_the_sql_with_chosen_names() -> None:
-    import click
+    from outbox.cli import main
 
-    @click.group()
-    def main() -> None:
-        pass
-
-    register(main)
     runner = CliRunner()
     result = runner.invoke(main, ["roles-sql", "--app-role", "shop", "--daemon-role", "sync"])
     assert result.exit_code == 0, result.output

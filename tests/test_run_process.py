@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from outbox import migrate
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
-from outbox.settings import SPECS
+from outbox.db import migrate
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.service.settings import SPECS
 from tests.daemon_helpers import (
     API_KEY,
     env_for,

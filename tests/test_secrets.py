@@ -25,8 +25,8 @@ from click.testing import CliRunner
 
 from outbox import db
 from outbox.cli import main
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
-from outbox.settings import SettingError, resolve
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.service.settings import SettingError, resolve
 from tests.daemon_helpers import (
     env_for,
     insert_sales,

@@ -20,7 +20,7 @@ from outbox.delivery.monitor import Monitor, Watchdog
 from outbox.delivery.rescuer import Rescuer
 from outbox.delivery.store import Store
 from outbox.delivery.supervisor import restart_delay
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,

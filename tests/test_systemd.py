@@ -19,7 +19,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,

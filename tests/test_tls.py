@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from outbox import db, pgtemp
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
+from outbox import db
+from outbox.dev import pgtemp
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import API_KEY, env_for, insert_sales, rows, settled, wait_until
 from tests.helpers import LoopbackServer
 
@@ -171,7 +172,7 @@ def test_tls_is_verified_unless_the_explicit_setting_turns_it_off_loudly(
 
 @pytest.mark.parametrize("value", ["", "maybe", "2", "off please"])
 def test_the_tls_setting_takes_only_a_clear_boolean(value: str) -> None:
-    from outbox.settings import SettingError, resolve
+    from outbox.service.settings import SettingError, resolve
 
     environ = {
         "OUTBOX_DATABASE_URL": "postgresql://u@h/d",

@@ -33,7 +33,7 @@ from outbox.delivery.store import Claimed, Store
 from outbox.delivery.waits import wait_any
 from outbox.delivery.writer import Writer
 from outbox.domain import Status
-from outbox.settings import Settings
+from outbox.service.settings import Settings
 from outbox.text import first_line
 
 log = structlog.get_logger("outbox.claimer")

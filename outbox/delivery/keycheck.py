@@ -14,11 +14,11 @@ from outbox.delivery.gate import Gate
 from outbox.delivery.health import Health
 from outbox.delivery.waits import wait_any
 from outbox.domain import Exchange, PingVerdict
-from outbox.metrics import Metrics
 from outbox.partnero import PartneroClient, api_root
 from outbox.policy import backoff_delay, describe, ping_verdict
-from outbox.sdnotify import Notifier
-from outbox.settings import Settings
+from outbox.service.metrics import Metrics
+from outbox.service.sdnotify import Notifier
+from outbox.service.settings import Settings
 
 log = structlog.get_logger("outbox.partnero")
 

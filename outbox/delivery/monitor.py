@@ -12,9 +12,9 @@ from outbox.delivery.health import Health
 from outbox.delivery.retrying import DB_ERRORS
 from outbox.delivery.store import Backlog, Store
 from outbox.delivery.waits import wait_any
-from outbox.metrics import Metrics
-from outbox.sdnotify import Notifier
-from outbox.settings import Settings
+from outbox.service.metrics import Metrics
+from outbox.service.sdnotify import Notifier
+from outbox.service.settings import Settings
 from outbox.text import first_line
 
 log = structlog.get_logger("outbox.watchdog")

@@ -18,8 +18,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row
 
-from outbox import queries
-from outbox.db import libpq_url
+from outbox.db import libpq_url, queries
 from outbox.domain import Event, EventType, Outcome, Status
 
 

@@ -19,7 +19,7 @@ from outbox.delivery.health import Health
 from outbox.delivery.retrying import DB_ERRORS, retrying
 from outbox.delivery.store import Completion, Store
 from outbox.domain import Status
-from outbox.metrics import Metrics
+from outbox.service.metrics import Metrics
 from outbox.text import first_line, utcnow
 
 log = structlog.get_logger("outbox.writer")
@@ -84,7 +84,7 @@ class Writer:
             elif c.attempt_records:
                 self._health.retried += 1
             if self._metrics is not None:
-                self._metrics.observe_completion(c)
+                self._metrics.observe_result(c.status, c.outcome, c.reason)
         if lost:
             log.warning(
                 "outbox.writer.lease_lost",

@@ -1,4 +1,4 @@
--- The operator commands' queries (outbox/ops.py), loaded by name with
+-- The operator commands' queries (outbox/ops/commands.py), loaded by name with
 -- outbox.queries.get(name, "ops.sql"). Unlike queries.sql (psycopg, the daemon) these run through
 -- SQLAlchemy's text(): parameters are :name. An optional filter is NULL when not given.
 -- `outbox status` and `outbox failed` read the views of migration 0002, so the CLI and plain SQL

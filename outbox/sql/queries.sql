@@ -1,4 +1,4 @@
--- The delivery engine's queries, loaded by name (outbox/queries.py). Parameters are psycopg's
+-- The delivery engine's queries, loaded by name (outbox/db/queries.py). Parameters are psycopg's
 -- %(name)s placeholders. Every statement runs on its own (autocommit): each is atomic, and no
 -- transaction is ever held across an HTTP call.
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-# A fixed 64-bit key for pg_advisory_lock: "outbox.migrate" folded into a bigint.
-LOCK_KEY = int.from_bytes(hashlib.sha256(b"outbox.migrate").digest()[:8], "big", signed=True)
+# A fixed 64-bit key for pg_advisory_lock: "outbox.db.migrate" folded into a bigint.
+LOCK_KEY = int.from_bytes(hashlib.sha256(b"outbox.db.migrate").digest()[:8], "big", signed=True)
 
 _BOOTSTRAP = """
 CREATE SCHEMA IF NOT EXISTS outbox;
@@ -64,7 +64,7 @@ def migrations_dir() -> Path:
     packaged = Path(str(resources.files("outbox"))) / "migrations"
     if packaged.is_dir():
         return packaged
-    source = Path(__file__).resolve().parent.parent / "migrations"
+    source = Path(__file__).resolve().parents[2] / "migrations"  # beside outbox/, in a checkout
     if source.is_dir():
         return source
     raise MigrationError("no migrations directory found beside the outbox package")

@@ -42,10 +42,13 @@ import click
 import sqlalchemy as sa
 import structlog
 
-from outbox import db, logs, migrate, pgtemp
+from outbox import db
 from outbox.daemon import Daemon
-from outbox.fake_partnero import FakeConfig, FakePartneroThread
-from outbox.settings import Settings, load
+from outbox.db import migrate
+from outbox.dev import pgtemp
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.service import logs
+from outbox.service.settings import Settings, load
 
 __all__ = ["demo_command", "run_demo"]
 
@@ -417,18 +420,28 @@ def check_ledger(
     }
 
 
-def build_report(
-    engine: sa.Engine,
-    fake: FakePartneroThread,
-    plan: Plan,
-    settings: Settings,
-    rounds: JSONDict,
-) -> JSONDict:
-    counts = _rows(engine, COUNTS_SQL)
+def _events_summary(counts: list[sa.RowMapping]) -> JSONDict:
+    """outbox.events by status, and by type, status and outcome."""
     by_status: Counter[str] = Counter()
     for row in counts:
         by_status[str(row["status"])] += int(row["count"])
-    failed = [
+    return {
+        "total": sum(by_status.values()),
+        "by_status": dict(sorted(by_status.items())),
+        "by_outcome": [
+            {
+                "event_type": r["event_type"],
+                "status": r["status"],
+                "outcome": r["outcome"] or None,
+                "count": int(r["count"]),
+            }
+            for r in counts
+        ],
+    }
+
+
+def _failed_rows(engine: sa.Engine) -> list[JSONDict]:
+    return [
         {
             "id": int(r["id"]),
             "event_type": r["event_type"],
@@ -441,7 +454,10 @@ def build_report(
         }
         for r in _rows(engine, FAILED_SQL)
     ]
-    blocked = [
+
+
+def _blocked_rows(engine: sa.Engine) -> list[JSONDict]:
+    return [
         {
             "id": int(r["id"]),
             "transaction_key": r["transaction_key"],
@@ -453,6 +469,29 @@ def build_report(
         }
         for r in _rows(engine, BLOCKED_SQL)
     ]
+
+
+def _settings_summary(settings: Settings) -> JSONDict:
+    return {
+        "max_attempts": settings.max_attempts,
+        "concurrency": settings.concurrency,
+        "lease_seconds": settings.lease_seconds,
+        "request_timeout_seconds": settings.request_timeout_seconds,
+        "retry_base_delay_seconds": settings.retry_base_delay_seconds,
+        "retry_max_delay_seconds": settings.retry_max_delay_seconds,
+    }
+
+
+def build_report(
+    engine: sa.Engine,
+    fake: FakePartneroThread,
+    plan: Plan,
+    settings: Settings,
+    rounds: JSONDict,
+) -> JSONDict:
+    events = _events_summary(_rows(engine, COUNTS_SQL))
+    failed = _failed_rows(engine)
+    blocked = _blocked_rows(engine)
     attempts = {str(r["decision"]): int(r["count"]) for r in _rows(engine, ATTEMPTS_SQL)}
     stats = fake.stats()
     calls_by_status = {str(k): int(v) for k, v in sorted(stats["by_status"].items())}
@@ -460,33 +499,14 @@ def build_report(
     return {
         "ok": ledger["matches"],
         "seconds": None,  # the whole demo, filled in by run_demo
-        "settings": {
-            "max_attempts": settings.max_attempts,
-            "concurrency": settings.concurrency,
-            "lease_seconds": settings.lease_seconds,
-            "request_timeout_seconds": settings.request_timeout_seconds,
-            "retry_base_delay_seconds": settings.retry_base_delay_seconds,
-            "retry_max_delay_seconds": settings.retry_max_delay_seconds,
-        },
+        "settings": _settings_summary(settings),
         "inserted": {
             "sales": plan.sale_rows,
             "refunds": plan.refund_rows,
             "duplicate_keys": [plan.duplicate.key],
         },
         "rounds": rounds,
-        "events": {
-            "total": sum(by_status.values()),
-            "by_status": dict(sorted(by_status.items())),
-            "by_outcome": [
-                {
-                    "event_type": r["event_type"],
-                    "status": r["status"],
-                    "outcome": r["outcome"] or None,
-                    "count": int(r["count"]),
-                }
-                for r in counts
-            ],
-        },
+        "events": events,
         "failed": failed,
         "blocked": blocked,
         "attempts": {"total": sum(attempts.values()), "by_decision": attempts},
@@ -531,33 +551,31 @@ def _heading(text: str) -> str:
     return click.style(text, bold=True)
 
 
-def render_text(report: JSONDict) -> str:
-    out: list[str] = []
+def _render_recorded(report: JSONDict) -> list[str]:
     inserted = report["inserted"]
     events = report["events"]
-    out.append(_heading(f"outbox demo: report ({report['seconds']:.1f} s in all)"))
-    out.append("")
-    out.append(_heading("What the shop recorded"))
-    out.append(
+    return [
+        _heading(f"outbox demo: report ({report['seconds']:.1f} s in all)"),
+        "",
+        _heading("What the shop recorded"),
         f"  {inserted['sales']} sales (one key recorded twice: "
         f"{', '.join(inserted['duplicate_keys'])}) and {inserted['refunds']} refunds, "
-        f"{events['total']} rows in outbox.events"
-    )
-    out.append("")
-    out.append(_heading("Where they ended up"))
-    out.extend(
-        _table(
+        f"{events['total']} rows in outbox.events",
+        "",
+        _heading("Where they ended up"),
+        *_table(
             ("type", "status", "outcome", "rows"),
             [
                 (r["event_type"], r["status"], r["outcome"] or "-", r["count"])
                 for r in events["by_outcome"]
             ],
             right={3},
-        )
-    )
-    out.append("")
-    failed = report["failed"]
-    out.append(_heading(f"Failed: {_rows_word(len(failed))} need a person"))
+        ),
+    ]
+
+
+def _render_failed(failed: list[JSONDict]) -> list[str]:
+    out = [_heading(f"Failed: {_rows_word(len(failed))} need a person")]
     if failed:
         out.extend(
             _table(
@@ -576,9 +594,11 @@ def render_text(report: JSONDict) -> str:
                 right={0, 4},
             )
         )
-    out.append("")
-    blocked = report["blocked"]
-    out.append(_heading(f"Blocked: {_rows_word(len(blocked), 'refund')} behind a sale"))
+    return out
+
+
+def _render_blocked(blocked: list[JSONDict]) -> list[str]:
+    out = [_heading(f"Blocked: {_rows_word(len(blocked), 'refund')} behind a sale")]
     for b in blocked:
         sale = b["waiting_for"]
         why = sale["status"] + (f": {sale['outcome']}" if sale["outcome"] else "")
@@ -586,37 +606,51 @@ def render_text(report: JSONDict) -> str:
             f"  refund #{b['id']} {b['transaction_key']} waits for sale #{sale['id']} ({why}) "
             "until a person retries or discards that sale"
         )
-    out.append("")
-    attempts = report["attempts"]
-    out.append(_heading(f"HTTP attempts by decision ({attempts['total']} in outbox.attempts)"))
+    return out
+
+
+def _render_calls(attempts: JSONDict, calls: JSONDict) -> list[str]:
+    out = [_heading(f"HTTP attempts by decision ({attempts['total']} in outbox.attempts)")]
     out.extend(_table(("decision", "calls"), list(attempts["by_decision"].items()), right={1}))
-    calls = report["partnero_calls"]
     shown = ", ".join(
         f"{n} x {CALL_LABELS.get(status, 'HTTP ' + status)}"
         for status, n in sorted(calls["by_status"].items(), key=lambda kv: -kv[1])
     )
     out.append(f"  the fake Partnero saw {calls['total']} calls: {shown}")
-    out.append("")
-    ledger = report["ledger"]
+    return out
+
+
+def _render_ledger(ledger: JSONDict) -> list[str]:
     verdict = click.style("yes", fg="green") if ledger["matches"] else click.style("no", fg="red")
-    out.append(
-        _heading(
-            f"Partnero ledger: {ledger['live']} live transactions, {ledger['deleted']} deleted; "
-            "matches the outbox table: "
-        )
-        + verdict
+    heading = _heading(
+        f"Partnero ledger: {ledger['live']} live transactions, {ledger['deleted']} deleted; "
+        "matches the outbox table: "
     )
-    out.extend(f"  - {p}" for p in ledger["problems"])
-    out.append("")
-    out.append(_heading("On a real installation"))
-    out.append(
-        '  The same answers come from the shop\'s database: psql "$OUTBOX_DATABASE_URL", then'
-    )
+    return [heading + verdict, *(f"  - {p}" for p in ledger["problems"])]
+
+
+def _render_how_to_look(failed: list[JSONDict]) -> list[str]:
+    out = [
+        _heading("On a real installation"),
+        '  The same answers come from the shop\'s database: psql "$OUTBOX_DATABASE_URL", then',
+    ]
     example = failed[0]["id"] if failed else 1
     for what, sql in inspect_sql(example):
         out.append(f"    -- {what}")
         out.append(f"    {sql}")
-    return "\n".join(out)
+    return out
+
+
+def render_text(report: JSONDict) -> str:
+    sections = (
+        _render_recorded(report),
+        _render_failed(report["failed"]),
+        _render_blocked(report["blocked"]),
+        _render_calls(report["attempts"], report["partnero_calls"]),
+        _render_ledger(report["ledger"]),
+        _render_how_to_look(report["failed"]),
+    )
+    return "\n\n".join("\n".join(lines) for lines in sections)
 
 
 # ---- running it -------------------------------------------------------------------------------

@@ -66,8 +66,3 @@ def roles_sql_command(app_role: str, daemon_role: str) -> None:
         click.echo(roles_sql(app_role, daemon_role), nl=False)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-
-
-def register(main: click.Group) -> None:
-    """Add `outbox roles-sql` to the `outbox` group."""
-    main.add_command(roles_sql_command)

@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
-from outbox.domain import Exchange, Status
-
-if TYPE_CHECKING:
-    from outbox.delivery.store import Completion
+from outbox.domain import Exchange, Outcome, Status
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 StartResponse = Callable[[str, list[tuple[str, str]]], Any]
@@ -75,14 +72,15 @@ class Metrics:
         )
         self.healthy = Gauge("outbox_healthy", "1 while /healthz would answer 200.", registry=r)
 
-    def observe_completion(self, completion: Completion) -> None:
+    def observe_result(
+        self, status: Status, outcome: Outcome | None, reason: Outcome | None
+    ) -> None:
         """A result the writer recorded: a settled row by status and outcome, a retry by its
         reason class (typed, never read back out of the error text)."""
-        if completion.status in (Status.DELIVERED, Status.FAILED):
-            outcome = completion.outcome.value if completion.outcome is not None else ""
-            self.settled.labels(completion.status.value, outcome).inc()
-        elif completion.reason is not None:
-            self.retries.labels(completion.reason.value).inc()
+        if status in (Status.DELIVERED, Status.FAILED):
+            self.settled.labels(status.value, "" if outcome is None else outcome.value).inc()
+        elif reason is not None:
+            self.retries.labels(reason.value).inc()
 
     def observe_exchange(self, exchange: Exchange) -> None:
         status = (

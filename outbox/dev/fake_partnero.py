@@ -264,6 +264,10 @@ def _now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _dumps(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
@@ -405,8 +409,9 @@ def _reason(status: int) -> str:
 class _HttpProtocol(asyncio.Protocol):
     """One HTTP/1.1 connection: keep-alive, pipelining, Content-Length bodies only."""
 
-    def __init__(self, fake: FakePartnero) -> None:
+    def __init__(self, fake: FakePartnero, listener: _Listener) -> None:
         self._fake = fake
+        self._listener = listener
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._queue: deque[_Request] = deque()
@@ -421,14 +426,14 @@ class _HttpProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self._fake._connections.add(self)
-        self._fake._accepted += 1
+        self._listener.connections.add(self)
+        self._listener.accepted += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if not self.lost.done():
             self.lost.set_result(None)
-        self._fake._connections.discard(self)
+        self._listener.connections.discard(self)
         for req in self._queue:
             self._fake._log_unanswered(req, self.unanswered_status)
         self._queue.clear()
@@ -625,44 +630,131 @@ class _Entry:
         }
 
 
-_NOT_FOUND: Final = {"message": "Transaction not found", "status": 0}
-_FORBIDDEN: Final = _json_response(403, {"message": "This action is unauthorized."})
-_ODD_FIXED: Final = {
-    "status_0": _json_response(200, {"status": 0}),
-    "html_200": _Response(200, _HTML_200, "text/html; charset=UTF-8"),
-    "empty_200": _Response(200, b"", _JSON),
-    "html_404": _Response(404, _HTML_404, "text/html"),
-    "html_502": _Response(502, _HTML_502, "text/html"),
-    "bad_request": _json_response(400, {"message": "Duplicate customer key", "status": 0}),
-    "forbidden": _FORBIDDEN,
-}
+class _Ledger:
+    """Partnero's transactions: every entry in creation order (deleted ones included), indexed by
+    key, and the calls on them: create, delete and the paginated list."""
+
+    __slots__ = ("_by_key", "_config", "entries")
+
+    def __init__(self, config: FakeConfig) -> None:
+        self._config = config  # for unknown_customers and dedupe
+        self.entries: list[_Entry] = []
+        self._by_key: dict[str, list[_Entry]] = {}
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._by_key.clear()
+
+    def admin(self) -> list[JSONDict]:
+        """Every entry in creation order, as the admin API shows it (copies)."""
+        return [e.admin() for e in self.entries]
+
+    def counts(self) -> JSONDict:
+        deleted = sum(1 for e in self.entries if e.deleted_seq is not None)
+        total = len(self.entries)
+        return {"entries": total, "alive": total - deleted, "deleted": deleted}
+
+    def create(self, body: object, seq: int) -> _Response:
+        """POST /v1/transactions by call `seq`: 201, 422 invalid, 400 unknown customer or key."""
+        data, errors = _validate_create(body)
+        if errors:
+            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
+        customer: JSONDict = data["customer"]
+        ckey: str | None = customer.get("key") or None
+        cemail: str | None = customer.get("email") or None
+        unknown = self._config.unknown_customers
+        if (ckey in unknown) or (cemail in unknown):
+            options = data.get("options")
+            if isinstance(options, dict) and options.get("create_customer") is True:
+                unknown.discard(ckey or "")
+                unknown.discard(cemail or "")
+            else:
+                return _json_response(400, {"message": "Customer not found", "status": 0})
+        key: str | None = data.get("key")
+        if self._config.dedupe and key is not None and key in self._by_key:
+            return _json_response(400, {"message": "Duplicate key", "status": 0})
+        partner = customer.get("partner")
+        backdate = data.get("created_at")
+        entry = _Entry(
+            seq=len(self.entries) + 1,
+            key=key,
+            customer_key=ckey,
+            customer_email=cemail,
+            partner=partner.get("key") if isinstance(partner, dict) else None,
+            amount=data.get("amount"),
+            reward=data.get("reward"),
+            amount_units=data.get("amount_units") or "USD",
+            action=data.get("action") or "sale",
+            created_seq=seq,
+            created_at=_iso(backdate) if isinstance(backdate, int) else _now_iso(),
+            body=data,
+        )
+        self.entries.append(entry)
+        if key is not None:
+            self._by_key.setdefault(key, []).append(entry)
+        return _json_response(201, {"data": entry.api(), "status": 1})
+
+    def delete(self, key: str, seq: int) -> _Response:
+        """Delete every live entry with `key` by call `seq`: 200, or 404 Transaction not found."""
+        alive = [e for e in self._by_key.get(key, ()) if e.deleted_seq is None]
+        if not alive:
+            return _json_response(404, _NOT_FOUND)
+        now = _now_iso()
+        for e in alive:
+            e.deleted_seq, e.deleted_at = seq, now
+        return _json_response(200, {"status": 1})
+
+    def page(self, params: dict[str, str], base: str) -> _Response:
+        """GET /v1/transactions: Laravel's paginator over the ledger, filtered by ?key=.
+
+        `base` is the list's own URL, for the paginator's links."""
+        errors: dict[str, list[str]] = {}
+        limit = _int_param(params, "limit", 15, 250, errors)
+        page = _int_param(params, "page", 1, None, errors)
+        if errors:
+            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
+        wanted = params.get("key") or None  # Laravel turns an empty string into null
+        rows: list[_Entry] = self.entries
+        if wanted is not None:
+            needle = wanted.casefold()
+            rows = [e for e in rows if e.key is not None and needle in e.key.casefold()]
+        query: JSONDict = {"key": wanted} if wanted is not None else {}
+        query["limit"] = limit
+        return _json_response(200, _paginate(rows, page, limit, base, query))
 
 
-def _laravel_path(req: _Request) -> str:
-    """Laravel's $request->path(): the path as sent (not decoded), without outer slashes."""
-    return req.path.strip("/") or "/"
+def _paginate(rows: list[_Entry], page: int, limit: int, base: str, query: JSONDict) -> JSONDict:
+    """Laravel's LengthAwarePaginator shape for one page of `rows`; `query` goes into the links."""
+    total = len(rows)
+    last_page = max(1, -(-total // limit))
+    start = (page - 1) * limit
+    chunk = rows[start : start + limit]
 
+    def link(number: int) -> str:
+        return f"{base}?{urlencode(query | {'page': number}, quote_via=quote)}"
 
-def _route_not_found(req: _Request) -> _Response:
-    return _json_response(404, {"message": f"The route {_laravel_path(req)} could not be found."})
-
-
-def _method_not_allowed(req: _Request, allowed: tuple[str, ...]) -> _Response:
-    methods = ", ".join(allowed)
-    return _json_response(
-        405,
-        {
-            "message": f"The {req.method} method is not supported for route "
-            f"{_laravel_path(req)}. Supported methods: {methods}."
+    return {
+        "data": [e.api() for e in chunk],
+        "links": {
+            "first": link(1),
+            "last": link(last_page),
+            "prev": link(page - 1) if page > 1 else None,
+            "next": link(page + 1) if page < last_page else None,
         },
-        (("Allow", methods),),
-    )
+        "meta": {
+            "current_page": page,
+            "from": start + 1 if chunk else None,
+            "last_page": last_page,
+            "path": base,
+            "per_page": limit,
+            "to": start + len(chunk) if chunk else None,
+            "total": total,
+        },
+        "status": 1,
+    }
 
 
-def _odd_response(answer: str, req: _Request) -> _Response:
-    if answer == "route_404":
-        return _route_not_found(req)
-    return _ODD_FIXED[answer]
+_NOT_FOUND: Final = {"message": "Transaction not found", "status": 0}
 
 
 # What PHP's filter_var(FILTER_VALIDATE_INT), behind Laravel's `integer` rule, accepts.
@@ -732,391 +824,105 @@ _MIN_TIMESTAMP: Final = -62135596800
 _MAX_TIMESTAMP: Final = 253402300799
 
 
-# ---- the server --------------------------------------------------------------------------------
+# ---- the API: routing, auth, odd answers ---------------------------------------------------------
+
+_OK: Final = _json_response(200, {"status": 1})
+_UNAUTHENTICATED: Final = _json_response(401, {"message": "Unauthenticated."})
+_FORBIDDEN: Final = _json_response(403, {"message": "This action is unauthorized."})
+_MALFORMED_JSON: Final = _json_response(400, {"message": "Malformed JSON"})
+_KEY_REQUIRED: Final = _json_response(
+    422,
+    {"message": "The given data was invalid.", "errors": {"key": ["The key field is required."]}},
+)
+_ODD_FIXED: Final = {
+    "status_0": _json_response(200, {"status": 0}),
+    "html_200": _Response(200, _HTML_200, "text/html; charset=UTF-8"),
+    "empty_200": _Response(200, b"", _JSON),
+    "html_404": _Response(404, _HTML_404, "text/html"),
+    "html_502": _Response(502, _HTML_502, "text/html"),
+    "bad_request": _json_response(400, {"message": "Duplicate customer key", "status": 0}),
+    "forbidden": _FORBIDDEN,
+}
 
 
-class FakePartnero:
-    """The fake, inside the running event loop. Use FakePartneroThread from synchronous code.
+def _laravel_path(req: _Request) -> str:
+    """Laravel's $request->path(): the path as sent (not decoded), without outer slashes."""
+    return req.path.strip("/") or "/"
 
-    ``config`` is the live FakeConfig: plain fields may be set directly from the loop's thread;
-    changes to ``outage`` (which opens/closes the socket and releases held calls) and ``seed``
-    take effect only through ``await configure(...)``.
-    """
 
-    def __init__(self, config: FakeConfig | None = None) -> None:
-        self._config = config if config is not None else FakeConfig()
-        self._rng = random.Random(self._config.seed)
-        self._ledger: list[_Entry] = []
-        self._by_key: dict[str, list[_Entry]] = {}
-        self._log: list[JSONDict] = []
-        self._seq = 0
-        self._host = "127.0.0.1"
-        self._port = 0
-        self._started = False
-        self._stopping = False
-        self._server: asyncio.AbstractServer | None = None
-        self._connections: set[_HttpProtocol] = set()
-        self._accepted = 0  # connections accepted since start or reset
-        self._release: asyncio.Event | None = None  # set when a "timeout" outage ends
-        self._outage_task: asyncio.Task[None] | None = None
-        self._version = 0  # bumped on every change, for wait_for
-        self._cond = threading.Condition()
-        self._waiters: list[asyncio.Future[None]] = []
+def _route_not_found(req: _Request) -> _Response:
+    return _json_response(404, {"message": f"The route {_laravel_path(req)} could not be found."})
 
-    # -- public API
 
-    @property
-    def config(self) -> FakeConfig:
-        return self._config
+def _method_not_allowed(req: _Request, allowed: tuple[str, ...]) -> _Response:
+    methods = ", ".join(allowed)
+    return _json_response(
+        405,
+        {
+            "message": f"The {req.method} method is not supported for route "
+            f"{_laravel_path(req)}. Supported methods: {methods}."
+        },
+        (("Allow", methods),),
+    )
 
-    @property
-    def url(self) -> str:
-        if not self._started:
-            raise RuntimeError("FakePartnero is not started")
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._port}"
 
-    @property
-    def port(self) -> int:
-        return self._port
+def _odd_response(answer: str, req: _Request) -> _Response:
+    if answer == "route_404":
+        return _route_not_found(req)
+    return _ODD_FIXED[answer]
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on host:port (0 picks a free port; see .url)."""
-        if self._started:
-            raise RuntimeError("FakePartnero is already started")
-        self._host, self._port = host, port
-        await self._listen()
-        self._started = True
-        if self._config.outage == "refuse":
-            await self._unlisten(None)
 
-    async def stop(self) -> None:
-        """Close the socket and every connection; calls in flight are not answered."""
-        if not self._started or self._stopping:
-            return
-        self._stopping = True
-        if self._outage_task is not None:
-            self._outage_task.cancel()
-            tasks: list[asyncio.Task[None]] = [self._outage_task]
-            self._outage_task = None
-        else:
-            tasks = []
-        if self._server is not None:
-            self._server.close()
-        if self._release is not None:
-            self._release.set()
-        await self._abort_all(tasks, keep=None)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
-        self._changed()
+class _Api:
+    """The API calls as Laravel and Partnero answer them when no random fault is drawn: the route
+    (matched on the decoded path), 405, auth (401), ``forbidden`` (403), the odd answers, and then
+    the call on the ledger."""
 
-    async def configure(
-        self, *, outage_for_seconds: float | None = None, **changes: Any
-    ) -> FakeConfig:
-        """Change config fields (validated; ValueError when bad) and apply outage changes.
+    __slots__ = ("_config", "_ledger", "_list_url")
 
-        With ``outage_for_seconds`` the outage set now is cleared after that many seconds.
-        """
-        return await self._configure(changes, outage_for_seconds, None)
+    def __init__(self, config: FakeConfig, ledger: _Ledger, list_url: Callable[[], str]) -> None:
+        self._config = config
+        self._ledger = ledger
+        self._list_url = list_url  # GET /v1/transactions's own URL, for the paginator's links
 
-    def ledger(self) -> list[JSONDict]:
-        """Every ledger entry in creation order (copies)."""
-        return [e.admin() for e in self._ledger]
-
-    def requests(self) -> list[JSONDict]:
-        """Every API call in the order the fake acted on it (copies)."""
-        return [dict(e) for e in self._log]
-
-    def stats(self) -> JSONDict:
-        by_method: Counter[str] = Counter()
-        by_status: Counter[str] = Counter()
-        by_both: Counter[str] = Counter()
-        for e in self._log:
-            status = str(e["status"])
-            by_method[e["method"]] += 1
-            by_status[status] += 1
-            by_both[f"{e['method']} {status}"] += 1
-        deleted = sum(1 for e in self._ledger if e.deleted_seq is not None)
-        return {
-            "requests": len(self._log),
-            "by_method": dict(by_method),
-            "by_status": dict(by_status),
-            "by_method_status": dict(by_both),
-            "ledger": {
-                "entries": len(self._ledger),
-                "alive": len(self._ledger) - deleted,
-                "deleted": deleted,
-            },
-            "connections": {"accepted": self._accepted, "open": len(self._connections)},
-        }
-
-    def set_customers(self, unknown: Iterable[str] = (), known: Iterable[str] = ()) -> None:
-        """Mark customers (keys or emails) unknown, or known again."""
-        unknown_set = self._config.unknown_customers
-        unknown_set.update(unknown)
-        unknown_set.difference_update(known)
-        self._changed()
-
-    def reset(self) -> None:
-        """Clear the ledger, the request log and the sequence counter (not the config)."""
-        self._ledger.clear()
-        self._by_key.clear()
-        self._log.clear()
-        self._seq = 0
-        self._accepted = 0
-        self._changed()
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-        """Return once predicate() is true, re-checking after every change; else TimeoutError."""
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                fut: asyncio.Future[None] = loop.create_future()
-                self._waiters.append(fut)
-                await fut
-
-    # -- internals: config and outages
-
-    async def _configure(
-        self,
-        changes: dict[str, Any],
-        outage_for_seconds: float | None,
-        conn: _HttpProtocol | None,
-    ) -> FakeConfig:
-        clean = _validate_changes(changes)
-        if outage_for_seconds is not None and (
-            not _is_number(outage_for_seconds) or not 0 < outage_for_seconds < math.inf
-        ):
-            raise ValueError("outage_for_seconds must be a number > 0")
-        old_outage = self._config.outage
-        for name, value in clean.items():
-            setattr(self._config, name, value)
-        if "seed" in clean:
-            self._rng = random.Random(self._config.seed)
-        if "outage" in clean or outage_for_seconds is not None:
-            if self._outage_task is not None and self._outage_task is not asyncio.current_task():
-                self._outage_task.cancel()
-            self._outage_task = None
-            await self._apply_outage(old_outage, self._config.outage, conn)
-            if outage_for_seconds is not None and self._config.outage is not None:
-                self._outage_task = asyncio.get_running_loop().create_task(
-                    self._clear_outage_after(outage_for_seconds)
-                )
-        self._changed()
-        return self._config
-
-    async def _clear_outage_after(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        self._outage_task = None
-        await self._configure({"outage": None}, None, None)
-
-    async def _apply_outage(
-        self, old: str | None, new: str | None, conn: _HttpProtocol | None
-    ) -> None:
-        if old == "timeout" and new != "timeout" and self._release is not None:
-            self._release.set()
-            self._release = None
-        if not self._started or self._stopping:
-            return
-        if new == "refuse" and self._server is not None:
-            await self._unlisten(conn)
-        elif new != "refuse" and self._server is None:
-            await self._listen()
-
-    async def _listen(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _HttpProtocol(self), self._host, self._port, backlog=1024, reuse_address=True
-        )
-        if self._port == 0:
-            self._port = int(self._server.sockets[0].getsockname()[1])
-
-    async def _unlisten(self, keep: _HttpProtocol | None) -> None:
-        """Stop listening and drop every connection (but let `keep` send its answer first)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.close()
-        await self._abort_all([], keep)
-        if keep is None:
-            await server.wait_closed()
-
-    async def _abort_all(self, tasks: list[asyncio.Task[None]], keep: _HttpProtocol | None) -> None:
-        """Abort every connection but `keep`; return once they are closed and their tasks done."""
-        waits: list[asyncio.Future[None]] = list(tasks)
-        for conn in list(self._connections):
-            if conn is keep:
-                conn.close_after_response = True
-                continue
-            if conn.task is not None:
-                waits.append(conn.task)
-            waits.append(conn.lost)
-            conn.abort()
-        if waits:
-            await asyncio.gather(*waits, return_exceptions=True)
-
-    # -- internals: bookkeeping
-
-    def _changed(self) -> None:
-        with self._cond:
-            self._version += 1
-            self._cond.notify_all()
-        if self._waiters:
-            waiters, self._waiters = self._waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
-
-    @staticmethod
-    def _request_key(req: _Request) -> str | None:
-        """The transaction key a call names (see the module docstring), or None."""
-        if req.is_admin:
-            return None
+    def answer(self, req: _Request, entry: JSONDict) -> _Response:
+        """The answer to the API call `req`, logged as `entry` (which gets the odd-answer fault)."""
+        method = req.method
         name, key = req.route
-        if name == _TRANSACTION:
-            return key
-        if name == _TRANSACTIONS:
-            if req.method == "GET":
-                return req.params().get("key") or None
-            body = req.json()
-            if isinstance(body, dict) and isinstance(body.get("key"), str):
-                return cast(str, body["key"])
-        return None
-
-    def _log_entry(self, req: _Request, status: int | str | None = None) -> JSONDict:
-        self._seq += 1
-        entry: JSONDict = {
-            "seq": self._seq,
-            "method": req.method,
-            "path": req.path,
-            "key": self._request_key(req),
-            "status": status,
-            "fault": None,
-            "received_at": req.received_at,
-            "time": time.time(),
-        }
-        self._log.append(entry)
-        return entry
-
-    def _log_unanswered(self, req: _Request, status: str) -> None:
-        if not req.is_admin:
-            self._log_entry(req, status)
-            self._changed()
-
-    # -- internals: dispatch
-
-    def _needs_async(self, req: _Request) -> bool:
-        if req.is_admin:
-            return req.method == "POST" and req.path == "/_fake/config"
-        return self._config.latency_ms > 0 or self._config.outage == "timeout"
-
-    def _handle_now(self, conn: _HttpProtocol, req: _Request) -> None:
-        if req.is_admin:
-            conn.send(self._admin(req), req.keep_alive)
-        else:
-            self._api(conn, req)
-
-    async def _handle_later(self, conn: _HttpProtocol, req: _Request) -> None:
-        if req.is_admin:
-            if req.method == "POST" and req.path == "/_fake/config":
-                resp = await self._admin_config(conn, req)
-            else:
-                resp = self._admin(req)
-            conn.send(resp, req.keep_alive)
-            return
-        latency = self._config.latency_ms
-        if latency > 0:
-            try:
-                await asyncio.sleep(latency / 1000.0)
-            except asyncio.CancelledError:
-                self._log_unanswered(req, conn.unanswered_status)
-                raise
-            if conn.closed:
-                self._log_unanswered(req, conn.unanswered_status)
-                return
-        if self._config.outage == "timeout":
-            await self._hold(conn, req)
-        else:
-            self._api(conn, req)
-
-    async def _hold(self, conn: _HttpProtocol, req: _Request) -> None:
-        """A "timeout" outage: never answer; close once the outage ends."""
-        entry = self._log_entry(req, "pending")
-        entry["fault"] = "outage"
-        self._changed()
-        if self._release is None:
-            self._release = asyncio.Event()
-        try:
-            await self._release.wait()
-        finally:
-            entry["status"] = "timeout"
-            self._changed()
-        conn.close()
-
-    def _api(self, conn: _HttpProtocol, req: _Request) -> None:
+        if name is None:
+            return _route_not_found(req)
+        allowed = _ALLOWED[name]
+        if method not in allowed:
+            return _method_not_allowed(req, allowed)
+        if not self._authorized(req):
+            return _UNAUTHENTICATED
         cfg = self._config
-        entry = self._log_entry(req)
-        rng = self._rng
-        resp: _Response | None = None
-        # The random faults hit the transaction calls; the key check (GET /v1/test) fails only
-        # in an outage or with `forbidden`, so a test can fault every call of a row while the
-        # daemon's start-up check still passes.
-        faulty = req.path != "/v1/test"
-        if cfg.outage is not None:
-            entry["fault"] = "outage"
-            if cfg.outage == "503":
-                resp = self._unavailable()
-            else:  # a call on a connection that outlived "refuse", or a race with "timeout"
-                entry["status"] = "dropped_before"
-                conn.close()
-                self._changed()
-                return
-        elif faulty and cfg.drop_before_rate > 0 and rng.random() < cfg.drop_before_rate:
-            entry["status"], entry["fault"] = "dropped_before", "drop_before"
-            conn.close()
-            self._changed()
-            return
-        elif faulty and cfg.rate_429 > 0 and rng.random() < cfg.rate_429:
-            entry["fault"] = "rate_429"
-            resp = _json_response(429, {"message": "Too Many Attempts."}, self._retry_after())
-        elif faulty and cfg.fail_5xx_rate > 0 and rng.random() < cfg.fail_5xx_rate:
-            entry["fault"] = "fail_5xx"
-            status = rng.choice((500, 502, 503))
-            if status == 502:
-                resp = _Response(502, _HTML_502, "text/html")
-            elif status == 503:
-                resp = _json_response(503, {"message": "Service Unavailable"})
-            else:
-                resp = _json_response(500, {"message": "Server Error"})
-        if resp is None:
-            resp = self._route_api(req, entry)
-            if faulty and cfg.drop_after_rate > 0 and rng.random() < cfg.drop_after_rate:
-                entry["status"], entry["fault"] = "dropped_after", "drop_after"
-                entry["would_status"] = resp.status
-                conn.close()
-                self._changed()
-                return
-            if faulty and cfg.hang_after_rate > 0 and rng.random() < cfg.hang_after_rate:
-                # Applied, and the answer never comes: the connection stays open until the
-                # client gives up or dies (a daemon killed while this call is in flight).
-                entry["status"], entry["fault"] = "hung_after", "hang_after"
-                entry["would_status"] = resp.status
-                self._changed()
-                return
-        entry["status"] = resp.status
-        conn.send(resp, req.keep_alive)
-        self._changed()
-
-    def _retry_after(self) -> tuple[tuple[str, str], ...]:
-        seconds = self._config.retry_after_seconds
-        if seconds is None:
-            return ()
-        text = str(int(seconds)) if seconds == int(seconds) else repr(seconds)
-        return (("Retry-After", text),)
-
-    def _unavailable(self) -> _Response:
-        return _json_response(503, {"message": "Service Unavailable"}, self._retry_after())
+        if cfg.forbidden:
+            return _FORBIDDEN
+        if name == _TEST:
+            return _OK
+        odd = cfg.odd_answers
+        ledger = self._ledger
+        seq: int = entry["seq"]
+        if name == _TRANSACTION:
+            assert key is not None
+            if odd and key in odd:
+                return self._odd(req, entry, key, lambda: ledger.delete(key, seq))
+            return ledger.delete(key, seq)
+        if method == "GET":
+            return ledger.page(req.params(), self._list_url())
+        body = req.json()
+        if body is _MALFORMED:
+            return _MALFORMED_JSON
+        body_key = body.get("key") if isinstance(body, dict) else None
+        if method == "POST":
+            if odd and isinstance(body_key, str) and body_key in odd:
+                return self._odd(req, entry, body_key, lambda: ledger.create(body, seq))
+            return ledger.create(body, seq)
+        if not isinstance(body_key, str) or not body_key:
+            return _KEY_REQUIRED
+        if odd and body_key in odd:
+            return self._odd(req, entry, body_key, lambda: ledger.delete(body_key, seq))
+        return ledger.delete(body_key, seq)
 
     def _authorized(self, req: _Request) -> bool:
         expected = self._config.api_key
@@ -1126,50 +932,6 @@ class FakePartnero:
         return scheme.lower() == "bearer" and hmac.compare_digest(
             token.strip().encode("latin-1"), expected.encode()
         )
-
-    def _route_api(self, req: _Request, entry: JSONDict) -> _Response:
-        """The answer to an API call that drew no random fault, as Laravel and Partnero give it."""
-        method = req.method
-        name, key = req.route
-        if name is None:
-            return _route_not_found(req)
-        allowed = _ALLOWED[name]
-        if method not in allowed:
-            return _method_not_allowed(req, allowed)
-        if not self._authorized(req):
-            return _json_response(401, {"message": "Unauthenticated."})
-        cfg = self._config
-        if cfg.forbidden:
-            return _FORBIDDEN
-        if name == _TEST:
-            return _json_response(200, {"status": 1})
-        seq: int = entry["seq"]
-        if name == _TRANSACTION:
-            assert key is not None
-            if cfg.odd_answers and key in cfg.odd_answers:
-                return self._odd(req, entry, key, lambda: self._delete(key, seq))
-            return self._delete(key, seq)
-        if method == "GET":
-            return self._list(req)
-        body = req.json()
-        if body is _MALFORMED:
-            return _json_response(400, {"message": "Malformed JSON"})
-        body_key = body.get("key") if isinstance(body, dict) else None
-        if method == "POST":
-            if cfg.odd_answers and isinstance(body_key, str) and body_key in cfg.odd_answers:
-                return self._odd(req, entry, body_key, lambda: self._create(body, seq))
-            return self._create(body, seq)
-        if not isinstance(body_key, str) or not body_key:
-            return _json_response(
-                422,
-                {
-                    "message": "The given data was invalid.",
-                    "errors": {"key": ["The key field is required."]},
-                },
-            )
-        if cfg.odd_answers and body_key in cfg.odd_answers:
-            return self._odd(req, entry, body_key, lambda: self._delete(body_key, seq))
-        return self._delete(body_key, seq)
 
     def _odd(
         self, req: _Request, entry: JSONDict, key: str, apply: Callable[[], _Response]
@@ -1189,109 +951,145 @@ class FakePartnero:
             entry["would_status"] = apply().status
         return _odd_response(answer, req)
 
-    def _list(self, req: _Request) -> _Response:
-        """GET /v1/transactions: Laravel's paginator over the ledger, filtered by ?key=."""
-        params = req.params()
-        errors: dict[str, list[str]] = {}
-        limit = _int_param(params, "limit", 15, 250, errors)
-        page = _int_param(params, "page", 1, None, errors)
-        if errors:
-            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
-        wanted = params.get("key") or None  # Laravel turns an empty string into null
-        rows: list[_Entry] = self._ledger
-        if wanted is not None:
-            needle = wanted.casefold()
-            rows = [e for e in rows if e.key is not None and needle in e.key.casefold()]
-        total = len(rows)
-        last_page = max(1, -(-total // limit))
-        start = (page - 1) * limit
-        chunk = rows[start : start + limit]
-        base = f"{self.url}/v1/transactions"
-        query: JSONDict = {"key": wanted} if wanted is not None else {}
-        query["limit"] = limit
 
-        def link(number: int) -> str:
-            return f"{base}?{urlencode(query | {'page': number}, quote_via=quote)}"
+# ---- the random faults -------------------------------------------------------------------------
 
-        return _json_response(
-            200,
-            {
-                "data": [e.api() for e in chunk],
-                "links": {
-                    "first": link(1),
-                    "last": link(last_page),
-                    "prev": link(page - 1) if page > 1 else None,
-                    "next": link(page + 1) if page < last_page else None,
-                },
-                "meta": {
-                    "current_page": page,
-                    "from": start + 1 if chunk else None,
-                    "last_page": last_page,
-                    "path": base,
-                    "per_page": limit,
-                    "to": start + len(chunk) if chunk else None,
-                    "total": total,
-                },
-                "status": 1,
-            },
-        )
+_SERVER_ERRORS: Final = {
+    500: _json_response(500, {"message": "Server Error"}),
+    502: _Response(502, _HTML_502, "text/html"),
+    503: _json_response(503, {"message": "Service Unavailable"}),
+}
+# The state of a call a fault drawn after applying it leaves in the request log.
+_AFTER_STATUS: Final = {"drop_after": "dropped_after", "hang_after": "hung_after"}
 
-    def _create(self, body: object, seq: int) -> _Response:
-        data, errors = _validate_create(body)
-        if errors:
-            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
-        customer: JSONDict = data["customer"]
-        ckey: str | None = customer.get("key") or None
-        cemail: str | None = customer.get("email") or None
-        unknown = self._config.unknown_customers
-        if (ckey in unknown) or (cemail in unknown):
-            options = data.get("options")
-            if isinstance(options, dict) and options.get("create_customer") is True:
-                unknown.discard(ckey or "")
-                unknown.discard(cemail or "")
-            else:
-                return _json_response(400, {"message": "Customer not found", "status": 0})
-        key: str | None = data.get("key")
-        if self._config.dedupe and key is not None and key in self._by_key:
-            return _json_response(400, {"message": "Duplicate key", "status": 0})
-        partner = customer.get("partner")
-        backdate = data.get("created_at")
-        created_at = (
-            datetime.fromtimestamp(backdate, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            if isinstance(backdate, int)
-            else _now_iso()
-        )
-        entry = _Entry(
-            seq=len(self._ledger) + 1,
-            key=key,
-            customer_key=ckey,
-            customer_email=cemail,
-            partner=partner.get("key") if isinstance(partner, dict) else None,
-            amount=data.get("amount"),
-            reward=data.get("reward"),
-            amount_units=data.get("amount_units") or "USD",
-            action=data.get("action") or "sale",
-            created_seq=seq,
-            created_at=created_at,
-            body=data,
-        )
-        self._ledger.append(entry)
-        if key is not None:
-            self._by_key.setdefault(key, []).append(entry)
-        return _json_response(201, {"data": entry.api(), "status": 1})
 
-    def _delete(self, key: str, seq: int) -> _Response:
-        alive = [e for e in self._by_key.get(key, ()) if e.deleted_seq is None]
-        if not alive:
-            return _json_response(404, _NOT_FOUND)
-        now = _now_iso()
-        for e in alive:
-            e.deleted_seq, e.deleted_at = seq, now
-        return _json_response(200, {"status": 1})
+class _Faults:
+    """The faults an API call may get instead of, or after, its real answer: the outage, then the
+    random ones, drawn in the documented order from one ``random.Random(seed)``, each only when
+    its rate is above zero."""
 
-    # -- internals: admin endpoints
+    __slots__ = ("_config", "_rng")
 
-    _ADMIN_ROUTES: Final = {
+    def __init__(self, config: FakeConfig) -> None:
+        self._config = config
+        self._rng = random.Random(config.seed)
+
+    def reseed(self) -> None:
+        self._rng = random.Random(self._config.seed)
+
+    def before(self, faulty: bool) -> tuple[str, _Response | None] | None:
+        """The fault that replaces the call, or None: (fault, its answer or None for closing the
+        connection unanswered). Only an outage hits a call that is not `faulty`."""
+        cfg, rng = self._config, self._rng
+        if cfg.outage is not None:
+            # Other than "503": a call on a connection that outlived "refuse", or a race with
+            # "timeout"; either way it is dropped.
+            return "outage", (self._unavailable() if cfg.outage == "503" else None)
+        if not faulty:
+            return None
+        if cfg.drop_before_rate > 0 and rng.random() < cfg.drop_before_rate:
+            return "drop_before", None
+        if cfg.rate_429 > 0 and rng.random() < cfg.rate_429:
+            return "rate_429", _json_response(
+                429, {"message": "Too Many Attempts."}, self._retry_after()
+            )
+        if cfg.fail_5xx_rate > 0 and rng.random() < cfg.fail_5xx_rate:
+            return "fail_5xx", _SERVER_ERRORS[rng.choice((500, 502, 503))]
+        return None
+
+    def after(self) -> str | None:
+        """The fault drawn once a faulty call is applied: "drop_after", "hang_after" or None."""
+        cfg, rng = self._config, self._rng
+        if cfg.drop_after_rate > 0 and rng.random() < cfg.drop_after_rate:
+            return "drop_after"
+        if cfg.hang_after_rate > 0 and rng.random() < cfg.hang_after_rate:
+            return "hang_after"
+        return None
+
+    def _retry_after(self) -> tuple[tuple[str, str], ...]:
+        seconds = self._config.retry_after_seconds
+        if seconds is None:
+            return ()
+        text = str(int(seconds)) if seconds == int(seconds) else repr(seconds)
+        return (("Retry-After", text),)
+
+    def _unavailable(self) -> _Response:
+        return _json_response(503, {"message": "Service Unavailable"}, self._retry_after())
+
+
+# ---- the request log and the admin calls -------------------------------------------------------
+
+
+def _request_key(req: _Request) -> str | None:
+    """The transaction key an API call names (see the module docstring), or None."""
+    if req.is_admin:
+        return None
+    name, key = req.route
+    if name == _TRANSACTION:
+        return key
+    if name == _TRANSACTIONS:
+        if req.method == "GET":
+            return req.params().get("key") or None
+        body = req.json()
+        if isinstance(body, dict) and isinstance(body.get("key"), str):
+            return cast(str, body["key"])
+    return None
+
+
+class _RequestLog:
+    """Every API call (not admin calls) in the order the fake acted on it; ``seq`` numbers them."""
+
+    __slots__ = ("_seq", "entries")
+
+    def __init__(self) -> None:
+        self.entries: list[JSONDict] = []
+        self._seq = 0
+
+    def add(self, req: _Request, status: int | str | None = None) -> JSONDict:
+        """Log the API call `req`; the entry returned is updated as the call goes on."""
+        self._seq += 1
+        entry: JSONDict = {
+            "seq": self._seq,
+            "method": req.method,
+            "path": req.path,
+            "key": _request_key(req),
+            "status": status,
+            "fault": None,
+            "received_at": req.received_at,
+            "time": time.time(),
+        }
+        self.entries.append(entry)
+        return entry
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._seq = 0
+
+    def copies(self) -> list[JSONDict]:
+        return [dict(e) for e in self.entries]
+
+    def counts(self) -> JSONDict:
+        """The number of calls, by method, by status and by both."""
+        by_method: Counter[str] = Counter()
+        by_status: Counter[str] = Counter()
+        by_both: Counter[str] = Counter()
+        for e in self.entries:
+            status = str(e["status"])
+            by_method[e["method"]] += 1
+            by_status[status] += 1
+            by_both[f"{e['method']} {status}"] += 1
+        return {
+            "requests": len(self.entries),
+            "by_method": dict(by_method),
+            "by_status": dict(by_status),
+            "by_method_status": dict(by_both),
+        }
+
+
+class _Admin:
+    """The admin calls under /_fake/ (no auth, never faulted), on the fake's public methods."""
+
+    _ROUTES: Final = {
         "/_fake/ledger": "GET",
         "/_fake/requests": "GET",
         "/_fake/stats": "GET",
@@ -1300,53 +1098,402 @@ class FakePartnero:
         "/_fake/reset": "POST",
     }
 
-    def _admin(self, req: _Request) -> _Response:
+    def __init__(self, fake: FakePartnero) -> None:
+        self._fake = fake
+
+    @staticmethod
+    def needs_async(req: _Request) -> bool:
+        """Whether the call must run as a task: only POST /_fake/config awaits anything."""
+        return req.method == "POST" and req.path == "/_fake/config"
+
+    async def answer_later(self, conn: _HttpProtocol, req: _Request) -> _Response:
+        if self.needs_async(req):
+            return await self._post_config(conn, req)
+        return self.answer(req)
+
+    def answer(self, req: _Request) -> _Response:
+        """The answer to any admin call but POST /_fake/config (see answer_later)."""
         path, method = req.path, req.method
-        allowed = self._ADMIN_ROUTES.get(path)
+        allowed = self._ROUTES.get(path)
         if allowed is None:
             return _json_response(404, {"message": "Not found"})
         if method not in allowed.split(", "):
             return _json_response(
                 405, {"message": f"{method} not allowed on {path}"}, (("Allow", allowed),)
             )
+        fake = self._fake
         if method == "GET":
             if path == "/_fake/ledger":
-                return _json_response(200, {"transactions": self.ledger()})
+                return _json_response(200, {"transactions": fake.ledger()})
             if path == "/_fake/requests":
-                return _json_response(200, {"requests": self._log})
+                return _json_response(200, {"requests": fake._log.entries})
             if path == "/_fake/stats":
-                return _json_response(200, self.stats())
-            return _json_response(200, self._config.public())
+                return _json_response(200, fake.stats())
+            return _json_response(200, fake.config.public())
         if path == "/_fake/reset":
-            self.reset()
+            fake.reset()
             return _json_response(200, {"status": 1})
-        body = req.json()  # /_fake/customers
+        return self._post_customers(req)
+
+    def _post_customers(self, req: _Request) -> _Response:
+        body = req.json()
         if body is _MALFORMED:
-            return _json_response(400, {"message": "Malformed JSON"})
+            return _MALFORMED_JSON
         lists = {}
         for name in ("unknown", "known"):
             value = body.get(name, []) if isinstance(body, dict) else None
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 return _json_response(400, {"message": f"{name} must be a list of strings"})
             lists[name] = value
-        self.set_customers(lists["unknown"], lists["known"])
-        return _json_response(200, {"unknown_customers": sorted(self._config.unknown_customers)})
+        self._fake.set_customers(lists["unknown"], lists["known"])
+        unknown = sorted(self._fake.config.unknown_customers)
+        return _json_response(200, {"unknown_customers": unknown})
 
-    async def _admin_config(self, conn: _HttpProtocol, req: _Request) -> _Response:
+    async def _post_config(self, conn: _HttpProtocol, req: _Request) -> _Response:
         body = req.json()
         if body is _MALFORMED:
-            return _json_response(400, {"message": "Malformed JSON"})
+            return _MALFORMED_JSON
         if not isinstance(body, dict):
             return _json_response(400, {"message": "Expected a JSON object"})
         changes = dict(body)
         outage_for = changes.pop("outage_for_seconds", None)
         try:
-            await self._configure(changes, outage_for, conn)
+            await self._fake._configure(changes, outage_for, conn)
         except ValueError as exc:
             return _json_response(400, {"message": str(exc)})
         except OSError as exc:
             return _json_response(500, {"message": f"cannot listen again: {exc.strerror}"})
-        return _json_response(200, self._config.public())
+        return _json_response(200, self._fake.config.public())
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+
+class _Listener:
+    """The listening socket and the open connections. A "refuse" outage closes the socket and
+    drops every connection; a "timeout" outage holds calls until it ends."""
+
+    def __init__(self, fake: FakePartnero) -> None:
+        self._fake = fake
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.started = False
+        self.stopping = False
+        self.connections: set[_HttpProtocol] = set()
+        self.accepted = 0  # connections accepted since start or reset
+        self._server: asyncio.AbstractServer | None = None
+        self._release: asyncio.Event | None = None  # set when a "timeout" outage ends
+
+    @property
+    def url(self) -> str:
+        if not self.started:
+            raise RuntimeError("FakePartnero is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self, host: str, port: int, outage: str | None) -> None:
+        if self.started:
+            raise RuntimeError("FakePartnero is already started")
+        self.host, self.port = host, port
+        await self._listen()
+        self.started = True
+        if outage == "refuse":
+            await self._unlisten(None)
+
+    async def stop(self, tasks: list[asyncio.Task[None]]) -> None:
+        """Close the socket and every connection, release held calls, and wait for `tasks`."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close()
+        if self._release is not None:
+            self._release.set()
+        await self._abort_all(tasks, keep=None)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    async def apply_outage(
+        self, old: str | None, new: str | None, conn: _HttpProtocol | None
+    ) -> None:
+        """Go from outage `old` to `new`; `conn` (making the change) may still send its answer."""
+        if old == "timeout" and new != "timeout" and self._release is not None:
+            self._release.set()
+            self._release = None
+        if not self.started or self.stopping:
+            return
+        if new == "refuse" and self._server is not None:
+            await self._unlisten(conn)
+        elif new != "refuse" and self._server is None:
+            await self._listen()
+
+    async def held(self) -> None:
+        """Return once the "timeout" outage ends (or the fake stops)."""
+        if self._release is None:
+            self._release = asyncio.Event()
+        await self._release.wait()
+
+    async def _listen(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HttpProtocol(self._fake, self),
+            self.host,
+            self.port,
+            backlog=1024,
+            reuse_address=True,
+        )
+        if self.port == 0:
+            self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _unlisten(self, keep: _HttpProtocol | None) -> None:
+        """Stop listening and drop every connection (but let `keep` send its answer first)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        await self._abort_all([], keep)
+        if keep is None:
+            await server.wait_closed()
+
+    async def _abort_all(self, tasks: list[asyncio.Task[None]], keep: _HttpProtocol | None) -> None:
+        """Abort every connection but `keep`; return once they are closed and their tasks done."""
+        waits: list[asyncio.Future[None]] = list(tasks)
+        for conn in list(self.connections):
+            if conn is keep:
+                conn.close_after_response = True
+                continue
+            if conn.task is not None:
+                waits.append(conn.task)
+            waits.append(conn.lost)
+            conn.abort()
+        if waits:
+            await asyncio.gather(*waits, return_exceptions=True)
+
+
+class FakePartnero:
+    """The fake, inside the running event loop. Use FakePartneroThread from synchronous code.
+
+    ``config`` is the live FakeConfig: plain fields may be set directly from the loop's thread;
+    changes to ``outage`` (which opens/closes the socket and releases held calls) and ``seed``
+    take effect only through ``await configure(...)``.
+    """
+
+    def __init__(self, config: FakeConfig | None = None) -> None:
+        self._config = config if config is not None else FakeConfig()
+        self._ledger = _Ledger(self._config)
+        self._log = _RequestLog()
+        self._faults = _Faults(self._config)
+        self._api = _Api(self._config, self._ledger, lambda: f"{self.url}/v1/transactions")
+        self._admin = _Admin(self)
+        self._listener = _Listener(self)
+        self._outage_task: asyncio.Task[None] | None = None  # clears an outage after a while
+        self._version = 0  # bumped on every change, for wait_for
+        self._cond = threading.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
+
+    # -- public API
+
+    @property
+    def config(self) -> FakeConfig:
+        return self._config
+
+    @property
+    def url(self) -> str:
+        return self._listener.url
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Listen on host:port (0 picks a free port; see .url)."""
+        await self._listener.start(host, port, self._config.outage)
+
+    async def stop(self) -> None:
+        """Close the socket and every connection; calls in flight are not answered."""
+        listener = self._listener
+        if not listener.started or listener.stopping:
+            return
+        tasks: list[asyncio.Task[None]] = []
+        if self._outage_task is not None:
+            self._outage_task.cancel()
+            tasks.append(self._outage_task)
+            self._outage_task = None
+        await listener.stop(tasks)
+        self._changed()
+
+    async def configure(
+        self, *, outage_for_seconds: float | None = None, **changes: Any
+    ) -> FakeConfig:
+        """Change config fields (validated; ValueError when bad) and apply outage changes.
+
+        With ``outage_for_seconds`` the outage set now is cleared after that many seconds.
+        """
+        return await self._configure(changes, outage_for_seconds, None)
+
+    def ledger(self) -> list[JSONDict]:
+        """Every ledger entry in creation order (copies)."""
+        return self._ledger.admin()
+
+    def requests(self) -> list[JSONDict]:
+        """Every API call in the order the fake acted on it (copies)."""
+        return self._log.copies()
+
+    def stats(self) -> JSONDict:
+        connections = self._listener.connections
+        return self._log.counts() | {
+            "ledger": self._ledger.counts(),
+            "connections": {"accepted": self._listener.accepted, "open": len(connections)},
+        }
+
+    def set_customers(self, unknown: Iterable[str] = (), known: Iterable[str] = ()) -> None:
+        """Mark customers (keys or emails) unknown, or known again."""
+        unknown_set = self._config.unknown_customers
+        unknown_set.update(unknown)
+        unknown_set.difference_update(known)
+        self._changed()
+
+    def reset(self) -> None:
+        """Clear the ledger, the request log and the sequence counter (not the config)."""
+        self._ledger.clear()
+        self._log.clear()
+        self._listener.accepted = 0
+        self._changed()
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        """Return once predicate() is true, re-checking after every change; else TimeoutError."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append(fut)
+                await fut
+
+    # -- internals: config, outages and change notices
+
+    async def _configure(
+        self,
+        changes: dict[str, Any],
+        outage_for_seconds: float | None,
+        conn: _HttpProtocol | None,
+    ) -> FakeConfig:
+        clean = _validate_changes(changes)
+        if outage_for_seconds is not None and (
+            not _is_number(outage_for_seconds) or not 0 < outage_for_seconds < math.inf
+        ):
+            raise ValueError("outage_for_seconds must be a number > 0")
+        old_outage = self._config.outage
+        for name, value in clean.items():
+            setattr(self._config, name, value)
+        if "seed" in clean:
+            self._faults.reseed()
+        if "outage" in clean or outage_for_seconds is not None:
+            if self._outage_task is not None and self._outage_task is not asyncio.current_task():
+                self._outage_task.cancel()
+            self._outage_task = None
+            await self._listener.apply_outage(old_outage, self._config.outage, conn)
+            if outage_for_seconds is not None and self._config.outage is not None:
+                self._outage_task = asyncio.get_running_loop().create_task(
+                    self._clear_outage_after(outage_for_seconds)
+                )
+        self._changed()
+        return self._config
+
+    async def _clear_outage_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._outage_task = None
+        await self._configure({"outage": None}, None, None)
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._version += 1
+            self._cond.notify_all()
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    # -- internals: answering the calls (called by _HttpProtocol)
+
+    def _needs_async(self, req: _Request) -> bool:
+        if req.is_admin:
+            return self._admin.needs_async(req)
+        return self._config.latency_ms > 0 or self._config.outage == "timeout"
+
+    def _handle_now(self, conn: _HttpProtocol, req: _Request) -> None:
+        if req.is_admin:
+            conn.send(self._admin.answer(req), req.keep_alive)
+        else:
+            self._answer(conn, req)
+
+    async def _handle_later(self, conn: _HttpProtocol, req: _Request) -> None:
+        if req.is_admin:
+            conn.send(await self._admin.answer_later(conn, req), req.keep_alive)
+            return
+        latency = self._config.latency_ms
+        if latency > 0:
+            try:
+                await asyncio.sleep(latency / 1000.0)
+            except asyncio.CancelledError:
+                self._log_unanswered(req, conn.unanswered_status)
+                raise
+            if conn.closed:
+                self._log_unanswered(req, conn.unanswered_status)
+                return
+        if self._config.outage == "timeout":
+            await self._hold(conn, req)
+        else:
+            self._answer(conn, req)
+
+    def _log_unanswered(self, req: _Request, status: str) -> None:
+        if not req.is_admin:
+            self._log.add(req, status)
+            self._changed()
+
+    async def _hold(self, conn: _HttpProtocol, req: _Request) -> None:
+        """A "timeout" outage: never answer; close once the outage ends."""
+        entry = self._log.add(req, "pending")
+        entry["fault"] = "outage"
+        self._changed()
+        try:
+            await self._listener.held()
+        finally:
+            entry["status"] = "timeout"
+            self._changed()
+        conn.close()
+
+    def _answer(self, conn: _HttpProtocol, req: _Request) -> None:
+        """Answer an API call: with a fault drawn before it, or for real and maybe then faulted.
+
+        The random faults hit the transaction calls; the key check (GET /v1/test) fails only in
+        an outage or with `forbidden`, so a test can fault every call of a row while the daemon's
+        start-up check still passes."""
+        entry = self._log.add(req)
+        faulty = req.path != "/v1/test"
+        drawn = self._faults.before(faulty)
+        resp: _Response | None
+        if drawn is None:
+            resp = self._api.answer(req, entry)
+            after = self._faults.after() if faulty else None
+            if after is not None:
+                entry["status"], entry["fault"] = _AFTER_STATUS[after], after
+                entry["would_status"] = resp.status
+                if after == "drop_after":
+                    conn.close()
+                # hang_after: applied, and the answer never comes; the connection stays open
+                # until the client gives up or dies (a daemon killed while this call is in flight).
+                self._changed()
+                return
+        else:
+            entry["fault"], resp = drawn
+            if resp is None:
+                entry["status"] = "dropped_before"
+                conn.close()
+                self._changed()
+                return
+        entry["status"] = resp.status
+        conn.send(resp, req.keep_alive)
+        self._changed()
 
 
 # ---- thread runner -------------------------------------------------------------------------------

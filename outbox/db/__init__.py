@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
+if TYPE_CHECKING:  # imported where used: the CLI's help must not pay for SQLAlchemy
+    import sqlalchemy as sa
 
 _SCHEMES = ("postgresql+psycopg://", "postgresql://", "postgres://")
 
@@ -33,11 +34,15 @@ def libpq_url(url: str) -> str:
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     try:
-        return sa.engine.make_url(sqlalchemy_url(url)).render_as_string(hide_password=True)
+        from sqlalchemy.engine import make_url
+
+        return make_url(sqlalchemy_url(url)).render_as_string(hide_password=True)
     except Exception:  # a URL we cannot even parse is shown only by its scheme
         return url.split("://", 1)[0] + "://..."
 
 
 def create_engine(url: str, **kwargs: Any) -> sa.Engine:
     kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(sqlalchemy_url(url), **kwargs)
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(sqlalchemy_url(url), **kwargs)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from outbox import db, migrate
+from outbox import db
+from outbox.db import migrate
 
 
 class EmbeddedPostgresMissing(RuntimeError):

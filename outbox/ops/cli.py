@@ -1,10 +1,10 @@
 """The operator commands: `outbox status | failed | show | retry | discard | prune`.
 
-Click options and rendering only; the queries and actions are in outbox/ops.py, which returns
-frozen dataclasses: rendered here as tables, or serialised by `to_json` for `--json`. Every
-command takes `--database-url` (or OUTBOX_DATABASE_URL) and `--json`; the JSON shapes are
-documented in docs/operations.md. Human output is rich tables sized to the terminal (80 columns
-when piped).
+Click options and rendering only; the queries and actions are in outbox/ops/commands.py,
+which returns the frozen dataclasses of outbox/ops/model.py: rendered here as tables, or
+serialised by `to_json` for `--json`. Every command takes `--database-url` (or
+OUTBOX_DATABASE_URL) and `--json`; the JSON shapes are documented in docs/operations.md. Human
+output is rich tables sized to the terminal (80 columns when piped).
 """
 
 from __future__ import annotations
@@ -20,19 +20,32 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import sqlalchemy as sa
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from outbox import db, migrate, ops
+from outbox import db
 from outbox.cli_common import EXIT_ERROR, EXIT_USAGE, database_url_from, fail
 from outbox.domain import EventType, Outcome, Status
+from outbox.ops import model
 from outbox.text import first_line, format_duration, one_line, plural
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+
+
+def _ops() -> ModuleType:
+    """The commands module, imported when a command runs (not for `--help`): it brings
+    SQLAlchemy."""
+    from outbox.ops import commands
+
+    return commands
+
 
 F = TypeVar("F", bound=Callable[..., Any])
 E = TypeVar("E", bound=enum.StrEnum)
@@ -60,12 +73,16 @@ state the action does not apply to, database unreachable), 2 a bad option."""
 @contextlib.contextmanager
 def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Iterator[sa.Engine]:
     """An engine on a database at this build's schema; database trouble is one clear line."""
+    import sqlalchemy as sa
+
+    from outbox.db import migrate
+
     url = database_url_from(database_url)
     engine = db.create_engine(url, poolclass=sa.NullPool)
     try:
         migrate.check_current(engine)
         yield engine
-    except ops.OpsError as exc:
+    except model.OpsError as exc:
         fail(str(exc))
     except migrate.MigrationError as exc:
         fail(str(exc), db_error_code)
@@ -165,7 +182,7 @@ def filter_options(func: F) -> F:
         click.option(
             "--outcome",
             metavar="REASON",
-            help="The failed row's reason: " + ", ".join(ops.FAILED_OUTCOMES) + ".",
+            help="The failed row's reason: " + ", ".join(model.FAILED_OUTCOMES) + ".",
         ),
         click.option("--status-code", metavar="CODE", help="The last HTTP status, e.g. 400."),
         click.option(
@@ -184,13 +201,13 @@ def filter_options(func: F) -> F:
     return func
 
 
-def _filters(options: dict[str, Any]) -> ops.Filters:
-    return ops.Filters(
-        state=_parse("--state", _one_of(*ops.ProblemState), options.pop("state")),
-        outcome=_parse("--outcome", _one_of(*ops.FAILED_OUTCOMES), options.pop("outcome")),
-        status_code=_parse("--status-code", ops.parse_status_code, options.pop("status_code")),
-        since=_parse("--since", ops.parse_time_bound, options.pop("since")),
-        until=_parse("--until", ops.parse_time_bound, options.pop("until")),
+def _filters(options: dict[str, Any]) -> model.Filters:
+    return model.Filters(
+        state=_parse("--state", _one_of(*model.ProblemState), options.pop("state")),
+        outcome=_parse("--outcome", _one_of(*model.FAILED_OUTCOMES), options.pop("outcome")),
+        status_code=_parse("--status-code", model.parse_status_code, options.pop("status_code")),
+        since=_parse("--since", model.parse_time_bound, options.pop("since")),
+        until=_parse("--until", model.parse_time_bound, options.pop("until")),
         key=options.pop("key"),
         customer=options.pop("customer"),
         event_type=_parse("--type", _one_of(*EventType), options.pop("event_type")),
@@ -219,8 +236,8 @@ def action_options(func: F) -> F:
     return func
 
 
-def _selection(ids: tuple[str, ...], filters: ops.Filters, all_rows: bool) -> ops.Selection:
-    parsed: list[int] = _parse("ID", ops.parse_ids, " ".join(ids)) if ids else []
+def _selection(ids: tuple[str, ...], filters: model.Filters, all_rows: bool) -> model.Selection:
+    parsed: list[int] = _parse("ID", model.parse_ids, " ".join(ids)) if ids else []
     if parsed and (filters.given() or all_rows):
         fail("give event ids or filters (or --all), not both", EXIT_USAGE)
     if not parsed and not filters.given() and not all_rows:
@@ -229,7 +246,7 @@ def _selection(ids: tuple[str, ...], filters: ops.Filters, all_rows: bool) -> op
             "--key, --customer, --type, --state) or --all",
             EXIT_USAGE,
         )
-    return ops.Selection(ids=tuple(parsed), filters=filters, all_rows=all_rows)
+    return model.Selection(ids=tuple(parsed), filters=filters, all_rows=all_rows)
 
 
 def _reason(reason: str | None, dry_run: bool) -> str | None:
@@ -336,14 +353,14 @@ def _state(status: Status, outcome: Outcome | None) -> str:
     return f"{status}: {outcome}" if outcome else str(status)
 
 
-def _behind(b: ops.BlockedBy) -> str:
+def _behind(b: model.BlockedBy) -> str:
     return f"behind #{b.id} ({b.event_type}, {_state(b.status, b.outcome)})"
 
 
 # ---- outbox status -----------------------------------------------------------------------------
 
 
-def render_status(report: ops.StatusReport, console: Console) -> None:
+def render_status(report: model.StatusReport, console: Console) -> None:
     if report.ok:
         console.print(Text("outbox status: OK", style="bold green"))
     else:
@@ -370,7 +387,7 @@ def render_status(report: ops.StatusReport, console: Console) -> None:
     _print_pairs(console, _status_pairs(report))
 
 
-def _status_pairs(report: ops.StatusReport) -> list[tuple[str, str]]:
+def _status_pairs(report: model.StatusReport) -> list[tuple[str, str]]:
     pending = report.pending
     details = f"{pending.in_flight} in flight, {pending.blocked} blocked"
     line = f"{plural(pending.events, 'row')} ({details})"
@@ -406,7 +423,7 @@ def _status_pairs(report: ops.StatusReport) -> list[tuple[str, str]]:
     return pairs
 
 
-def _lease_line(lease: ops.Lease) -> str:
+def _lease_line(lease: model.Lease) -> str:
     expired = f", {lease.expired} expired" if lease.expired else ""
     when = lease.expires_in_seconds
     expiry = (
@@ -439,9 +456,9 @@ def status_command(database_url: str | None, as_json: bool, max_pending_age: str
     discarded row); the oldest pending row; the last delivery; the daemons holding leases; the
     last HTTP call.
     """
-    limit: timedelta = _parse("--max-pending-age", ops.parse_duration, max_pending_age)
+    limit: timedelta = _parse("--max-pending-age", model.parse_duration, max_pending_age)
     with _engine(database_url, db_error_code=EXIT_UNKNOWN) as engine:
-        report = ops.status(engine, limit)
+        report = _ops().status(engine, limit)
     _emit(report, as_json, render_status)
     sys.exit(EXIT_OK if report.ok else EXIT_ERROR)
 
@@ -449,13 +466,13 @@ def status_command(database_url: str | None, as_json: bool, max_pending_age: str
 # ---- outbox failed -----------------------------------------------------------------------------
 
 
-def _problem_cell(row: ops.Problem) -> str:
+def _problem_cell(row: model.Problem) -> str:
     if row.blocked_by is not None:
         return f"behind #{row.blocked_by.id} ({row.blocked_by.status})"
     return str(row.outcome)
 
 
-def _reason_cell(row: ops.Problem) -> str:
+def _reason_cell(row: model.Problem) -> str:
     if row.blocked_by is not None:
         b = row.blocked_by
         return f"waits for {b.event_type} #{b.id}: " + _state(b.status, b.outcome)
@@ -463,7 +480,7 @@ def _reason_cell(row: ops.Problem) -> str:
     return _one_line(row.last_error).removeprefix(f"{row.outcome}: ")
 
 
-def render_failed(page: ops.FailedPage, console: Console) -> None:
+def render_failed(page: model.FailedPage, console: Console) -> None:
     rows = page.rows
     if not rows:
         console.print("no failed or blocked rows" + (" match" if page.filters else ""))
@@ -526,14 +543,14 @@ def failed_command(
     per_page = _parse("--limit", _positive_int, limit)
     page_no = _parse("--page", _positive_int, page)
     with _engine(database_url) as engine:
-        found = ops.failed(engine, filters, limit=per_page, page=page_no)
+        found = _ops().failed(engine, filters, limit=per_page, page=page_no)
     _emit(found, as_json, render_failed)
 
 
 # ---- outbox show -------------------------------------------------------------------------------
 
 
-def _render_event(event: ops.EventDetail, console: Console) -> None:
+def _render_event(event: model.EventDetail, console: Console) -> None:
     title = f"event {event.id}: {event.event_type} {event.transaction_key}"
     console.print(Text(title, style="bold"))
     _print_pairs(console, _event_pairs(event))
@@ -567,7 +584,7 @@ def _render_event(event: ops.EventDetail, console: Console) -> None:
         )
 
 
-def _event_pairs(event: ops.EventDetail) -> list[tuple[str, str]]:
+def _event_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
     pairs = [
         ("status", _state(event.status, event.outcome) + (" (parked)" if event.parked else ""))
     ]
@@ -608,7 +625,7 @@ def _event_pairs(event: ops.EventDetail) -> list[tuple[str, str]]:
     return pairs
 
 
-def _unblock_hint(event_id: int, b: ops.BlockedBy) -> str:
+def _unblock_hint(event_id: int, b: model.BlockedBy) -> str:
     if b.status is Status.DISCARDED:
         return (
             f"outbox discard {b.id} --refunds release (send it anyway), or "
@@ -625,8 +642,8 @@ def _print_wrapped(console: Console, text: str, *, indent: int, max_lines: int) 
         console.print(" " * indent + line)
 
 
-def render_shown(shown: ops.EventShown | ops.KeyShown, console: Console) -> None:
-    events = [shown.event] if isinstance(shown, ops.EventShown) else shown.events
+def render_shown(shown: model.EventShown | model.KeyShown, console: Console) -> None:
+    events = [shown.event] if isinstance(shown, model.EventShown) else shown.events
     for n, event in enumerate(events):
         if n:
             console.print()
@@ -649,41 +666,41 @@ def show_command(
         fail("give an event ID or --key KEY (one of them)", EXIT_USAGE)
     with _engine(database_url) as engine:
         if event_id is not None:
-            parsed: list[int] = _parse("ID", ops.parse_ids, event_id)
+            parsed: list[int] = _parse("ID", model.parse_ids, event_id)
             if len(parsed) != 1:
                 fail(f"ID: {event_id!r} is not one event id", EXIT_USAGE)
-            shown: ops.EventShown | ops.KeyShown = ops.show_event(engine, parsed[0])
+            shown: model.EventShown | model.KeyShown = _ops().show_event(engine, parsed[0])
         else:
             assert key is not None
-            shown = ops.show_key(engine, key)
+            shown = _ops().show_key(engine, key)
     _emit(shown, as_json, render_shown)
 
 
 # ---- outbox retry / outbox discard -------------------------------------------------------------
 
 
-_DO = {kind: kind.value for kind in ops.ChangeKind}
+_DO = {kind: kind.value for kind in model.ChangeKind}
 _DONE = {
-    ops.ChangeKind.RETRY: "retried",
-    ops.ChangeKind.DISCARD: "discarded",
-    ops.ChangeKind.RELEASE: "released",
-    ops.ChangeKind.WAKE: "woke",
+    model.ChangeKind.RETRY: "retried",
+    model.ChangeKind.DISCARD: "discarded",
+    model.ChangeKind.RELEASE: "released",
+    model.ChangeKind.WAKE: "woke",
 }
 
 
-def _summary(changes: tuple[ops.Change, ...], *, conditional: bool) -> str:
+def _summary(changes: tuple[model.Change, ...], *, conditional: bool) -> str:
     """`discard 1 row and release 1 row` (or `would ...`), parked rows woken last."""
     counts = Counter(c.change for c in changes)
     words = _DO if conditional else _DONE
     parts = [
-        f"{words[change]} {plural(n, 'parked row' if change is ops.ChangeKind.WAKE else 'row')}"
+        f"{words[change]} {plural(n, 'parked row' if change is model.ChangeKind.WAKE else 'row')}"
         for change, n in counts.items()
     ]
     text = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
     return ("would " if conditional else "") + text
 
 
-def render_action(result: ops.ActionResult, console: Console) -> None:
+def render_action(result: model.ActionResult, console: Console) -> None:
     changes = result.changes
     if not changes:
         console.print(f"nothing to {result.action}: no row matches")
@@ -714,7 +731,7 @@ def render_action(result: ops.ActionResult, console: Console) -> None:
                 for c in changes
             ],
         )
-    left_blocked = result.left_blocked if isinstance(result, ops.DiscardResult) else ()
+    left_blocked = result.left_blocked if isinstance(result, model.DiscardResult) else ()
     for row in left_blocked:
         _print_wrapped(
             console,
@@ -735,7 +752,7 @@ def render_action(result: ops.ActionResult, console: Console) -> None:
 
 
 def _run_action(
-    as_json: bool, database_url: str | None, run: Callable[[sa.Engine], ops.ActionResult]
+    as_json: bool, database_url: str | None, run: Callable[[sa.Engine], model.ActionResult]
 ) -> None:
     with _engine(database_url) as engine:
         result = run(engine)
@@ -770,18 +787,18 @@ def retry_command(
     outbox.operator_actions with --reason and --actor.
     """
     selection = _selection(ids, _filters(options), all_rows)
-    if selection.filters.state is ops.ProblemState.BLOCKED:
+    if selection.filters.state is model.ProblemState.BLOCKED:
         fail(
             "--state blocked: retry takes failed rows; the rows blocked behind them are woken "
             "with them",
             EXIT_USAGE,
         )
     why = _reason(reason, dry_run)
-    who = actor or ops.default_actor()
+    who = actor or model.default_actor()
     _run_action(
         as_json,
         database_url,
-        lambda engine: ops.retry(engine, selection, dry_run=dry_run, actor=who, reason=why),
+        lambda engine: _ops().retry(engine, selection, dry_run=dry_run, actor=who, reason=why),
     )
 
 
@@ -821,13 +838,13 @@ def discard_command(
     --actor, with every row's status before.
     """
     selection = _selection(ids, _filters(options), all_rows)
-    what = _parse("--refunds", _one_of(*ops.RefundChoice), refunds)
+    what = _parse("--refunds", _one_of(*model.RefundChoice), refunds)
     why = _reason(reason, dry_run)
-    who = actor or ops.default_actor()
+    who = actor or model.default_actor()
     _run_action(
         as_json,
         database_url,
-        lambda engine: ops.discard(
+        lambda engine: _ops().discard(
             engine, selection, refunds=what, dry_run=dry_run, actor=who, reason=why
         ),
     )
@@ -836,7 +853,7 @@ def discard_command(
 # ---- outbox prune ------------------------------------------------------------------------------
 
 
-def render_prune(result: ops.PruneResult, console: Console) -> None:
+def render_prune(result: model.PruneResult, console: Console) -> None:
     pruned = result.pruned
     what = plural(pruned.delivered, "delivered row")
     if result.include_discarded:
@@ -898,11 +915,11 @@ def prune_command(
     """
     if older_than is None:
         fail("--older-than is required, e.g. --older-than 30d", EXIT_USAGE)
-    age: timedelta = _parse("--older-than", ops.parse_duration, older_than)
+    age: timedelta = _parse("--older-than", model.parse_duration, older_than)
     size: int = _parse("--batch-size", _positive_int, batch_size)
-    who = actor or ops.default_actor()
+    who = actor or model.default_actor()
     with _engine(database_url) as engine:
-        result = ops.prune(
+        result = _ops().prune(
             engine,
             age,
             include_discarded=include_discarded,
@@ -912,19 +929,3 @@ def prune_command(
             reason=reason.strip() or "retention",
         )
     _emit(result, as_json, render_prune)
-
-
-COMMANDS = (
-    status_command,
-    failed_command,
-    show_command,
-    retry_command,
-    discard_command,
-    prune_command,
-)
-
-
-def register(main: click.Group) -> None:
-    """Add the operator commands to the `outbox` group."""
-    for command in COMMANDS:
-        main.add_command(command)
