@@ -1,7 +1,8 @@
 """`outbox demo`: run it for real (embedded Postgres, fake Partnero, daemon) and read the report.
 
 `demo` is registered on the `outbox` group elsewhere; these tests call
-`outbox.dev.demo.demo_command` directly (and `python -m outbox.dev.demo` for --keep, which needs a real process to interrupt).
+`outbox.dev.demo.demo_command` directly (and `python -m outbox.dev.demo` for --keep, which
+needs a real process to interrupt).
 """
 
 from __future__ import annotations
