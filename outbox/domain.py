@@ -192,6 +192,24 @@ def decision_label(kind: DecisionKind, detail: str) -> str:
     return f"{kind.value}{_LABEL_SEPARATOR}{detail}"
 
 
+def label_of(decision: Decision) -> str:
+    """The label the executor stores for a decision in outbox.attempts.decision."""
+    if isinstance(decision, Delivered):
+        return decision_label(DecisionKind.DELIVERED, decision.outcome.value)
+    if isinstance(decision, Retry):
+        suffix = "+lookup" if decision.lookup_required else ""
+        return decision_label(DecisionKind.RETRY, f"{decision.reason.value}{suffix}")
+    if isinstance(decision, Failed):
+        return decision_label(DecisionKind.FAILED, decision.reason.value)
+    if isinstance(decision, Pause):
+        return decision_label(DecisionKind.PAUSE, "auth")
+    if isinstance(decision, Forbidden):
+        return decision_label(DecisionKind.FORBIDDEN, "check_key")
+    if isinstance(decision, LookupNextPage):
+        return decision_label(DecisionKind.LOOKUP, f"next_page:{decision.page}")
+    return decision_label(DecisionKind.LOOKUP, "found" if decision.found else "absent")
+
+
 def parse_decision_label(text: str) -> DecisionLabel | None:
     """The kind and detail of a stored label; None for text that is not `kind:detail` with a
     kind this vocabulary knows (a label written by another version stays readable as text)."""

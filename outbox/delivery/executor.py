@@ -40,6 +40,7 @@ from outbox.domain import (
     Retry,
     RetryPolicy,
     Status,
+    label_of,
 )
 
 log = structlog.get_logger("outbox.delivery")
@@ -349,7 +350,7 @@ def _attempt_record(
         status_code=exchange.status_code,
         response_excerpt=exchange.body_excerpt or None,
         error=exchange.error,
-        decision=_decision_label(decision),
+        decision=label_of(decision),
         daemon=owner,
     )
 
@@ -486,23 +487,6 @@ def _paused(decision: Pause, lookup_required: bool, now: datetime) -> _Ending:
         "outbox.delivery.paused",
         fields,
     )
-
-
-def _decision_label(decision: Decision) -> str:
-    if isinstance(decision, Delivered):
-        return f"delivered:{decision.outcome.value}"
-    if isinstance(decision, Retry):
-        suffix = "+lookup" if decision.lookup_required else ""
-        return f"retry:{decision.reason.value}{suffix}"
-    if isinstance(decision, Failed):
-        return f"failed:{decision.reason.value}"
-    if isinstance(decision, Pause):
-        return "pause:auth"
-    if isinstance(decision, Forbidden):
-        return "forbidden:check_key"
-    if isinstance(decision, LookupNextPage):
-        return f"lookup:next_page:{decision.page}"
-    return "lookup:found" if decision.found else "lookup:absent"
 
 
 def _duration_ms(exchange: Exchange) -> float | None:
