@@ -115,21 +115,25 @@ def status(engine: sa.Engine, directory: Path | None = None) -> list[MigrationSt
     return states
 
 
+_MISMATCH = (
+    (
+        "unknown",
+        "the database has migration(s) this build does not know: {names}; run a newer "
+        "outbox, or restore the matching build",
+    ),
+    (
+        "changed",
+        "migration file(s) changed after they were applied: {names}; an applied "
+        "migration must never be edited, add a new one instead",
+    ),
+)
+
+
 def _refuse_mismatch(states: list[MigrationState]) -> None:
-    unknown = [s for s in states if s.state == "unknown"]
-    if unknown:
-        names = ", ".join(f"{s.version}_{s.name}" for s in unknown)
-        raise MigrationError(
-            f"the database has migration(s) this build does not know: {names}; "
-            "run a newer outbox, or restore the matching build"
-        )
-    changed = [s for s in states if s.state == "changed"]
-    if changed:
-        names = ", ".join(f"{s.version}_{s.name}" for s in changed)
-        raise MigrationError(
-            f"migration file(s) changed after they were applied: {names}; "
-            "an applied migration must never be edited, add a new one instead"
-        )
+    for state, message in _MISMATCH:
+        names = ", ".join(f"{s.version}_{s.name}" for s in states if s.state == state)
+        if names:
+            raise MigrationError(message.format(names=names))
 
 
 def migrate(engine: sa.Engine, directory: Path | None = None) -> list[Migration]:

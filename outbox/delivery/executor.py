@@ -276,9 +276,7 @@ class Executor:
         if isinstance(decision, LookupResult):
             log.info(
                 "outbox.delivery.lookup",
-                event_id=event.id,
-                key=event.transaction_key,
-                type=event.event_type.value,
+                **_row_fields(event),
                 attempt=attempt,
                 status_code=exchange.status_code,
                 found=decision.found,
@@ -300,9 +298,7 @@ class Executor:
             self._gate.pause(decision.until, decision.detail, refused=decision.refused)
         getattr(log, end.level)(
             end.event,
-            event_id=event.id,
-            key=event.transaction_key,
-            type=event.event_type.value,
+            **_row_fields(event),
             attempt=progress.attempts,
             status_code=None if exchange is None else exchange.status_code,
             duration_ms=0.0 if exchange is None else _duration_ms(exchange),
@@ -317,9 +313,7 @@ class Executor:
         lookup = progress.lookup_required or progress.create_started
         log.info(
             "outbox.delivery.released",
-            event_id=event.id,
-            key=event.transaction_key,
-            type=event.event_type.value,
+            **_row_fields(event),
             reason=reason,
             lookup_required=lookup,
         )
@@ -334,6 +328,11 @@ def _unsettled_why(page: int, next_page: int) -> str | None:
     if next_page > MAX_LOOKUP_PAGES:
         return f"the lookup did not settle within {MAX_LOOKUP_PAGES} pages"
     return None
+
+
+def _row_fields(event: Event) -> dict[str, Any]:
+    """The fields every delivery log line carries about its row."""
+    return {"event_id": event.id, "key": event.transaction_key, "type": event.event_type.value}
 
 
 def _attempt_record(

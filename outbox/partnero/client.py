@@ -35,22 +35,6 @@ from outbox import __version__
 from outbox.domain import Event, Exchange, RequestKind, TransportError
 from outbox.partnero.transport import AiohttpTransport
 
-__all__ = [
-    "BODY_EXCERPT_CHARS",
-    "ERROR_MAX_CHARS",
-    "LOOKUP_MAX_BODY_BYTES",
-    "MAX_BODY_BYTES",
-    "TRANSACTIONS_PATH",
-    "ApiKey",
-    "ClientClosedError",
-    "ConfigurationError",
-    "PartneroClient",
-    "PartneroError",
-    "api_root",
-    "build_create_body",
-    "parse_retry_after",
-]
-
 MAX_BODY_BYTES = 64 * 1024
 # A lookup page holds up to LOOKUP_PAGE_SIZE whole transactions; read it whole to find the key.
 LOOKUP_MAX_BODY_BYTES = 4 * 1024 * 1024
