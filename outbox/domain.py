@@ -117,6 +117,7 @@ class Retry:
     at: datetime
     reason: Outcome  # the reason class; becomes the failed outcome when attempts run out
     lookup_required: bool = False  # the call may have reached Partnero
+    note: str | None = None  # why, when the answer alone does not say (an unsettled lookup)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,7 @@ class Pause:
     until: datetime
     detail: str
     refused: bool = True  # Partnero refused the key; False: GET /v1/test got no answer at all
+    lookup_required: bool = False  # the call that led here was a create with an unknown effect
 
 
 @dataclass(frozen=True, slots=True)

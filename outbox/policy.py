@@ -192,15 +192,12 @@ def after_access_check(
             lookup_required=forbidden.lookup_required,
         )
     until = now + timedelta(seconds=policy.auth_pause_seconds)
+    unknown = forbidden.lookup_required  # a create's 403 leaves its effect unknown
     if key_check is PingVerdict.UNREACHABLE:
-        return Pause(
-            until=until,
-            detail=_cut_with_suffix(forbidden.detail, " [GET /v1/test: no usable answer]"),
-            refused=False,
-        )
-    return Pause(
-        until=until, detail=_cut_with_suffix(forbidden.detail, " [check PARTNERO_API_KEY]")
-    )
+        detail = _cut_with_suffix(forbidden.detail, " [GET /v1/test: no usable answer]")
+        return Pause(until=until, detail=detail, refused=False, lookup_required=unknown)
+    detail = _cut_with_suffix(forbidden.detail, " [check PARTNERO_API_KEY]")
+    return Pause(until=until, detail=detail, lookup_required=unknown)
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: float) -> float:
@@ -260,6 +257,7 @@ def _settle(
         at=now + timedelta(seconds=_retry_delay(attempt, exchange, policy, rand)),
         reason=verdict.reason,
         lookup_required=verdict.lookup_required,
+        note=note,
     )
 
 

@@ -578,15 +578,19 @@ def test_after_access_check(flagged: bool) -> None:
     )
     assert not is_retryable(Outcome.FORBIDDEN)
     until = NOW + timedelta(seconds=POLICY.auth_pause_seconds)
+    # Paused either way; a create's 403 keeps its effect unknown for the next attempt.
     for refused in (PingVerdict.REFUSED, PingVerdict.NOT_PARTNERO):
         assert after_access_check(forbidden, refused, NOW, POLICY) == Pause(
-            until=until, detail="HTTP 403: This action is unauthorized. [check PARTNERO_API_KEY]"
+            until=until,
+            detail="HTTP 403: This action is unauthorized. [check PARTNERO_API_KEY]",
+            lookup_required=flagged,
         )
     # No answer to the key check: sending waits, but nobody is told the key was refused.
     assert after_access_check(forbidden, PingVerdict.UNREACHABLE, NOW, POLICY) == Pause(
         until=until,
         detail="HTTP 403: This action is unauthorized. [GET /v1/test: no usable answer]",
         refused=False,
+        lookup_required=flagged,
     )
 
 
@@ -670,7 +674,7 @@ def test_lookup_unsettled() -> None:
     why = "the lookup of page 2 pointed to page 2"
     ev = event(1, flagged=True)
     assert lookup_unsettled(ev, ex, NOW, POLICY, 0.5, why) == Retry(
-        at=NOW + timedelta(seconds=2), reason=Outcome.BAD_RESPONSE, lookup_required=True
+        at=NOW + timedelta(seconds=2), reason=Outcome.BAD_RESPONSE, lookup_required=True, note=why
     )
     last = replace(ev, attempts=POLICY.max_attempts - 1)
     failed = lookup_unsettled(last, ex, NOW, POLICY, 0.5, why)

@@ -435,7 +435,10 @@ def _delivered(outcome: Outcome, now: datetime, note: str | None) -> _Ending:
 
 
 def _retried(decision: Retry, exchange: Exchange) -> _Ending:
-    detail = f"{decision.reason.value}: {policy.describe(exchange)}"
+    why = policy.describe(exchange)
+    if decision.note is not None:
+        why = f"{decision.note}: {why}"
+    detail = f"{decision.reason.value}: {why}"
     fields = {
         "outcome": decision.reason.value,
         "retry_at": decision.at.isoformat(),
@@ -480,7 +483,7 @@ def _paused(decision: Pause, lookup_required: bool, now: datetime) -> _Ending:
         None,
         None,
         now,
-        lookup_required,
+        lookup_required or decision.lookup_required,
         decision.detail,
         "error",
         "outbox.delivery.paused",

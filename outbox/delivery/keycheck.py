@@ -95,7 +95,8 @@ class KeyCheck:
         if verdict is not PingVerdict.OK and key_version != self.key_version:
             # A reload brought a new key while the old one was being checked: check the new
             # one at once rather than pausing on the old one's answer.
-            self._gate.pause(self._clock(), self._gate.pause_detail or "checking the new API key")
+            detail = self._gate.pause_detail or "checking the new API key"
+            self._gate.pause(self._clock(), detail, refused=self._gate.refused)
             return
         if verdict is PingVerdict.OK:
             self._open()

@@ -78,6 +78,7 @@ class Supervisor:
         self._on_crash = on_crash  # counts the crash (metrics)
         self._on_fatal = on_fatal  # stops the daemon
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._closing = False
         self.fatal: ServiceCrashed | None = None
 
     def start(self, service: Service) -> None:
@@ -85,6 +86,7 @@ class Supervisor:
 
     async def stop(self) -> None:
         """Cancel every service and wait for them; log what any of them raised."""
+        self._closing = True  # a service that turns its cancellation into an error stays down
         for task in self._tasks.values():
             task.cancel()
         results = await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -107,7 +109,7 @@ class Supervisor:
                 if self._stopping.is_set():
                     return
                 error = RuntimeError(f"the {service.name} returned while the daemon runs")
-            if self._stopping.is_set() and service.on_crash is OnCrash.RESTART:
+            if self._closing or (self._stopping.is_set() and service.on_crash is OnCrash.RESTART):
                 log.warning(
                     "outbox.service.failed_while_stopping",
                     service=service.name,
