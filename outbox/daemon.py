@@ -27,6 +27,7 @@ from aiolimiter import AsyncLimiter
 from outbox import db
 from outbox.db import migrate
 from outbox.delivery.claimer import Claimer
+from outbox.delivery.context import Context
 from outbox.delivery.executor import Executor
 from outbox.delivery.gate import Gate
 from outbox.delivery.health import Health
@@ -103,37 +104,21 @@ class Daemon:
             self.settings.poll_interval_seconds,
         )
         self.rescuer = Rescuer(self.claim_store, self._wake.set)
-        self.key_check = KeyCheck(
-            client=self.client,
-            gate=self.gate,
-            health=self.health,
-            metrics=self.metrics,
-            notifier=self.notifier,
-            settings=current,
-            clock=clock,
-            stopping=self.stopping,
-        )
+        ctx = Context(self.health, self.metrics, self.notifier, current, clock, self.stopping)
+        self.key_check = KeyCheck(ctx, client=self.client, gate=self.gate)
         self.claimer = Claimer(
+            ctx,
             store=self.claim_store,
             executor=self.executor,
             writer=self.writer,
             gate=self.gate,
             key_check=self.key_check,
-            health=self.health,
-            settings=current,
-            clock=clock,
-            stopping=self.stopping,
             wake=self._wake,
         )
         self.monitor = Monitor(
-            store=self.monitor_store,
-            health=self.health,
-            metrics=self.metrics,
-            notifier=self.notifier,
-            settings=current,
-            leases_held=lambda: len(self.claimer.tasks),
+            ctx, store=self.monitor_store, leases_held=lambda: len(self.claimer.tasks)
         )
-        self.watchdog = Watchdog(health=self.health, metrics=self.metrics, notifier=self.notifier)
+        self.watchdog = Watchdog(ctx)
         self.supervisor = Supervisor(
             health=self.health,
             stopping=self.stopping,

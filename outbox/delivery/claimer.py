@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 
+from outbox.delivery.context import Context
 from outbox.delivery.executor import Executor
 from outbox.delivery.gate import Gate
-from outbox.delivery.health import Health
 from outbox.delivery.keycheck import KeyCheck
 from outbox.delivery.retrying import DB_ERRORS
 from outbox.delivery.slots import Slots
@@ -33,7 +31,6 @@ from outbox.delivery.store import Claimed, Store
 from outbox.delivery.waits import wait_any
 from outbox.delivery.writer import Writer
 from outbox.domain import Status
-from outbox.service.settings import Settings
 from outbox.text import first_line
 
 log = structlog.get_logger("outbox.claimer")
@@ -51,30 +48,24 @@ class ClaimRound:
 class Claimer:
     def __init__(
         self,
+        ctx: Context,
         *,
         store: Store,
         executor: Executor,
         writer: Writer,
         gate: Gate,
         key_check: KeyCheck,
-        health: Health,
-        settings: Callable[[], Settings],
-        clock: Callable[[], datetime],
-        stopping: asyncio.Event,
         wake: asyncio.Event,
     ) -> None:
+        self._ctx = ctx
         self._store = store
         self._executor = executor
         self._writer = writer
         self._gate = gate
         self._key_check = key_check
-        self._health = health
-        self._settings = settings
-        self._clock = clock
-        self._stopping = stopping
         self._wake = wake
         self._slot_free = asyncio.Event()
-        self.slots = Slots(settings().concurrency)
+        self.slots = Slots(ctx.settings().concurrency)
         # Every claimed row has a task; a task holds one of the slots while its call runs.
         self.tasks: dict[asyncio.Task[None], Claimed] = {}
         self._doorbell: int | None = None  # the claim connection's generation it is armed on
@@ -83,17 +74,17 @@ class Claimer:
     def _prefetch(self) -> int:
         """Rows claimed ahead of free slots: enough that slots freed during a claim's round
         trip find work waiting, and few enough that a queued row does not wait long."""
-        s = self._settings()
+        s = self._ctx.settings()
         return min(s.batch_size, s.concurrency)
 
     def _claim_room(self) -> int:
         """How many rows the next claim may take: the free slots plus the prefetch, minus the
         rows already claimed."""
-        return self._settings().concurrency + self._prefetch() - len(self.tasks)
+        return self._ctx.settings().concurrency + self._prefetch() - len(self.tasks)
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            self._health.tick()
+        while not self._ctx.stopping.is_set():
+            self._ctx.health.tick()
             if self._gate.paused:
                 await self._key_check.wait_and_check()
                 continue
@@ -101,17 +92,17 @@ class Claimer:
             # nothing is queued ahead), so that claims stay batches while rows keep flowing.
             if self._claim_room() < max(1, self._prefetch() // 2):
                 self._slot_free.clear()
-                self._health.tick(waiting=1.0)
-                await wait_any(self._slot_free, self._stopping, timeout=1.0)
+                self._ctx.health.tick(waiting=1.0)
+                await wait_any(self._slot_free, self._ctx.stopping, timeout=1.0)
                 continue
             try:
                 await self.run_once()
             except DB_ERRORS as exc:
-                self._health.database_ok = False
-                self._health.last_error = f"database: {first_line(exc)}"
+                self._ctx.health.database_ok = False
+                self._ctx.health.last_error = f"database: {first_line(exc)}"
                 log.warning("outbox.claimer.db_error", error=first_line(exc))
-                self._health.tick(waiting=1.0)
-                await wait_any(self._stopping, timeout=1.0)
+                self._ctx.health.tick(waiting=1.0)
+                await wait_any(self._ctx.stopping, timeout=1.0)
 
     async def run_once(self) -> ClaimRound:
         """One claim, then: sleep when it came back short (after arming the doorbell), or
@@ -130,7 +121,7 @@ class Claimer:
         return round_
 
     async def claim_once(self) -> ClaimRound:
-        s = self._settings()
+        s = self._ctx.settings()
         asked = min(self._claim_room(), s.batch_size)
         if asked <= 0:
             return ClaimRound(0, 0)
@@ -143,7 +134,7 @@ class Claimer:
             recheck_seconds=s.blocked_recheck_seconds,
             orphan_grace_seconds=s.orphan_refund_grace_seconds,
         )
-        self._health.database_ok = True
+        self._ctx.health.database_ok = True
         deadline = started + s.lease_seconds
         for claimed in result.claimed:
             task = asyncio.create_task(self._deliver(claimed, deadline))
@@ -155,7 +146,7 @@ class Claimer:
         try:
             await self.slots.acquire()  # a row claimed ahead waits here for a free slot
             try:
-                if self._stopping.is_set():
+                if self._ctx.stopping.is_set():
                     # Claimed ahead and never started: give it back, do not start a call now.
                     completion = self._executor.cut_short(claimed)
                 else:
@@ -167,10 +158,10 @@ class Claimer:
             raise
         except Exception as exc:  # a bug must not lose the row or stop the daemon
             log.exception("outbox.delivery.crashed", event_id=claimed.event.id)
-            self._health.last_error = f"internal error: {type(exc).__name__}"
+            self._ctx.health.last_error = f"internal error: {type(exc).__name__}"
             completion = self._executor.cut_short(claimed)
         if completion.last_error and completion.status is not Status.DELIVERED:
-            self._health.last_error = completion.last_error
+            self._ctx.health.last_error = completion.last_error
         self._writer.put(completion)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
@@ -179,13 +170,13 @@ class Claimer:
 
     async def _idle_wait(self) -> None:
         """Sleep until a NOTIFY, the next due row, or the poll interval, whichever is first."""
-        timeout = self._settings().poll_interval_seconds
+        timeout = self._ctx.settings().poll_interval_seconds
         with contextlib.suppress(*DB_ERRORS):
             due = await self._store.next_due()
             if due is not None:
-                timeout = min(timeout, max(0.05, (due - self._clock()).total_seconds()))
-        self._health.tick(waiting=timeout)
-        await wait_any(self._wake, self._stopping, timeout=timeout)
+                timeout = min(timeout, max(0.05, (due - self._ctx.clock()).total_seconds()))
+        self._ctx.health.tick(waiting=timeout)
+        await wait_any(self._wake, self._ctx.stopping, timeout=timeout)
 
     def _doorbell_armed(self) -> bool:
         return self._doorbell is not None and self._doorbell == self._store.generation
@@ -197,7 +188,7 @@ class Claimer:
         sees its rows; later INSERTs ring. 'busy': such a transaction was still open after the
         wait: claim what is visible and try again. 'taken': another daemon holds the doorbell,
         INSERTs ring already, and its disarming NOTIFYs too."""
-        wait = self._settings().doorbell_wait_seconds
+        wait = self._ctx.settings().doorbell_wait_seconds
         state, generation = await self._store.arm_doorbell(wait)
         if state == "armed":
             self._doorbell = generation

@@ -15,7 +15,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
@@ -42,6 +42,7 @@ from outbox.domain import (
     Status,
     label_of,
 )
+from outbox.text import utcnow
 
 log = structlog.get_logger("outbox.delivery")
 
@@ -93,7 +94,7 @@ class Executor:
         self._timeout = request_timeout_seconds
         self._gate = gate
         self._limiter = limiter
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock or utcnow
         self._rand = rand or random.random
         self._monotonic = monotonic
         self._observe = observe

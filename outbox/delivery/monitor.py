@@ -8,78 +8,61 @@ from collections.abc import Callable
 
 import structlog
 
-from outbox.delivery.health import Health
+from outbox.delivery.context import Context
 from outbox.delivery.retrying import DB_ERRORS
 from outbox.delivery.store import Backlog, Store
 from outbox.delivery.waits import wait_any
-from outbox.service.metrics import Metrics
-from outbox.service.sdnotify import Notifier
-from outbox.service.settings import Settings
 from outbox.text import first_line
 
 log = structlog.get_logger("outbox.watchdog")
 
 
 class Monitor:
-    def __init__(
-        self,
-        *,
-        store: Store,
-        health: Health,
-        metrics: Metrics,
-        notifier: Notifier,
-        settings: Callable[[], Settings],
-        leases_held: Callable[[], int],
-    ) -> None:
+    def __init__(self, ctx: Context, *, store: Store, leases_held: Callable[[], int]) -> None:
+        self._ctx = ctx
         self._store = store
-        self._health = health
-        self._metrics = metrics
-        self._notifier = notifier
-        self._settings = settings
         self._leases_held = leases_held
 
     async def run_once(self) -> Backlog | None:
         """Refresh the backlog figures, the gauges and the STATUS= line."""
         backlog: Backlog | None = None
-        interval = self._settings().status_interval_seconds
+        interval = self._ctx.settings().status_interval_seconds
         try:
             backlog = await asyncio.wait_for(self._store.backlog(), timeout=max(1.0, interval))
         except (TimeoutError, *DB_ERRORS) as exc:
-            self._health.database_ok = False
-            self._health.last_error = f"database: {first_line(exc) or 'no answer in time'}"
+            self._ctx.health.database_ok = False
+            self._ctx.health.last_error = f"database: {first_line(exc) or 'no answer in time'}"
             await self._store.close()
         if backlog is not None:
-            self._health.database_ok = True
-            self._health.backlog = backlog.pending
-            self._health.oldest_pending_seconds = backlog.oldest_pending_seconds
-            self._health.failed_rows = backlog.failed
-            self._metrics.backlog.set(backlog.pending)
-            self._metrics.oldest_pending.set(backlog.oldest_pending_seconds or 0.0)
-            self._metrics.failed.set(backlog.failed)
-        self._metrics.leases.set(self._leases_held())
-        self._notifier.status(self._health.status_line())
+            self._ctx.health.database_ok = True
+            self._ctx.health.backlog = backlog.pending
+            self._ctx.health.oldest_pending_seconds = backlog.oldest_pending_seconds
+            self._ctx.health.failed_rows = backlog.failed
+            self._ctx.metrics.backlog.set(backlog.pending)
+            self._ctx.metrics.oldest_pending.set(backlog.oldest_pending_seconds or 0.0)
+            self._ctx.metrics.failed.set(backlog.failed)
+        self._ctx.metrics.leases.set(self._leases_held())
+        self._ctx.notifier.status(self._ctx.health.status_line())
         return backlog
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self.run_once()
-            await wait_any(stopping, timeout=self._settings().status_interval_seconds)
+            await wait_any(stopping, timeout=self._ctx.settings().status_interval_seconds)
 
 
 class Watchdog:
-    def __init__(self, *, health: Health, metrics: Metrics, notifier: Notifier) -> None:
-        self._health = health
-        self._metrics = metrics
-        self._notifier = notifier
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
 
     def run_once(self) -> bool:
         """Ping systemd's watchdog only while the daemon is really healthy."""
-        problems = self._health.problems()
-        self._metrics.healthy.set(0 if problems else 1)
+        problems = self._ctx.health.problems()
+        self._ctx.metrics.healthy.set(0 if problems else 1)
         if problems:
             log.error("outbox.watchdog.unhealthy", problems=problems)
             return False
-        self._notifier.watchdog()
+        self._ctx.notifier.watchdog()
         return True
 
     async def run(self, stopping: asyncio.Event, interval: float) -> None:
@@ -88,4 +71,4 @@ class Watchdog:
             self.run_once()
             expected = loop.time() + interval
             await wait_any(stopping, timeout=interval)
-            self._metrics.loop_lag.set(max(0.0, loop.time() - expected))
+            self._ctx.metrics.loop_lag.set(max(0.0, loop.time() - expected))

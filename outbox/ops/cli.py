@@ -751,33 +751,57 @@ def render_action(result: model.ActionResult, console: Console) -> None:
         )
 
 
-def _run_action(
-    as_json: bool, database_url: str | None, run: Callable[[sa.Engine], model.ActionResult]
-) -> None:
-    with _engine(database_url) as engine:
+@dataclass(frozen=True)
+class _Action:
+    """What every action command was told: where, which rows, and for the record."""
+
+    database_url: str | None
+    as_json: bool
+    selection: model.Selection
+    dry_run: bool
+    reason: str | None  # None only on a dry run
+    actor: str
+
+
+def _action(options: dict[str, Any], *, refuse: str | None = None) -> _Action:
+    """The action's arguments, checked in the order the operator reads the errors: the rows,
+    then what this action refuses (`refuse`: a message for --state blocked), then the reason."""
+    dry_run = bool(options.pop("dry_run"))
+    database_url, as_json = options.pop("database_url"), bool(options.pop("as_json"))
+    selection = _selection(options.pop("ids"), _filters(options), options.pop("all_rows"))
+    if refuse is not None and selection.filters.state is model.ProblemState.BLOCKED:
+        fail(refuse, EXIT_USAGE)
+    return _Action(
+        database_url=database_url,
+        as_json=as_json,
+        selection=selection,
+        dry_run=dry_run,
+        reason=_reason(options.pop("reason"), dry_run),
+        actor=options.pop("actor") or model.default_actor(),
+    )
+
+
+def action_command(name: str, short_help: str) -> Callable[[F], click.Command]:
+    """An action command: by ids or the filters (or --all), with --dry-run, --reason, --actor."""
+
+    def decorate(func: F) -> click.Command:
+        for option in (action_options, filter_options):
+            func = option(func)
+        func = click.argument("ids", metavar="[ID]...", nargs=-1)(func)
+        func = database_options(func)
+        return click.command(name, epilog=EXIT_CODES, short_help=short_help)(func)
+
+    return decorate
+
+
+def _run_action(action: _Action, run: Callable[[sa.Engine], model.ActionResult]) -> None:
+    with _engine(action.database_url) as engine:
         result = run(engine)
-    _emit(result, as_json, render_action)
+    _emit(result, action.as_json, render_action)
 
 
-@click.command(
-    "retry",
-    epilog=EXIT_CODES,
-    short_help="Send failed rows again now (by id or filter; --dry-run).",
-)
-@database_options
-@click.argument("ids", metavar="[ID]...", nargs=-1)
-@filter_options
-@action_options
-def retry_command(
-    database_url: str | None,
-    as_json: bool,
-    ids: tuple[str, ...],
-    all_rows: bool,
-    dry_run: bool,
-    reason: str | None,
-    actor: str | None,
-    **options: Any,
-) -> None:
+@action_command("retry", "Send failed rows again now (by id or filter; --dry-run).")
+def retry_command(**options: Any) -> None:
     """Send failed rows again, now: by id (failed or discarded rows), or the failed rows the
     filters select (as `outbox failed` lists them).
 
@@ -786,31 +810,19 @@ def retry_command(
     up first. Rows parked behind it are woken and running daemons are notified. Recorded in
     outbox.operator_actions with --reason and --actor.
     """
-    selection = _selection(ids, _filters(options), all_rows)
-    if selection.filters.state is model.ProblemState.BLOCKED:
-        fail(
-            "--state blocked: retry takes failed rows; the rows blocked behind them are woken "
-            "with them",
-            EXIT_USAGE,
-        )
-    why = _reason(reason, dry_run)
-    who = actor or model.default_actor()
+    act = _action(
+        options,
+        refuse="--state blocked: retry takes failed rows; the rows blocked behind them are "
+        "woken with them",
+    )
     _run_action(
-        as_json,
-        database_url,
-        lambda engine: _ops().retry(engine, selection, dry_run=dry_run, actor=who, reason=why),
+        act,
+        lambda engine: _ops().retry(
+            engine, act.selection, dry_run=act.dry_run, actor=act.actor, reason=act.reason
+        ),
     )
 
 
-@click.command(
-    "discard",
-    epilog=EXIT_CODES,
-    short_help="Give up on rows (by id or filter; --refunds; --dry-run).",
-)
-@database_options
-@click.argument("ids", metavar="[ID]...", nargs=-1)
-@filter_options
-@action_options
 @click.option(
     "--refunds",
     metavar="WHAT",
@@ -820,34 +832,31 @@ def retry_command(
     "blocked, visibly), discard (discarded too), release (sent anyway; Partnero will most "
     "likely answer not_found).",
 )
-def discard_command(
-    database_url: str | None,
-    as_json: bool,
-    ids: tuple[str, ...],
-    all_rows: bool,
-    dry_run: bool,
-    reason: str | None,
-    actor: str | None,
-    refunds: str,
-    **options: Any,
-) -> None:
+def _discard(refunds: str, **options: Any) -> None:
     """Give up on rows: by id (failed, or pending and not in flight), or the failed and blocked
     rows the filters select (as `outbox failed` lists them).
 
     A discarded row is never sent. Recorded in outbox.operator_actions with --reason and
     --actor, with every row's status before.
     """
-    selection = _selection(ids, _filters(options), all_rows)
     what = _parse("--refunds", _one_of(*model.RefundChoice), refunds)
-    why = _reason(reason, dry_run)
-    who = actor or model.default_actor()
+    act = _action(options)
     _run_action(
-        as_json,
-        database_url,
+        act,
         lambda engine: _ops().discard(
-            engine, selection, refunds=what, dry_run=dry_run, actor=who, reason=why
+            engine,
+            act.selection,
+            refunds=what,
+            dry_run=act.dry_run,
+            actor=act.actor,
+            reason=act.reason,
         ),
     )
+
+
+discard_command = action_command(
+    "discard", "Give up on rows (by id or filter; --refunds; --dry-run)."
+)(_discard)
 
 
 # ---- outbox prune ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import httpx
 from outbox import __version__
 from outbox.domain import Event, Exchange, RequestKind, TransportError
 from outbox.partnero.transport import AiohttpTransport
+from outbox.text import utcnow
 
 MAX_BODY_BYTES = 64 * 1024
 # A lookup page holds up to LOOKUP_PAGE_SIZE whole transactions; read it whole to find the key.
@@ -328,7 +329,7 @@ class PartneroClient:
     def _refused(self, kind: RequestKind, method: str, path: str, exc: Exception) -> Exchange:
         """Nothing was sent because the request could not be built (no status, no transport
         error; the policy fails the row with the error)."""
-        now = _utcnow()
+        now = utcnow()
         return Exchange(
             kind=kind,
             method=method,
@@ -352,7 +353,7 @@ class PartneroClient:
             raise ClientClosedError("the Partnero client is closed")
         received = _Received()
         failure: tuple[TransportError, str] | None = None
-        started_at = _utcnow()
+        started_at = utcnow()
         try:
             async with asyncio.timeout(self._timeout):
                 request = self._request(method, path, content, content_type)
@@ -439,7 +440,7 @@ def _exchange(
     max_body: int,
 ) -> Exchange:
     """The Exchange for what came back (`received`) and how the call ended (`failure`)."""
-    finished_at = _utcnow()
+    finished_at = utcnow()
     transport_error, error = failure if failure is not None else (None, None)
     if received.status_code is None:
         return Exchange(
@@ -499,7 +500,3 @@ def _parse_json_object(data: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueError
         return None
     return parsed if isinstance(parsed, dict) else None
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)

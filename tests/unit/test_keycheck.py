@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import structlog
 
+from outbox.delivery.context import Context
 from outbox.delivery.gate import Gate
 from outbox.delivery.health import Health
 from outbox.delivery.keycheck import KeyCheck, NotPartneroError
@@ -94,16 +95,15 @@ class Rig:
         self.metrics = Metrics()
         self.notifier = FakeNotifier()
         self.stopping = asyncio.Event()
-        self.key_check = KeyCheck(
-            client=self.client,  # type: ignore[arg-type]
-            gate=self.gate,
-            health=self.health,
-            metrics=self.metrics,
-            notifier=self.notifier,  # type: ignore[arg-type]
-            settings=settings,
-            clock=self.clock,
-            stopping=self.stopping,
+        ctx = Context(
+            self.health,
+            self.metrics,
+            self.notifier,  # type: ignore[arg-type]
+            settings,
+            self.clock,
+            self.stopping,
         )
+        self.key_check = KeyCheck(ctx, client=self.client, gate=self.gate)  # type: ignore[arg-type]
 
     def clock(self) -> datetime:
         return self.now

@@ -12,12 +12,14 @@ import psycopg
 import pytest
 import structlog
 
+from outbox.delivery.context import Context
 from outbox.delivery.health import Health
 from outbox.delivery.monitor import Monitor, Watchdog
 from outbox.delivery.rescuer import Rescuer
 from outbox.delivery.store import Backlog, Rescued
 from outbox.service.metrics import Metrics
 from outbox.service.settings import Settings, load
+from outbox.text import utcnow
 
 
 def settings() -> Settings:
@@ -73,19 +75,16 @@ class Rig:
         self.metrics = Metrics()
         self.notifier = FakeNotifier()
         self.leases = 3
-        self.monitor = Monitor(
-            store=self.store,  # type: ignore[arg-type]
-            health=self.health,
-            metrics=self.metrics,
-            notifier=self.notifier,  # type: ignore[arg-type]
-            settings=settings,
-            leases_held=lambda: self.leases,
+        ctx = Context(
+            self.health,
+            self.metrics,
+            self.notifier,  # type: ignore[arg-type]
+            settings,
+            utcnow,
+            asyncio.Event(),
         )
-        self.watchdog = Watchdog(
-            health=self.health,
-            metrics=self.metrics,
-            notifier=self.notifier,  # type: ignore[arg-type]
-        )
+        self.monitor = Monitor(ctx, store=self.store, leases_held=lambda: self.leases)  # type: ignore[arg-type]
+        self.watchdog = Watchdog(ctx)
 
     def gauge(self, name: str) -> float | None:
         return self.metrics.registry.get_sample_value(name)
