@@ -268,6 +268,21 @@ class Col:
     optional: bool = False  # left out when the table does not fit even after cutting
 
 
+# The first columns of every table of events: which row it is.
+_EVENT_COLUMNS = (
+    Col("id", True),
+    Col("type"),
+    Col("key", shrink_to=12),
+    Col("customer", shrink_to=10),
+)
+
+
+def _event_cells(
+    event_id: int, event_type: EventType, key: str, customer_key: str | None
+) -> list[str]:
+    return [str(event_id), event_type.value, key, _dash(customer_key)]
+
+
 def _print_table(console: Console, columns: list[Col], rows: list[list[str]]) -> None:
     """An aligned table no wider than the console: columns that may shrink are cut with an
     ellipsis, widest first, and the others keep their full width."""
@@ -488,10 +503,7 @@ def render_failed(page: model.FailedPage, console: Console) -> None:
     _print_table(
         console,
         [
-            Col("id", True),
-            Col("type"),
-            Col("key", shrink_to=12),
-            Col("customer", shrink_to=10),
+            *_EVENT_COLUMNS,
             Col("problem", shrink_to=18),
             Col("http", True),
             Col("tries", True),
@@ -500,10 +512,7 @@ def render_failed(page: model.FailedPage, console: Console) -> None:
         ],
         [
             [
-                str(row.id),
-                row.event_type.value,
-                row.transaction_key,
-                _dash(row.customer_key),
+                *_event_cells(row.id, row.event_type, row.transaction_key, row.customer_key),
                 _problem_cell(row),
                 _dash(row.last_status_code),
                 str(row.attempts),
@@ -710,20 +719,14 @@ def render_action(result: model.ActionResult, console: Console) -> None:
         _print_table(
             console,
             [
-                Col("id", True),
-                Col("type"),
-                Col("key", shrink_to=12),
-                Col("customer", shrink_to=10),
+                *_EVENT_COLUMNS,
                 Col("change"),
                 Col("before", shrink_to=16),
                 Col("tries", True),
             ],
             [
                 [
-                    str(c.event_id),
-                    c.event_type.value,
-                    c.transaction_key,
-                    _dash(c.customer_key),
+                    *_event_cells(c.event_id, c.event_type, c.transaction_key, c.customer_key),
                     c.change.value,
                     _state(c.previous_status, c.previous_outcome),
                     str(c.previous_attempts),

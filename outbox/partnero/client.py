@@ -22,7 +22,7 @@ import email.utils
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -268,37 +268,28 @@ class PartneroClient:
 
     async def create(self, event: Event) -> Exchange:
         """``POST /v1/transactions`` for a sale."""
-        try:
-            content = json.dumps(
-                build_create_body(event), ensure_ascii=False, separators=(",", ":"), allow_nan=False
-            ).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            return self._refused(RequestKind.CREATE, "POST", TRANSACTIONS_PATH, exc)
-        return await self._call(
-            RequestKind.CREATE,
-            "POST",
-            TRANSACTIONS_PATH,
-            content=content,
-            content_type="application/json",
-        )
+        return await self._json_call(RequestKind.CREATE, "POST", lambda: build_create_body(event))
 
     async def delete(self, transaction_key: str) -> Exchange:
         """``DELETE /v1/transactions`` with the JSON body ``{"key": ...}``, for a refund.
 
         The key is never put in a path segment: Partnero (Laravel) decodes the path before it
         matches routes, so a key holding ``/`` there, even as ``%2F``, reaches no route."""
+        return await self._json_call(RequestKind.DELETE, "DELETE", lambda: {"key": transaction_key})
+
+    async def _json_call(
+        self, kind: RequestKind, method: str, body: Callable[[], dict[str, Any]]
+    ) -> Exchange:
+        """A call to /v1/transactions with a JSON body. A body that cannot be encoded (an amount
+        that is not a finite number, a key that is not valid Unicode) is refused unsent."""
         try:
             content = json.dumps(
-                {"key": transaction_key}, ensure_ascii=False, separators=(",", ":")
+                body(), ensure_ascii=False, separators=(",", ":"), allow_nan=False
             ).encode("utf-8")
-        except ValueError as exc:  # a key that is not valid Unicode (a lone surrogate)
-            return self._refused(RequestKind.DELETE, "DELETE", TRANSACTIONS_PATH, exc)
+        except (TypeError, ValueError) as exc:
+            return self._refused(kind, method, TRANSACTIONS_PATH, exc)
         return await self._call(
-            RequestKind.DELETE,
-            "DELETE",
-            TRANSACTIONS_PATH,
-            content=content,
-            content_type="application/json",
+            kind, method, TRANSACTIONS_PATH, content=content, content_type="application/json"
         )
 
     async def lookup(self, transaction_key: str, page: int = 1) -> Exchange:
