@@ -18,6 +18,7 @@ from outbox.delivery.keycheck import KeyCheck, NotPartneroError
 from outbox.domain import Exchange, RequestKind, TransportError
 from outbox.service.metrics import Metrics
 from outbox.service.settings import Settings, load
+from unit.fakes import FakeNotifier
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 URL = "https://api.partnero.com"
@@ -70,20 +71,6 @@ class ScriptedClient:
         if self.during is not None:
             self.during()
         return self.answers.pop(0)
-
-
-class FakeNotifier:
-    def __init__(self) -> None:
-        self.statuses: list[str] = []
-        self.watchdogs = 0
-
-    def status(self, status: str) -> bool:
-        self.statuses.append(status)
-        return True
-
-    def watchdog(self) -> bool:
-        self.watchdogs += 1
-        return True
 
 
 class Rig:

@@ -20,6 +20,7 @@ from outbox.delivery.store import Backlog, Rescued
 from outbox.service.metrics import Metrics
 from outbox.service.settings import Settings, load
 from outbox.text import utcnow
+from unit.fakes import FakeNotifier
 
 
 def settings() -> Settings:
@@ -46,20 +47,6 @@ class ScriptedStore:
     async def rescue(self) -> list[Rescued]:
         await asyncio.sleep(0)
         return self.rescued.pop(0)
-
-
-class FakeNotifier:
-    def __init__(self) -> None:
-        self.statuses: list[str] = []
-        self.watchdogs = 0
-
-    def status(self, status: str) -> bool:
-        self.statuses.append(status)
-        return True
-
-    def watchdog(self) -> bool:
-        self.watchdogs += 1
-        return True
 
 
 @pytest.fixture
