@@ -47,6 +47,7 @@ from outbox.domain import (
     RetryPolicy,
     TransportError,
 )
+from outbox.text import cut, one_line
 
 __all__ = [
     "DETAIL_MAX_CHARS",
@@ -290,16 +291,16 @@ def describe(exchange: Exchange) -> str:
     elif code is None:
         text = f"Not sent: {exchange.error or 'refused by the client'}"
     elif exchange.message:
-        text = f"HTTP {code}: {_one_line(exchange.message)}"
+        text = f"HTTP {code}: {one_line(exchange.message)}"
     else:
         text = f"HTTP {code} {_phrase(code)}".rstrip()
-        excerpt = _one_line(exchange.body_excerpt)[:200]
+        excerpt = one_line(exchange.body_excerpt)[:200]
         if excerpt:
             text = f"{text}: {excerpt}"
     errors = _format_errors(exchange.json_body)
     if errors:
         text = f"{text} ({errors})"
-    return _cut(text, DETAIL_MAX_CHARS)
+    return cut(text, DETAIL_MAX_CHARS)
 
 
 # ---- classification ---------------------------------------------------------------------------
@@ -512,10 +513,6 @@ def _phrase(code: int) -> str:
         return ""
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _format_errors(body: dict[str, Any] | None) -> str:
     """Laravel-style validation errors, ``{"field": ["message", ...]}``, as one line."""
     errors = (body or {}).get("errors")
@@ -524,14 +521,10 @@ def _format_errors(body: dict[str, Any] | None) -> str:
     parts = []
     for field, value in errors.items():
         items = value if isinstance(value, list) else [value]
-        text = _one_line(" ".join(str(item) for item in items if item is not None))
+        text = one_line(" ".join(str(item) for item in items if item is not None))
         parts.append(f"{field}: {text}" if text else str(field))
     return "; ".join(parts)
 
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _cut_with_suffix(text: str, suffix: str) -> str:
-    return _cut(text, DETAIL_MAX_CHARS - len(suffix)) + suffix
+    return cut(text, DETAIL_MAX_CHARS - len(suffix)) + suffix

@@ -49,6 +49,7 @@ from outbox.dev import pgtemp
 from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from outbox.service import logs
 from outbox.service.settings import Settings, load
+from outbox.text import cut, one_line
 
 __all__ = ["demo_command", "run_demo"]
 
@@ -531,8 +532,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: set[
 
 
 def _cut(text: str | None, width: int) -> str:
-    text = " ".join((text or "").split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return cut(one_line(text or ""), width)
 
 
 CALL_LABELS = {

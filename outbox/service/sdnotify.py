@@ -13,6 +13,8 @@ import socket
 import time
 from collections.abc import Mapping
 
+from outbox.text import one_line
+
 
 class Notifier:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
@@ -30,7 +32,7 @@ class Notifier:
         """Send one message; True if it went out. Never raises: systemd may be gone."""
         if self._address is None:
             return False
-        message = "\n".join(f"{key.upper()}={_one_line(value)}" for key, value in fields.items())
+        message = "\n".join(f"{key.upper()}={one_line(value)}" for key, value in fields.items())
         try:
             if self._socket is None:
                 self._socket = socket.socket(
@@ -77,7 +79,3 @@ def _watchdog_seconds(environ: Mapping[str, str]) -> float | None:
     if pid and pid != str(os.getpid()):
         return None
     return int(usec) / 1_000_000
-
-
-def _one_line(value: str | int) -> str:
-    return " ".join(str(value).split())
