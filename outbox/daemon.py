@@ -229,6 +229,7 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.stopping.set()
         grace = self.settings.shutdown_grace_seconds
+        await self.supervisor.finish("claimer", timeout=max(grace, 5.0))
         await self.claimer.drain(grace)
         await self.supervisor.stop()
         await self.writer.flush(time.monotonic() + max(grace, 5.0))

@@ -75,7 +75,7 @@ CASES: list[tuple[dict[str, str | None], list[str], str]] = [
         [],
         "PARTNERO_API_URL (--partnero-api-url): 'ftp://api.partnero.com' is not an http(s) URL",
     ),
-    ({"OUTBOX_DATABASE_URL": ""}, [], "OUTBOX_DATABASE_URL (--database-url): must be a post"),
+    ({"OUTBOX_DATABASE_URL": ""}, [], "OUTBOX_DATABASE_URL (--database-url): must start with"),
     (
         {"OUTBOX_API_KEY_FILE": "/nonexistent/partnero_api_key"},
         [],

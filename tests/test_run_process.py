@@ -113,7 +113,10 @@ def test_sigterm_cuts_a_hanging_call_and_marks_the_sale_for_lookup(
     )
     proc = start_cli_daemon(env)
     insert_sales(engine, ["inv_cut"])
-    wait_until(lambda: fake.requests(), what="the call to be in flight")
+    wait_until(
+        lambda: [r for r in fake.requests() if r["status"] == "hung_after"],
+        what="the create to be in flight",
+    )
     code, stderr = stop_cli_daemon(proc)
     assert code == 0, stderr
     row = rows(engine, "SELECT status, lease_token, lookup_required FROM outbox.events")[0]
@@ -137,7 +140,8 @@ def test_sigterm_cuts_a_hanging_call_and_marks_the_sale_for_lookup(
         (
             "OUTBOX_DATABASE_URL",
             "mysql://x",
-            "invalid setting OUTBOX_DATABASE_URL (--database-url): must be a postgresql:// URL",
+            "invalid setting OUTBOX_DATABASE_URL (--database-url): must start with postgresql:// "
+            "(or postgres://, postgresql+psycopg://)",
         ),
         (
             "PARTNERO_API_URL",

@@ -5,6 +5,7 @@ watchdog), with nothing lost."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -213,3 +214,30 @@ def test_a_crash_of_the_claimer_or_the_watchdog_stops_the_daemon_non_zero(
             sa.text("SELECT count(*) FROM outbox.events WHERE lease_token IS NOT NULL")
         ).scalar()
     assert leased == 0
+
+
+def test_a_stop_during_a_claim_gives_the_claimed_rows_back(
+    monkeypatch: pytest.MonkeyPatch, engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    """SIGTERM while a claim is on its way back: the claimer is let finish that claim (not
+    cancelled), so the rows it took are given back at once instead of waiting out their lease."""
+    claimed = threading.Event()
+    real_claim = Store.claim
+
+    async def slow_claim(self: Store, **kwargs: Any) -> Any:
+        result = await real_claim(self, **kwargs)  # committed: the rows are leased now
+        if result.claimed:
+            claimed.set()
+            await asyncio.sleep(0.5)  # the answer is slow to come back
+        return result
+
+    monkeypatch.setattr(Store, "claim", slow_claim)
+    with DaemonThread(make_settings(database_url, fake.url, lease_seconds=60)) as thread:
+        running_daemon(thread)
+        insert_sales(engine, ["inv_claimed_at_stop"])
+        assert claimed.wait(10)
+        thread.stop()
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("SELECT status, lease_token FROM outbox.events")).one()
+    assert row.lease_token is None, "the claimed row was left leased"
+    assert fake.ledger() == [] or row.status == "delivered"

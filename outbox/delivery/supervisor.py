@@ -84,6 +84,14 @@ class Supervisor:
     def start(self, service: Service) -> None:
         self._tasks[service.name] = asyncio.create_task(self._guard(service), name=service.name)
 
+    async def finish(self, name: str, timeout: float) -> None:
+        """Let one service end by itself (it saw `stopping`) for up to `timeout` seconds; the
+        claimer must not be cancelled in the middle of a claim, or the rows it claimed would
+        wait out their lease instead of being given back."""
+        task = self._tasks.get(name)
+        if task is not None:
+            await asyncio.wait({task}, timeout=timeout)
+
     async def stop(self) -> None:
         """Cancel every service and wait for them; log what any of them raised."""
         self._closing = True  # a service that turns its cancellation into an error stays down

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from outbox import db
 from outbox.domain import RetryPolicy
 
 
@@ -78,8 +79,7 @@ def _choice(*options: str) -> Callable[[str], str]:
 
 
 def _database_url(raw: str) -> str:
-    if not raw.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
-        raise ValueError("must be a postgresql:// URL")
+    db.sqlalchemy_url(raw)  # the one check of a database URL's form (DatabaseUrlError)
     return raw
 
 
