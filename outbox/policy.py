@@ -62,7 +62,6 @@ __all__ = [
     "lookup_unsettled",
     "partnero_message",
     "partnero_success",
-    "ping_ok",
     "ping_verdict",
 ]
 
@@ -174,11 +173,6 @@ def ping_verdict(exchange: Exchange) -> PingVerdict:
     return PingVerdict.UNREACHABLE
 
 
-def ping_ok(exchange: Exchange) -> bool:
-    """A `GET /v1/test` answered 2xx in Partnero's shape: the API key works."""
-    return ping_verdict(exchange) is PingVerdict.OK
-
-
 def after_access_check(
     forbidden: Forbidden, key_check: PingVerdict, now: datetime, policy: RetryPolicy
 ) -> Failed | Pause:
@@ -219,7 +213,7 @@ def decide(
 ) -> Decision:
     """Classify the exchange produced by attempt number ``event.attempts + 1`` of `event`."""
     if exchange.kind is RequestKind.PING:
-        raise ValueError("a ping is not a delivery; use ping_ok()")
+        raise ValueError("a ping is not a delivery; use ping_verdict()")
 
     verdict = _classify(
         exchange, now, policy, maybe_applied=event.lookup_required, key=event.transaction_key

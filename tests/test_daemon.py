@@ -459,7 +459,7 @@ def test_lost_lease_result_is_not_applied(
     """A result written after the row was claimed again by someone else changes nothing."""
     import asyncio
 
-    from outbox.delivery.store import Completion, Store
+    from outbox.delivery.store import Claimed, Completion, Store
     from outbox.domain import Outcome, Status
 
     insert_sales(engine, ["inv_lease"])
@@ -477,32 +477,24 @@ def test_lost_lease_result_is_not_applied(
         )
         (old,), (new,) = first.claimed, second.claimed
         assert new.event.lookup_required, "a reclaimed sale must be looked up first"
-        stale = Completion(
-            event_id=old.event.id,
-            token=old.token,
-            status=Status.DELIVERED,
-            outcome=Outcome.CREATED,
-            reason=None,
-            attempts=1,
-            next_attempt_at=old.lease_expires_at,
-            lookup_required=False,
-            last_error=None,
-            last_status_code=201,
-        )
-        result = await store.complete([stale])
-        fresh = Completion(
-            event_id=new.event.id,
-            token=new.token,
-            status=Status.DELIVERED,
-            outcome=Outcome.CREATED,
-            reason=None,
-            attempts=1,
-            next_attempt_at=new.lease_expires_at,
-            lookup_required=False,
-            last_error=None,
-            last_status_code=201,
-        )
-        result2 = await store.complete([fresh])
+
+        def created(claimed: Claimed) -> Completion:
+            """The result of a create that Partnero answered 201, under this claim's lease."""
+            return Completion(
+                event_id=claimed.event.id,
+                token=claimed.token,
+                status=Status.DELIVERED,
+                outcome=Outcome.CREATED,
+                reason=None,
+                attempts=1,
+                next_attempt_at=claimed.lease_expires_at,
+                lookup_required=False,
+                last_error=None,
+                last_status_code=201,
+            )
+
+        result = await store.complete([created(old)])  # the stale lease: not applied
+        result2 = await store.complete([created(new)])
         await store.close()
         return result.completed, result2.completed
 

@@ -45,7 +45,6 @@ from outbox.policy import (
     lookup_unsettled,
     partnero_message,
     partnero_success,
-    ping_ok,
     ping_verdict,
 )
 
@@ -653,7 +652,6 @@ def test_ping_is_not_decided() -> None:
 )
 def test_ping_verdict(ex: Exchange, verdict: PingVerdict) -> None:
     assert ping_verdict(ex) is verdict
-    assert ping_ok(ex) is (verdict is PingVerdict.OK)
 
 
 # ---- the attempts limit -----------------------------------------------------------------------

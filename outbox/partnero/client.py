@@ -312,7 +312,7 @@ class PartneroClient:
         )
 
     async def ping(self) -> Exchange:
-        """``GET /v1/test``: does the API key work? (see `outbox.policy.ping_ok`)"""
+        """``GET /v1/test``: does the API key work? (see `outbox.policy.ping_verdict`)"""
         return await self._call(RequestKind.PING, "GET", PING_PATH)
 
     # ---- internals ---------------------------------------------------------------------------

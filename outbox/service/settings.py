@@ -135,7 +135,8 @@ SPECS: tuple[Spec, ...] = (
         "partnero_api_url",
         _http_url,
         "https://api.partnero.com",
-        "Partnero API base URL.",
+        "Partnero API base URL (a trailing / or /v1 is fine); GET /v1/test there must answer "
+        "before anything is sent, and a 404 there stops start-up.",
         env="PARTNERO_API_URL",
     ),
     Spec(
