@@ -37,8 +37,9 @@ CREATE TABLE outbox.events (
 );
 
 COMMENT ON TABLE outbox.events IS
-    'Sale and refund events for Partnero. Applications INSERT event_type, transaction_key, '
-    'customer_key, amount, currency and payload; every other column belongs to the outbox daemon.';
+    'Signup, sale and refund events for Partnero. Applications INSERT event_type, '
+    'transaction_key, customer_key, amount, currency and payload; every other column belongs to '
+    'the outbox daemon.';
 
 -- What the claim query reads: only pending rows, oldest due first. A backlog of millions of
 -- delivered rows is not in this index and costs the claim nothing.
@@ -100,7 +101,7 @@ BEGIN
             THEN 'customer_key_no_surrounding_whitespace'
         WHEN (NEW.customer_key IS NULL OR length(NEW.customer_key) > 0) IS FALSE
             THEN 'customer_key_not_empty'
-        WHEN NOT coalesce(NEW.event_type IN ('sale', 'refund'), false)
+        WHEN NOT coalesce(NEW.event_type IN ('sale', 'refund', 'signup'), false)
             THEN 'event_type_known'
         WHEN (NEW.payload IS NULL
               OR NOT NEW.payload ? 'customer'
@@ -126,6 +127,19 @@ BEGIN
             THEN 'sale_requires_customer_key'
         WHEN (NEW.event_type IS DISTINCT FROM 'sale' OR NEW.amount > 0) IS FALSE
             THEN 'sale_requires_positive_amount'
+        WHEN (NEW.event_type IS DISTINCT FROM 'signup' OR NEW.amount IS NULL) IS FALSE
+            THEN 'signup_has_no_amount'
+        WHEN (NEW.event_type IS DISTINCT FROM 'signup' OR NEW.currency IS NULL) IS FALSE
+            THEN 'signup_has_no_currency'
+        WHEN (NEW.event_type IS DISTINCT FROM 'signup' OR NEW.transaction_key IS NULL) IS FALSE
+            THEN 'signup_has_no_transaction_key'
+        WHEN (NEW.event_type IS DISTINCT FROM 'signup'
+              OR NEW.payload IS NULL
+              OR NOT NEW.payload ? 'partner'
+              OR jsonb_typeof(NEW.payload -> 'partner') IN ('object', 'null')) IS FALSE
+            THEN 'signup_partner_is_object'
+        WHEN (NEW.event_type IS DISTINCT FROM 'signup' OR NEW.customer_key IS NOT NULL) IS FALSE
+            THEN 'signup_requires_customer_key'
         WHEN (length(NEW.transaction_key) <= 255) IS FALSE
             THEN 'transaction_key_max_255_characters'
         WHEN (NEW.transaction_key !~ '[[:cntrl:]]') IS FALSE
@@ -134,7 +148,7 @@ BEGIN
             THEN 'transaction_key_no_surrounding_whitespace'
         WHEN (NEW.transaction_key NOT IN ('.', '..')) IS FALSE
             THEN 'transaction_key_not_dot_segment'
-        WHEN NOT coalesce(length(NEW.transaction_key) > 0, false)
+        WHEN NOT (NEW.event_type = 'signup' OR coalesce(length(NEW.transaction_key) > 0, false))
             THEN 'transaction_key_required'
     END;
     IF broken IS NULL THEN
@@ -155,7 +169,7 @@ BEGIN
             WHEN 'customer_key_no_surrounding_whitespace'
                 THEN 'customer_key neither starts nor ends with whitespace.'
             WHEN 'customer_key_not_empty' THEN 'customer_key is NULL or not empty.'
-            WHEN 'event_type_known' THEN 'event_type is ''sale'' or ''refund''.'
+            WHEN 'event_type_known' THEN 'event_type is ''sale'', ''refund'' or ''signup''.'
             WHEN 'payload_customer_is_object' THEN 'payload.customer, if present, is an object.'
             WHEN 'payload_does_not_override_columns'
                 THEN 'payload has no key, amount, action or amount_units: those come from columns.'
@@ -169,6 +183,13 @@ BEGIN
             WHEN 'sale_requires_amount' THEN 'a sale has an amount.'
             WHEN 'sale_requires_customer_key' THEN 'a sale has a customer_key.'
             WHEN 'sale_requires_positive_amount' THEN 'a sale''s amount is above 0.'
+            WHEN 'signup_has_no_amount' THEN 'a signup has no amount.'
+            WHEN 'signup_has_no_currency' THEN 'a signup has no currency.'
+            WHEN 'signup_has_no_transaction_key'
+                THEN 'a signup has no transaction_key (its customer_key identifies it).'
+            WHEN 'signup_partner_is_object'
+                THEN 'payload.partner, if present, is an object (key, id or email).'
+            WHEN 'signup_requires_customer_key' THEN 'a signup has a customer_key.'
             WHEN 'transaction_key_max_255_characters'
                 THEN 'transaction_key has at most 255 characters.'
             WHEN 'transaction_key_no_control_characters'
@@ -176,7 +197,8 @@ BEGIN
             WHEN 'transaction_key_no_surrounding_whitespace'
                 THEN 'transaction_key neither starts nor ends with whitespace.'
             WHEN 'transaction_key_not_dot_segment' THEN 'transaction_key is not . or ..'
-            WHEN 'transaction_key_required' THEN 'transaction_key is set and not empty.'
+            WHEN 'transaction_key_required'
+                THEN 'a sale or refund has a transaction_key, not empty.'
         END;
 END
 $$;
@@ -208,9 +230,13 @@ BEGIN
         WHEN (NEW.outcome IS NULL OR NEW.outcome IN (
                 'created', 'duplicate', 'deleted', 'not_found',
                 'customer_not_found', 'validation_error', 'rejected', 'network_error',
-                'timeout', 'server_error', 'rate_limited', 'bad_response', 'forbidden')) IS FALSE
+                'timeout', 'server_error', 'rate_limited', 'bad_response', 'forbidden',
+                'not_referred', 'invalid_partner', 'sale_skipped')) IS FALSE
             THEN 'outcome_known'
-        WHEN (NEW.status IN ('pending', 'delivered', 'failed', 'discarded')) IS FALSE
+        WHEN (NEW.status <> 'skipped' OR NEW.outcome IN (
+                'not_referred', 'invalid_partner', 'customer_not_found', 'sale_skipped')) IS FALSE
+            THEN 'skipped_has_skipped_outcome'
+        WHEN (NEW.status IN ('pending', 'delivered', 'skipped', 'failed', 'discarded')) IS FALSE
             THEN 'status_known'
     END;
     IF broken IS NULL THEN
@@ -324,12 +350,6 @@ $$;
 
 -- ---- 0002: the operator surface ------------------------------------------------------------
 
--- `outbox prune`: delivered rows by delivered_at, discarded rows by when they were discarded.
-CREATE INDEX IF NOT EXISTS events_delivered_at_idx
-    ON outbox.events (delivered_at) WHERE status = 'delivered';
-CREATE INDEX IF NOT EXISTS events_discarded_idx
-    ON outbox.events (updated_at) WHERE status = 'discarded';
-
 -- One row per `outbox retry | discard | prune` that changed something (dry runs are not
 -- recorded). Never pruned.
 CREATE TABLE outbox.operator_actions (
@@ -355,7 +375,7 @@ CREATE TABLE outbox.operator_action_events (
     action_id         bigint  NOT NULL REFERENCES outbox.operator_actions (id) ON DELETE CASCADE,
     event_id          bigint  NOT NULL,
     event_type        text    NOT NULL,
-    transaction_key   text    NOT NULL,
+    transaction_key   text,  -- NULL for a signup (0006)
     change            text    NOT NULL,
     previous_status   text    NOT NULL,
     previous_outcome  text,
@@ -416,7 +436,14 @@ SELECT e.id,
         WHERE w.transaction_key = e.transaction_key
           AND w.status = 'pending'
           AND w.id <> e.id
-          AND outbox.goes_before(e.event_type, e.id, w.event_type, w.id)) AS rows_waiting
+          AND outbox.goes_before(e.event_type, e.id, w.event_type, w.id))
+       + (SELECT count(*)
+          FROM outbox.events w
+          WHERE e.event_type = 'signup'
+            AND w.parked
+            AND w.customer_key = e.customer_key
+            AND w.event_type = 'sale'
+            AND w.status = 'pending') AS rows_waiting
 FROM outbox.events e
 WHERE e.status = 'failed';
 
@@ -446,22 +473,33 @@ SELECT e.id,
        b.outcome AS blocked_by_outcome
 FROM outbox.events e
 CROSS JOIN LATERAL (
-    SELECT p.id, p.event_type, p.status, p.outcome
-    FROM outbox.events p
-    WHERE p.transaction_key = e.transaction_key
-      AND p.id <> e.id
-      AND ((p.status = 'failed'
-            AND outbox.goes_before(p.event_type, p.id, e.event_type, e.id))
-           OR (e.event_type = 'refund'
-               AND NOT e.order_released
-               AND p.event_type = 'sale'
-               AND p.status = 'discarded'
-               AND NOT EXISTS (
-                   SELECT 1 FROM outbox.events s
-                   WHERE s.transaction_key = e.transaction_key
-                     AND s.event_type = 'sale'
-                     AND s.status <> 'discarded')))
-    ORDER BY p.status = 'failed' DESC, p.id
+    SELECT x.id, x.event_type, x.status, x.outcome
+    FROM (
+        SELECT p.id, p.event_type, p.status, p.outcome
+        FROM outbox.events p
+        WHERE p.transaction_key = e.transaction_key
+          AND p.id <> e.id
+          AND ((p.status = 'failed'
+                AND outbox.goes_before(p.event_type, p.id, e.event_type, e.id))
+               OR (e.event_type = 'refund'
+                   AND NOT e.order_released
+                   AND p.event_type = 'sale'
+                   AND p.status = 'discarded'
+                   AND NOT EXISTS (
+                       SELECT 1 FROM outbox.events s
+                       WHERE s.transaction_key = e.transaction_key
+                         AND s.event_type = 'sale'
+                         AND s.status <> 'discarded')))
+        UNION ALL
+        -- A sale waits for every signup of its customer (0006).
+        SELECT u.id, u.event_type, u.status, u.outcome
+        FROM outbox.events u
+        WHERE e.event_type = 'sale'
+          AND u.event_type = 'signup'
+          AND u.customer_key = e.customer_key
+          AND u.status = 'failed'
+    ) x
+    ORDER BY x.status = 'failed' DESC, x.event_type = 'signup' DESC, x.id
     LIMIT 1
 ) b
 WHERE e.status = 'pending';
@@ -488,3 +526,26 @@ GROUP BY event_type, status, outcome;
 COMMENT ON VIEW outbox.delivery_summary IS
     'Events counted by event_type, status and outcome, with the oldest row of each group and '
     'the last delivery.';
+
+-- ---- 0006: signups, and the customers no partner ever referred ----------------------------
+
+CREATE FUNCTION outbox.record_signup(
+    customer_key text,
+    payload      jsonb DEFAULT '{}'
+) RETURNS bigint
+LANGUAGE sql AS $$
+    INSERT INTO outbox.events (event_type, customer_key, payload)
+    VALUES ('signup', customer_key, payload)
+    RETURNING id;
+$$;
+
+-- Order per customer: the signups of a sale's customer (the claim, the blocked view), and the
+-- parked sales to wake when a signup settles (complete) or to count behind a failed signup.
+CREATE INDEX events_signup_customer_idx
+    ON outbox.events (customer_key, id) WHERE event_type = 'signup';
+CREATE INDEX events_parked_customer_idx
+    ON outbox.events (customer_key) WHERE parked;
+-- `outbox prune`: settled rows (delivered, skipped, discarded) by when they settled.
+CREATE INDEX events_settled_idx
+    ON outbox.events ((coalesce(delivered_at, updated_at)))
+    WHERE status IN ('delivered', 'skipped', 'discarded');

@@ -239,6 +239,7 @@ class Daemon:
         log.info(
             "outbox.daemon.stopped",
             delivered=self.health.delivered,
+            skipped=self.health.skipped,
             failed=self.health.failed,
             retried=self.health.retried,
         )

@@ -14,6 +14,7 @@ from typing import Any
 
 
 class EventType(enum.StrEnum):
+    SIGNUP = "signup"
     SALE = "sale"
     REFUND = "refund"
 
@@ -21,20 +22,27 @@ class EventType(enum.StrEnum):
 class Status(enum.StrEnum):
     PENDING = "pending"  # waiting, retrying or in flight
     DELIVERED = "delivered"
+    SKIPPED = "skipped"  # settled with nothing (more) to send, by rule; needs no one
     FAILED = "failed"  # needs a person
     DISCARDED = "discarded"  # a person gave up on it
 
 
 class Outcome(enum.StrEnum):
-    """What happened to a row: the result for delivered rows, the reason class for failed ones."""
+    """What happened to a row: the result for delivered and skipped rows, the reason class for
+    failed ones."""
 
     # delivered
-    CREATED = "created"  # sale: Partnero answered 2xx, or a lookup found our earlier create
-    DUPLICATE = "duplicate"  # sale: Partnero (or an earlier row of ours) already has the key
+    CREATED = "created"  # signup, sale: Partnero answered 2xx, or a lookup found our create
+    DUPLICATE = "duplicate"  # Partnero (or an earlier sale of ours) already has the key
     DELETED = "deleted"  # refund: Partnero answered 2xx
     NOT_FOUND = "not_found"  # refund: 404, nothing to reverse
+    # skipped
+    NOT_REFERRED = "not_referred"  # signup without a partner reference: not sent
+    INVALID_PARTNER = "invalid_partner"  # signup: 400 Invalid partner key
+    SALE_SKIPPED = "sale_skipped"  # refund whose sale was skipped: not sent
+    # skipped (a customer Partnero does not know) or, for rows failed before 0006, failed
+    CUSTOMER_NOT_FOUND = "customer_not_found"  # 400 Customer not found
     # failed (reason classes)
-    CUSTOMER_NOT_FOUND = "customer_not_found"  # 400 Customer not found, retried until the limit
     VALIDATION_ERROR = "validation_error"  # 422
     REJECTED = "rejected"  # any other 4xx Partnero will not accept
     NETWORK_ERROR = "network_error"  # could not connect, retried until the limit
@@ -48,9 +56,18 @@ class Outcome(enum.StrEnum):
 DELIVERED_OUTCOMES = frozenset(
     {Outcome.CREATED, Outcome.DUPLICATE, Outcome.DELETED, Outcome.NOT_FOUND}
 )
+SKIPPED_OUTCOMES = frozenset(
+    {
+        Outcome.NOT_REFERRED,
+        Outcome.INVALID_PARTNER,
+        Outcome.CUSTOMER_NOT_FOUND,
+        Outcome.SALE_SKIPPED,
+    }
+)
 
 
 class RequestKind(enum.StrEnum):
+    CREATE_CUSTOMER = "create_customer"  # POST /v1/customers (a signup)
     CREATE = "create"  # POST /v1/transactions
     DELETE = "delete"  # DELETE /v1/transactions, the key in the JSON body
     LOOKUP = "lookup"  # GET /v1/transactions?key=... (one page of the list filter)
@@ -77,13 +94,15 @@ class Event:
 
     id: int
     event_type: EventType
-    transaction_key: str
+    transaction_key: str | None  # None for a signup (its customer_key identifies it)
     customer_key: str | None
     amount: Decimal | None
     currency: str | None
     payload: dict[str, Any]
     attempts: int  # attempts already made (not counting 401/403 pauses)
     lookup_required: bool  # an earlier create may have reached Partnero: look it up first
+    created_at: datetime | None = None  # when the row was recorded (the unknown-customer grace)
+    customer_signup_skipped: bool = False  # a sale: its customer's signup was skipped
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +129,14 @@ class Exchange:
 @dataclass(frozen=True, slots=True)
 class Delivered:
     outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Settled with nothing (more) to send, by rule: a customer no partner referred."""
+
+    outcome: Outcome  # one of SKIPPED_OUTCOMES
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +188,7 @@ class LookupNextPage:
     page: int
 
 
-Decision = Delivered | Retry | Failed | Pause | Forbidden | LookupResult | LookupNextPage
+Decision = Delivered | Skipped | Retry | Failed | Pause | Forbidden | LookupResult | LookupNextPage
 
 
 class DecisionKind(enum.StrEnum):
@@ -170,6 +197,7 @@ class DecisionKind(enum.StrEnum):
     labels are listed in docs/operations.md)."""
 
     DELIVERED = "delivered"
+    SKIPPED = "skipped"
     RETRY = "retry"
     FAILED = "failed"
     LOOKUP = "lookup"
@@ -198,6 +226,8 @@ def label_of(decision: Decision) -> str:
     """The label the executor stores for a decision in outbox.attempts.decision."""
     if isinstance(decision, Delivered):
         return decision_label(DecisionKind.DELIVERED, decision.outcome.value)
+    if isinstance(decision, Skipped):
+        return decision_label(DecisionKind.SKIPPED, decision.outcome.value)
     if isinstance(decision, Retry):
         suffix = "+lookup" if decision.lookup_required else ""
         return decision_label(DecisionKind.RETRY, f"{decision.reason.value}{suffix}")
@@ -240,3 +270,4 @@ class RetryPolicy:
     max_delay_seconds: float = 1800.0
     auth_pause_seconds: float = 60.0
     jitter: float = 0.25  # +/- fraction of the delay
+    unknown_customer_grace_seconds: float = 900.0

@@ -8,6 +8,8 @@ imports no I/O library (import-linter checks it).
 `decide` classifies one exchange into exactly one decision:
 
 - `Delivered`: the row is done (created, duplicate, deleted, not found);
+- `Skipped`: the row is settled with nothing more to send (a customer Partnero does not know,
+  a partner key it refuses: docs/design.md, "Delivery rules" 3);
 - `LookupResult`: a lookup answered definitively (the earlier create is there, or it is not);
 - `Retry`: try again later, with the reason class that becomes the failed reason when the
   attempts run out, and whether the next step must be a lookup (the call may have reached
@@ -34,6 +36,7 @@ from outbox.domain import (
     Decision,
     Delivered,
     Event,
+    EventType,
     Exchange,
     Failed,
     Forbidden,
@@ -45,9 +48,10 @@ from outbox.domain import (
     RequestKind,
     Retry,
     RetryPolicy,
+    Skipped,
     TransportError,
 )
-from outbox.text import cut, one_line
+from outbox.text import cut, format_duration, one_line
 
 __all__ = [
     "DETAIL_MAX_CHARS",
@@ -60,9 +64,11 @@ __all__ = [
     "describe",
     "is_retryable",
     "lookup_unsettled",
+    "partner_reference",
     "partnero_message",
     "partnero_success",
     "ping_verdict",
+    "unsent_skip",
 ]
 
 DETAIL_MAX_CHARS = 500
@@ -102,6 +108,8 @@ class KnownMessage(enum.Enum):
     DUPLICATE_KEY = (RequestKind.CREATE, 400, "Duplicate key")
     CUSTOMER_NOT_FOUND = (RequestKind.CREATE, 400, "Customer not found")
     TRANSACTION_NOT_FOUND = (RequestKind.DELETE, 404, "Transaction not found")
+    CUSTOMER_EXISTS = (RequestKind.CREATE_CUSTOMER, 422, "Duplicate key")
+    INVALID_PARTNER_KEY = (RequestKind.CREATE_CUSTOMER, 400, "Invalid partner key")
 
     @property
     def text(self) -> str:
@@ -216,11 +224,12 @@ def decide(
         raise ValueError("a ping is not a delivery; use ping_verdict()")
 
     verdict = _classify(
-        exchange, now, policy, maybe_applied=event.lookup_required, key=event.transaction_key
+        exchange, now, policy, maybe_applied=event.lookup_required, key=event.transaction_key or ""
     )
     if not isinstance(verdict, _RetryClass):
         return verdict
-
+    if verdict.reason is Outcome.CUSTOMER_NOT_FOUND:
+        return _unknown_customer(event, exchange, now, policy, rand)
     return _settle(verdict, event, exchange, now, policy, rand)
 
 
@@ -254,6 +263,69 @@ def _settle(
         lookup_required=verdict.lookup_required,
         note=note,
     )
+
+
+def _unknown_customer(
+    event: Event, exchange: Exchange, now: datetime, policy: RetryPolicy, rand: float
+) -> Retry | Skipped:
+    """400 Customer not found: Partnero's normal answer for a customer no partner referred
+    (docs/design.md, "Delivery rules" 3). Skipped at once when the customer's signup was
+    skipped; otherwise retried until OUTBOX_UNKNOWN_CUSTOMER_GRACE_SECONDS after the sale was
+    recorded (the customer may be created a moment later, by the JS snippet or a signup that
+    commits after the sale), the last retry at the end of the grace; then skipped. The attempts
+    limit ends it skipped as well: never failed."""
+    detail = describe(exchange)
+    if event.customer_signup_skipped:
+        return Skipped(
+            Outcome.CUSTOMER_NOT_FOUND,
+            _cut_with_suffix(detail, " [the customer's signup was skipped: never referred]"),
+        )
+    grace = timedelta(seconds=policy.unknown_customer_grace_seconds)
+    grace_end = None if event.created_at is None else event.created_at + grace
+    attempt = event.attempts + 1
+    if grace_end is None or now >= grace_end or attempt >= policy.max_attempts:
+        waited = format_duration(grace.total_seconds())
+        why = f" [not known to Partnero {waited} after the sale was recorded]"
+        if grace_end is not None and now < grace_end:
+            why = f" [not known to Partnero after {attempt} attempts]"
+        return Skipped(Outcome.CUSTOMER_NOT_FOUND, _cut_with_suffix(detail, why))
+    at = now + timedelta(seconds=_retry_delay(attempt, exchange, policy, rand))
+    return Retry(at=min(at, grace_end), reason=Outcome.CUSTOMER_NOT_FOUND)
+
+
+def partner_reference(payload: dict[str, Any] | None) -> str | None:
+    """The partner a signup names (`partner.key`, `.id` or `.email`, the partnero_partner
+    cookie), as `field=value`; None when it names none (no `partner`, or only empty values:
+    an application that copies a missing cookie writes `{"partner": {"key": null}}`)."""
+    partner = (payload or {}).get("partner")
+    if not isinstance(partner, dict):
+        return None
+    for field in ("key", "id", "email"):
+        value = partner.get(field)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int | float) or (isinstance(value, str) and value.strip()):
+            return f"{field}={value}"
+    return None
+
+
+def unsent_skip(event: Event, *, sale_skipped: bool) -> Skipped | None:
+    """A row settled without any call (docs/design.md, "Delivery rules" 3): a signup that names
+    no partner (Partnero ignores it), or a refund whose sale was skipped (nothing to reverse).
+    None: the row is sent."""
+    if event.event_type is EventType.SIGNUP and partner_reference(event.payload) is None:
+        return Skipped(
+            Outcome.NOT_REFERRED,
+            "no partner reference (payload.partner.key, .id or .email): Partnero ignores a "
+            "signup no partner referred; not sent",
+        )
+    if event.event_type is EventType.REFUND and sale_skipped:
+        return Skipped(
+            Outcome.SALE_SKIPPED,
+            "its sale was skipped (Partnero does not know its customer): nothing to reverse; "
+            "not sent",
+        )
+    return None
 
 
 def cooldown_until(
@@ -364,10 +436,16 @@ def _classify_answer(exchange: Exchange, maybe_applied: bool) -> Decision | _Ret
     if _is_2xx(code):
         if not partnero_success(exchange):
             return _RetryClass(Outcome.BAD_RESPONSE, lookup_required=True)
-        return Delivered(Outcome.CREATED if kind is RequestKind.CREATE else Outcome.DELETED)
+        return Delivered(Outcome.DELETED if kind is RequestKind.DELETE else Outcome.CREATED)
     known = partnero_message(exchange)
     if known is KnownMessage.DUPLICATE_KEY:
         return Delivered(Outcome.DUPLICATE)
+    if known is KnownMessage.CUSTOMER_EXISTS:
+        # Customer keys are unique at Partnero, so sending a signup again is safe: after a call
+        # whose answer was lost, "Duplicate key" is most likely that call's customer.
+        return Delivered(Outcome.CREATED if maybe_applied else Outcome.DUPLICATE)
+    if known is KnownMessage.INVALID_PARTNER_KEY:
+        return Skipped(Outcome.INVALID_PARTNER, describe(exchange))
     if known is KnownMessage.CUSTOMER_NOT_FOUND:
         return _RetryClass(Outcome.CUSTOMER_NOT_FOUND, lookup_required=False)
     if known is KnownMessage.TRANSACTION_NOT_FOUND:

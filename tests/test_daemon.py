@@ -274,32 +274,33 @@ def test_refund_committed_before_its_sale_waits_for_the_sale(
 def test_refund_waits_visibly_behind_a_failed_sale_until_a_person_acts(
     engine: sa.Engine, database_url: str, fake: FakePartneroThread
 ) -> None:
-    fake.set_customers(unknown=["cust_ghost"])
-    insert_sales(engine, ["inv_ghost"], customer="cust_ghost")
-    insert_refunds(engine, ["inv_ghost"])
-    with DaemonThread(make_settings(database_url, fake.url, max_attempts=3)):
+    # Partnero refuses the sale with a 400 it does not document: failed at once.
+    fake.configure(odd_answers={"inv_refused": {"answer": "bad_request"}})
+    insert_sales(engine, ["inv_refused"])
+    insert_refunds(engine, ["inv_refused"])
+    with DaemonThread(make_settings(database_url, fake.url)):
         wait_until(lambda: statuses(engine).get("failed") == 1)
-        sale = event(engine, "inv_ghost")
-        assert (sale.outcome, sale.attempts) == ("customer_not_found", 3)
-        assert "Customer not found" in sale.last_error
+        sale = event(engine, "inv_refused")
+        assert (sale.outcome, sale.attempts) == ("rejected", 1)
+        assert "Duplicate customer key" in sale.last_error
         # The refund stays pending and is never sent while its sale is failed.
-        refund = event(engine, "inv_ghost", "refund")
+        refund = event(engine, "inv_refused", "refund")
         assert (refund.status, refund.attempts) == ("pending", 0)
-        wait_until(lambda: event(engine, "inv_ghost", "refund").parked, what="refund parked")
-        assert [r["method"] for r in api_calls(fake)] == ["POST"] * 3
-        # A person creates the customer in Partnero and retries the sale.
-        fake.set_customers(known=["cust_ghost"])
+        wait_until(lambda: event(engine, "inv_refused", "refund").parked, what="refund parked")
+        assert [r["method"] for r in api_calls(fake)] == ["POST"]
+        # A person fixes the cause at Partnero and retries the sale.
+        fake.configure(odd_answers={})
         with engine.begin() as conn:
             conn.execute(
                 sa.text(
                     "UPDATE outbox.events SET status = 'pending', outcome = NULL, attempts = 0, "
                     "next_attempt_at = now() "
-                    "WHERE transaction_key = 'inv_ghost' AND status = 'failed'"
+                    "WHERE transaction_key = 'inv_refused' AND status = 'failed'"
                 )
             )
         wait_until(lambda: settled(engine, 2))
     assert [r["method"] for r in fake.requests()][-2:] == ["POST", "DELETE"]
-    assert event(engine, "inv_ghost", "refund").outcome == "deleted"
+    assert event(engine, "inv_refused", "refund").outcome == "deleted"
 
 
 def test_orphan_refund_is_sent_after_the_grace_period(

@@ -64,6 +64,7 @@ def sale(**changes: Any) -> Event:
         "payload": {},
         "attempts": 0,
         "lookup_required": False,
+        "created_at": NOW,  # just recorded: within the unknown-customer grace
     }
     fields.update(changes)
     return Event(**fields)

@@ -134,7 +134,7 @@ def test_no_secret_reaches_logs_rows_metrics_status_cli_or_the_process_table(
                 stderr=subprocess.STDOUT,
             )
         try:
-            insert_sales(engine, ["inv_ghost"], customer="ghost")  # 400, retried, then failed
+            insert_sales(engine, ["inv_ghost"], customer="ghost")  # 400, retried, then skipped
             with engine.begin() as conn:  # 422, failed at once with Partnero's reason
                 conn.execute(
                     sa.text(
@@ -181,7 +181,12 @@ def test_no_secret_reaches_logs_rows_metrics_status_cli_or_the_process_table(
     failed = dict(
         rows(engine, "SELECT transaction_key, outcome FROM outbox.events WHERE status = 'failed'")
     )
-    assert failed.get("inv_422") == "validation_error" and "inv_ghost" in failed, failed
+    assert failed == {"inv_422": "validation_error", **failed}, failed
+    ghost = scalar(
+        engine,
+        "SELECT status || '/' || outcome FROM outbox.events WHERE transaction_key = 'inv_ghost'",
+    )
+    assert ghost == "skipped/customer_not_found"
     assert "Customer not found" in stderr
     assert any("Unauthenticated" in line for line in status_lines)
     # The key file path may show; the key itself nowhere. The environment holds the database

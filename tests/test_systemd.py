@@ -101,7 +101,9 @@ def test_ready_status_watchdog_stopping_and_a_wedged_loop(
         status = notify_socket.wait_for("STATUS")
         while "delivered 2" not in status["STATUS"]:
             status = notify_socket.wait_for("STATUS")
-        assert re.match(r"backlog 0; failed 0; delivered 2 since start", status["STATUS"])
+        assert re.match(
+            r"backlog 0; failed 0; delivered 2, skipped 0 since start", status["STATUS"]
+        )
 
         # Wedge the delivery loop: the claim query waits on a lock that is never released.
         with engine.connect() as locker:
@@ -229,13 +231,15 @@ def test_metrics_and_healthz_are_scraped_for_real(
 
         def scraped() -> str | None:
             text = httpx.get(f"{base}/metrics").text
-            done = "outbox_failed_rows 1.0" in text and 'outcome="customer_not_found"' in text
+            done = "outbox_failed_rows 0.0" in text and 'outcome="customer_not_found"' in text
             return text if done and 'outcome="created"' in text else None
 
         text = wait_until(scraped, what="the counters and gauges to show every row")
         assert metric(text, "outbox_rows_settled_total", status="delivered", outcome="created") == 3
         assert (
-            metric(text, "outbox_rows_settled_total", status="failed", outcome="customer_not_found")
+            metric(
+                text, "outbox_rows_settled_total", status="skipped", outcome="customer_not_found"
+            )
             == 1
         )
         assert metric(text, "outbox_http_attempts_total", kind="create", status="201") == 3

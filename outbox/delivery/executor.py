@@ -1,5 +1,9 @@
 """The executor: deliver one claimed row and say what became of it.
 
+A signup is `POST /v1/customers`, a sale `POST /v1/transactions`, a refund `DELETE
+/v1/transactions`. A signup that names no partner, and a refund whose sale was skipped, are
+settled `skipped` without any call (`policy.unsent_skip`).
+
 For a sale whose earlier create may have reached Partnero (`lookup_required`) it looks the key up
 first and creates only when Partnero does not have it (docs/design.md, "Delivery rules" 1).
 Before every call it checks that the lease has more than the request timeout left, so a request
@@ -39,6 +43,7 @@ from outbox.domain import (
     RequestKind,
     Retry,
     RetryPolicy,
+    Skipped,
     Status,
     label_of,
 )
@@ -56,6 +61,7 @@ MAX_LOOKUP_PAGES = 200
 
 
 class Client(Protocol):
+    async def create_customer(self, event: Event) -> Exchange: ...
     async def create(self, event: Event) -> Exchange: ...
     async def delete(self, transaction_key: str) -> Exchange: ...
     async def lookup(self, transaction_key: str, page: int = 1) -> Exchange: ...
@@ -128,6 +134,9 @@ class Executor:
         event = claimed.event
         if claimed.known_duplicate:
             return self._finish(claimed, progress, None, KNOWN_DUPLICATE)
+        unsent = policy.unsent_skip(event, sale_skipped=claimed.sale_skipped)
+        if unsent is not None:
+            return self._finish(claimed, progress, None, unsent)
         if event.event_type is EventType.SALE and progress.lookup_required:
             looked_up = await self._look_up(claimed, progress, deadline)
             if isinstance(looked_up, Completion):
@@ -136,7 +145,7 @@ class Executor:
             if found:
                 return self._finish(claimed, progress, answer, Delivered(Outcome.CREATED))
             progress.lookup_required = False  # Partnero does not have it: create it now
-        kind = RequestKind.CREATE if event.event_type is EventType.SALE else RequestKind.DELETE
+        kind = _REQUEST_KIND[event.event_type]
         exchange = await self._call(claimed, progress, kind, deadline)
         if exchange is None:
             return self._release(claimed, progress, self._gate.unsent_reason)
@@ -191,10 +200,12 @@ class Executor:
         little lease left)."""
         if not await self._may_send(deadline):
             return None
-        key = claimed.event.transaction_key
+        key = claimed.event.transaction_key or ""
         if kind is RequestKind.CREATE:
             progress.create_started = True
             exchange = await self._client.create(claimed.event)
+        elif kind is RequestKind.CREATE_CUSTOMER:
+            exchange = await self._client.create_customer(claimed.event)
         elif kind is RequestKind.DELETE:
             exchange = await self._client.delete(key)
         else:
@@ -322,6 +333,13 @@ class Executor:
         return _completion(claimed, progress, end)
 
 
+_REQUEST_KIND = {
+    EventType.SIGNUP: RequestKind.CREATE_CUSTOMER,
+    EventType.SALE: RequestKind.CREATE,
+    EventType.REFUND: RequestKind.DELETE,
+}
+
+
 def _unsettled_why(page: int, next_page: int) -> str | None:
     """Why a lookup cannot go on from `page` to `next_page` (None: it can)."""
     if next_page != page + 1:
@@ -333,6 +351,8 @@ def _unsettled_why(page: int, next_page: int) -> str | None:
 
 def _row_fields(event: Event) -> dict[str, Any]:
     """The fields every delivery log line carries about its row."""
+    if event.event_type is EventType.SIGNUP:
+        return {"event_id": event.id, "customer": event.customer_key, "type": "signup"}
     return {"event_id": event.id, "key": event.transaction_key, "type": event.event_type.value}
 
 
@@ -406,6 +426,8 @@ def _ending(
         return _delivered(Outcome.DUPLICATE, now, _DUPLICATE_NOTE)
     if isinstance(decision, Delivered):
         return _delivered(decision.outcome, now, None)
+    if isinstance(decision, Skipped):
+        return _skipped(decision, now)
     if isinstance(decision, Retry):
         assert exchange is not None
         return _retried(decision, exchange)
@@ -431,6 +453,21 @@ def _delivered(outcome: Outcome, now: datetime, note: str | None) -> _Ending:
         note,
         "info",
         "outbox.delivery.delivered",
+        fields,
+    )
+
+
+def _skipped(decision: Skipped, now: datetime) -> _Ending:
+    fields = {"outcome": decision.outcome.value, "note": decision.detail}
+    return _Ending(
+        Status.SKIPPED,
+        decision.outcome,
+        None,
+        now,
+        False,
+        decision.detail,
+        "info",
+        "outbox.delivery.skipped",
         fields,
     )
 

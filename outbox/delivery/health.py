@@ -19,6 +19,7 @@ class Health:
     last_delivery_at: datetime | None = None
     last_error: str | None = None
     delivered: int = 0
+    skipped: int = 0  # settled without delivery by rule (a customer no partner referred)
     failed: int = 0
     retried: int = 0
     stall_seconds: float = 60.0
@@ -66,7 +67,7 @@ class Health:
             parts = [
                 f"backlog {self.backlog}" + (f" (oldest {oldest})" if oldest else ""),
                 f"failed {self.failed_rows}",
-                f"delivered {self.delivered} since start",
+                f"delivered {self.delivered}, skipped {self.skipped} since start",
             ]
         if self.paused:
             parts.insert(0, "PAUSED (Partnero refused the API key)")

@@ -28,6 +28,7 @@ class Claimed:
     token: UUID
     lease_expires_at: datetime
     known_duplicate: bool  # an earlier sale with this key was already delivered
+    sale_skipped: bool = False  # a refund whose sales were skipped: settled without a call
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ class Backlog:
 @dataclass(frozen=True, slots=True)
 class Rescued:
     event_id: int
-    transaction_key: str
+    transaction_key: str | None
     lease_owner: str | None
 
 
@@ -161,10 +162,13 @@ class Store:
                     payload=_payload(row["payload"]),
                     attempts=row["attempts"],
                     lookup_required=row["lookup_required"],
+                    created_at=row["created_at"],
+                    customer_signup_skipped=bool(row["customer_signup_skipped"]),
                 ),
                 token=row["lease_token"],
                 lease_expires_at=row["lease_expires_at"],
                 known_duplicate=row["known_duplicate"],
+                sale_skipped=row["sale_skipped"],
             )
             for row in rows
         ]

@@ -79,6 +79,8 @@ class Writer:
             if c.status is Status.DELIVERED:
                 self._health.delivered += 1
                 self._health.last_delivery_at = utcnow()
+            elif c.status is Status.SKIPPED:
+                self._health.skipped += 1
             elif c.status is Status.FAILED:
                 self._health.failed += 1
             elif c.attempt_records:

@@ -14,6 +14,7 @@ from outbox.partnero.client import (
     PartneroError,
     api_root,
     build_create_body,
+    build_customer_body,
     parse_retry_after,
 )
 from outbox.partnero.transport import AiohttpTransport
@@ -32,5 +33,6 @@ __all__ = [
     "PartneroError",
     "api_root",
     "build_create_body",
+    "build_customer_body",
     "parse_retry_after",
 ]

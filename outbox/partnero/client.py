@@ -45,6 +45,10 @@ MESSAGE_MAX_CHARS = 500
 ERROR_MAX_CHARS = 300
 
 TRANSACTIONS_PATH = "/v1/transactions"
+CUSTOMERS_PATH = "/v1/customers"
+
+# A request body, built only when the call is made (building it may fail: the call is refused).
+Body = Callable[[], dict[str, Any]]
 PING_PATH = "/v1/test"
 
 # Exceptions after which the request certainly did not reach Partnero: no connection was made,
@@ -111,6 +115,15 @@ def api_root(base_url: str) -> str:
     if root.endswith("/v1"):
         root = root[: -len("/v1")].rstrip("/")
     return root
+
+
+def build_customer_body(event: Event) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/customers`` for a signup: the payload (the partner
+    reference, email, name, surname, tags, options) with `key` = the row's customer_key, which
+    always wins (the database refuses a payload that sets `key`)."""
+    body: dict[str, Any] = copy.deepcopy(dict(event.payload or {}))
+    body["key"] = event.customer_key
+    return body
 
 
 def build_create_body(event: Event) -> dict[str, Any]:
@@ -270,6 +283,11 @@ class PartneroClient:
         """``POST /v1/transactions`` for a sale."""
         return await self._json_call(RequestKind.CREATE, "POST", lambda: build_create_body(event))
 
+    async def create_customer(self, event: Event) -> Exchange:
+        """``POST /v1/customers`` for a signup."""
+        body = lambda: build_customer_body(event)  # noqa: E731
+        return await self._json_call(RequestKind.CREATE_CUSTOMER, "POST", body, CUSTOMERS_PATH)
+
     async def delete(self, transaction_key: str) -> Exchange:
         """``DELETE /v1/transactions`` with the JSON body ``{"key": ...}``, for a refund.
 
@@ -278,18 +296,18 @@ class PartneroClient:
         return await self._json_call(RequestKind.DELETE, "DELETE", lambda: {"key": transaction_key})
 
     async def _json_call(
-        self, kind: RequestKind, method: str, body: Callable[[], dict[str, Any]]
+        self, kind: RequestKind, method: str, body: Body, path: str = TRANSACTIONS_PATH
     ) -> Exchange:
-        """A call to /v1/transactions with a JSON body. A body that cannot be encoded (an amount
-        that is not a finite number, a key that is not valid Unicode) is refused unsent."""
+        """A call with a JSON body. A body that cannot be encoded (an amount that is not a
+        finite number, a key that is not valid Unicode) is refused unsent."""
         try:
             content = json.dumps(
                 body(), ensure_ascii=False, separators=(",", ":"), allow_nan=False
             ).encode("utf-8")
         except (TypeError, ValueError) as exc:
-            return self._refused(kind, method, TRANSACTIONS_PATH, exc)
+            return self._refused(kind, method, path, exc)
         return await self._call(
-            kind, method, TRANSACTIONS_PATH, content=content, content_type="application/json"
+            kind, method, path, content=content, content_type="application/json"
         )
 
     async def lookup(self, transaction_key: str, page: int = 1) -> Exchange:

@@ -77,7 +77,7 @@ class Metrics:
     ) -> None:
         """A result the writer recorded: a settled row by status and outcome, a retry by its
         reason class (typed, never read back out of the error text)."""
-        if status in (Status.DELIVERED, Status.FAILED):
+        if status in (Status.DELIVERED, Status.SKIPPED, Status.FAILED):
             self.settled.labels(status.value, "" if outcome is None else outcome.value).inc()
         elif reason is not None:
             self.retries.labels(reason.value).inc()

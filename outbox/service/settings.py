@@ -168,7 +168,16 @@ SPECS: tuple[Spec, ...] = (
         "max_attempts",
         _integer(1, 10000),
         "20",
-        "Attempts per row, over every retry class; then the row fails with the class as reason.",
+        "Attempts per row, over every retry class; then the row fails with the class as reason "
+        "(a customer Partnero does not know ends skipped instead).",
+    ),
+    Spec(
+        "unknown_customer_grace_seconds",
+        _number(0, 30 * 86400),
+        "900",
+        "How long after a sale was recorded a 400 Customer not found is retried (the customer "
+        "may be created a moment later); then the sale is skipped. A sale whose customer's "
+        "signup was skipped is skipped at the first such answer.",
     ),
     Spec("concurrency", _integer(1, 1024), "16", "HTTP calls in flight at once, at most."),
     Spec(
@@ -277,6 +286,7 @@ LIVE = frozenset(
         "retry_base_delay_seconds",
         "retry_max_delay_seconds",
         "max_attempts",
+        "unknown_customer_grace_seconds",
         "concurrency",
         "rate_limit_per_second",
         "batch_size",
@@ -329,6 +339,7 @@ class Settings:
     retry_base_delay_seconds: float
     retry_max_delay_seconds: float
     max_attempts: int
+    unknown_customer_grace_seconds: float
     concurrency: int
     rate_limit_per_second: float
     batch_size: int
@@ -356,6 +367,7 @@ class Settings:
             base_delay_seconds=self.retry_base_delay_seconds,
             max_delay_seconds=self.retry_max_delay_seconds,
             auth_pause_seconds=self.auth_pause_seconds,
+            unknown_customer_grace_seconds=self.unknown_customer_grace_seconds,
         )
 
     def __repr__(self) -> str:

@@ -3,18 +3,20 @@
 -- transaction is ever held across an HTTP call.
 
 -- name: claim
--- Take up to %(limit)s due rows under a lease. Rows that must wait for another row of their key
--- are parked instead (docs/design.md, "Delivery rules" 2): they leave the head of the queue
--- until recheck_seconds pass or the row they wait for settles (see `complete`). Per key, every
--- sale comes before every refund, and rows of one type go in id order (outbox.goes_before,
--- migration 0005, which the planner inlines). A refund needs a delivered sale; with no sale row at all it waits
--- orphan_grace_seconds for one to commit. A refund a person released behind a discarded sale
--- (order_released: `outbox discard --refunds release`) needs neither. A leased row's
--- next_attempt_at is its lease expiry, so an expired lease makes the row due again: it is
--- claimed with lookup_required set (an earlier call may have reached Partnero: docs/design.md,
--- "Delivery rules" 1; leases: "Delivery rules" 4).
+-- Take up to %(limit)s due rows under a lease. Rows that must wait for another row are parked
+-- instead (docs/design.md, "Delivery rules" 2): they leave the head of the queue until
+-- recheck_seconds pass or the row they wait for settles (see `complete`). Per key, every sale
+-- comes before every refund, and rows of one type go in id order (outbox.goes_before, migration
+-- 0005, which the planner inlines). Per customer, a sale waits while any signup of its
+-- customer_key is pending or failed (0006). A refund needs a delivered sale; with no sale row
+-- at all it waits orphan_grace_seconds for one to commit; when its sales were skipped it goes,
+-- flagged sale_skipped, to be settled without a call. A refund a person released behind a
+-- discarded sale (order_released: `outbox discard --refunds release`) needs none of this. A
+-- leased row's next_attempt_at is its lease expiry, so an expired lease makes the row due
+-- again: it is claimed with lookup_required set (an earlier call may have reached Partnero:
+-- docs/design.md, "Delivery rules" 1; leases: "Delivery rules" 4).
 WITH candidates AS (
-    SELECT e.id, e.event_type, e.transaction_key, e.created_at, e.order_released
+    SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.created_at, e.order_released
     FROM outbox.events e
     WHERE e.status = 'pending' AND e.next_attempt_at <= now()
     ORDER BY e.next_attempt_at, e.id
@@ -24,15 +26,16 @@ WITH candidates AS (
 judged AS (
     -- Everything the verdict needs about the other rows of the key, read in one scan of the key
     -- index. The status tests sit in the aggregates, not in a WHERE clause, so the planner can
-    -- never pick a status-partial index here (events_delivered_at_idx, say) and scan all of it
+    -- never pick a status-partial index here (events_settled_idx, say) and scan all of it
     -- once per candidate: that made a claim cost O(delivered rows).
     SELECT
         c.id,
         c.created_at,
         CASE
-            WHEN k.blocking THEN 'blocked'
+            WHEN k.blocking OR u.signup_open THEN 'blocked'
             WHEN c.event_type = 'refund' AND NOT c.order_released AND NOT k.delivered_sale
                 THEN CASE
+                    WHEN k.skipped_sale THEN 'ready'
                     WHEN k.any_sale THEN 'blocked'
                     WHEN c.created_at <= now() - make_interval(secs => %(orphan_grace_seconds)s)
                         THEN 'ready'
@@ -40,7 +43,10 @@ judged AS (
                 END
             ELSE 'ready'
         END AS verdict,
-        c.event_type = 'sale' AND k.earlier_delivered_sale AS known_duplicate
+        c.event_type = 'sale' AND k.earlier_delivered_sale AS known_duplicate,
+        c.event_type = 'refund' AND NOT c.order_released AND NOT k.delivered_sale
+            AND k.skipped_sale AS sale_skipped,
+        u.signup_skipped AS customer_signup_skipped
     FROM candidates c
     CROSS JOIN LATERAL (
         SELECT
@@ -51,6 +57,8 @@ judged AS (
             ), false) AS blocking,
             coalesce(bool_or(p.event_type = 'sale' AND p.status = 'delivered'), false)
                 AS delivered_sale,
+            coalesce(bool_or(p.event_type = 'sale' AND p.status = 'skipped'), false)
+                AS skipped_sale,
             coalesce(bool_or(p.event_type = 'sale'), false) AS any_sale,
             coalesce(bool_or(
                 p.event_type = 'sale' AND p.status = 'delivered' AND p.id < c.id
@@ -58,6 +66,17 @@ judged AS (
         FROM outbox.events p
         WHERE p.transaction_key = c.transaction_key
     ) k
+    CROSS JOIN LATERAL (
+        -- The signups of a sale's customer (events_signup_customer_idx): "skipped" only when
+        -- none of them created the customer.
+        SELECT
+            coalesce(bool_or(s.status IN ('pending', 'failed')), false) AS signup_open,
+            coalesce(bool_or(s.status = 'skipped') AND NOT bool_or(s.status = 'delivered'), false)
+                AS signup_skipped
+        FROM outbox.events s
+        WHERE c.event_type = 'sale' AND s.event_type = 'signup'
+          AND s.customer_key = c.customer_key
+    ) u
 ),
 parked AS (
     UPDATE outbox.events e
@@ -85,7 +104,7 @@ claimed AS (
     WHERE e.id = j.id AND j.verdict = 'ready'
     RETURNING e.id, e.event_type, e.transaction_key, e.customer_key, e.amount, e.currency,
               e.payload, e.attempts, e.lookup_required, e.lease_token, e.lease_expires_at,
-              j.known_duplicate
+              e.created_at, j.known_duplicate, j.sale_skipped, j.customer_signup_skipped
 )
 SELECT claimed.*, (SELECT count(*) FROM parked) AS parked_count
 FROM claimed
@@ -123,13 +142,25 @@ done AS (
         delivered_at = CASE WHEN r.status = 'delivered' THEN now() END
     FROM r
     WHERE e.id = r.id AND e.lease_token = r.token AND e.status = 'pending'
-    RETURNING e.id, e.transaction_key, e.status
+    RETURNING e.id, e.event_type, e.transaction_key, e.customer_key, e.status
 ),
 woken AS (
     UPDATE outbox.events w
     SET next_attempt_at = now(), parked = false
     WHERE w.parked AND w.status = 'pending'
       AND w.transaction_key IN (SELECT d.transaction_key FROM done d WHERE d.status <> 'pending')
+    RETURNING w.id
+),
+woken_by_signup AS (
+    -- The sales parked behind a signup of their customer that settled here
+    -- (events_parked_customer_idx); a sale the step above wakes already is left to it.
+    UPDATE outbox.events w
+    SET next_attempt_at = now(), parked = false
+    WHERE w.parked AND w.status = 'pending' AND w.event_type = 'sale'
+      AND w.customer_key IN (SELECT d.customer_key FROM done d
+                             WHERE d.event_type = 'signup' AND d.status <> 'pending')
+      AND NOT EXISTS (SELECT 1 FROM done d
+                      WHERE d.transaction_key = w.transaction_key AND d.status <> 'pending')
     RETURNING w.id
 ),
 logged AS (
@@ -145,7 +176,7 @@ logged AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM done) AS completed,
-       (SELECT count(*) FROM woken) AS woken,
+       (SELECT count(*) FROM woken) + (SELECT count(*) FROM woken_by_signup) AS woken,
        (SELECT count(*) FROM logged) AS logged;
 
 -- name: rescue

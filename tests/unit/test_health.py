@@ -86,12 +86,15 @@ def test_status_line_while_starting() -> None:
 def test_status_line_with_figures() -> None:
     health = healthy(backlog=12, oldest_pending_seconds=45.0, failed_rows=1, delivered=7)
 
-    assert health.status_line() == "backlog 12 (oldest 45s); failed 1; delivered 7 since start"
+    assert (
+        health.status_line()
+        == "backlog 12 (oldest 45s); failed 1; delivered 7, skipped 0 since start"
+    )
 
 
 def test_status_line_with_no_pending_row() -> None:
     health = healthy(backlog=0, failed_rows=0)
-    assert health.status_line() == "backlog 0; failed 0; delivered 0 since start"
+    assert health.status_line() == "backlog 0; failed 0; delivered 0, skipped 0 since start"
 
 
 def test_status_line_paused() -> None:

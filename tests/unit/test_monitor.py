@@ -94,7 +94,9 @@ async def test_the_monitor_refreshes_figures_gauges_and_status() -> None:
     assert rig.gauge("outbox_oldest_pending_age_seconds") == 45.0
     assert rig.gauge("outbox_failed_rows") == 2
     assert rig.gauge("outbox_leases_held") == 3
-    assert rig.notifier.statuses == ["backlog 12 (oldest 45s); failed 2; delivered 0 since start"]
+    assert rig.notifier.statuses == [
+        "backlog 12 (oldest 45s); failed 2; delivered 0, skipped 0 since start"
+    ]
 
 
 async def test_the_monitor_with_the_database_away() -> None:
