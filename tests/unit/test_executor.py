@@ -164,6 +164,9 @@ class ScriptedClient:
                 return self.script.pop(i)
         raise AssertionError(f"unscripted {kind} call ({argument!r})")
 
+    async def create_customer(self, event: Event) -> Exchange:
+        return await self._answer(RequestKind.CREATE_CUSTOMER, event.customer_key)
+
     async def create(self, event: Event) -> Exchange:
         return await self._answer(RequestKind.CREATE, event.transaction_key)
 
@@ -219,8 +222,9 @@ def make_event(
     )
 
 
-def claim(event: Event, *, known_duplicate: bool = False) -> Claimed:
-    return Claimed(event, uuid.uuid4(), NOW + timedelta(seconds=LEASE), known_duplicate)
+def claim(event: Event, *, known_duplicate: bool = False, sale_skipped: bool = False) -> Claimed:
+    expires = NOW + timedelta(seconds=LEASE)
+    return Claimed(event, uuid.uuid4(), expires, known_duplicate, sale_skipped)
 
 
 def again(claimed: Claimed, completion: Completion) -> Claimed:
@@ -261,6 +265,90 @@ class Rig:
 
 def labels(completion: Completion) -> list[tuple[int, str]]:
     return [(r.attempt, r.decision) for r in completion.attempt_records]
+
+
+# ---- signups and the rows settled without a call ----------------------------------------------
+
+
+def signup(payload: dict[str, Any]) -> Event:
+    return replace(
+        make_event(EventType.SALE),
+        event_type=EventType.SIGNUP,
+        transaction_key=None,
+        amount=None,
+        currency=None,
+        payload=payload,
+    )
+
+
+def customer_answer(code: int, body: dict[str, Any]) -> Exchange:
+    return _exchange(
+        RequestKind.CREATE_CUSTOMER,
+        "POST",
+        "/v1/customers",
+        status_code=code,
+        json_body=body,
+        message=body.get("message"),
+        body_excerpt="{...}",
+    )
+
+
+async def test_a_referred_signup_is_created_through_the_customers_call() -> None:
+    rig = Rig(customer_answer(201, {"data": {"key": "C-1"}, "status": 1}))
+
+    done = await rig.process(claim(signup({"partner": {"key": "p_1"}})))
+
+    assert (done.status, done.outcome, done.attempts) == (Status.DELIVERED, Outcome.CREATED, 1)
+    assert rig.client.calls == [(RequestKind.CREATE_CUSTOMER, "C-1")]
+    assert labels(done) == [(1, "delivered:created")]
+    assert done.attempt_records[0].path == "/v1/customers"
+
+
+async def test_an_invalid_partner_key_skips_the_signup() -> None:
+    rig = Rig(customer_answer(400, {"message": "Invalid partner key", "status": 0}))
+
+    done = await rig.process(claim(signup({"partner": {"key": "nobody"}})))
+
+    assert (done.status, done.outcome, done.attempts) == (
+        Status.SKIPPED,
+        Outcome.INVALID_PARTNER,
+        1,
+    )
+    assert done.last_error == "HTTP 400: Invalid partner key"
+    assert labels(done) == [(1, "skipped:invalid_partner")]
+
+
+async def test_a_signup_no_partner_referred_is_skipped_without_a_call() -> None:
+    rig = Rig()
+
+    done = await rig.process(claim(signup({"email": "c@example.com"})))
+
+    assert (done.status, done.outcome, done.attempts) == (Status.SKIPPED, Outcome.NOT_REFERRED, 0)
+    assert rig.client.calls == [] and done.attempt_records == ()
+    assert done.last_error is not None and "not sent" in done.last_error
+
+
+async def test_a_refund_of_a_skipped_sale_is_skipped_without_a_call() -> None:
+    rig = Rig()
+
+    done = await rig.process(claim(make_event(EventType.REFUND), sale_skipped=True))
+
+    assert (done.status, done.outcome) == (Status.SKIPPED, Outcome.SALE_SKIPPED)
+    assert rig.client.calls == []
+
+
+async def test_a_sale_whose_customer_signup_was_skipped_is_skipped_at_the_first_not_found() -> None:
+    rig = Rig(create_answer(400, {"message": "Customer not found", "status": 0}))
+    event = replace(make_event(), customer_signup_skipped=True, created_at=NOW)
+
+    done = await rig.process(claim(event))
+
+    assert (done.status, done.outcome, done.attempts) == (
+        Status.SKIPPED,
+        Outcome.CUSTOMER_NOT_FOUND,
+        1,
+    )
+    assert labels(done) == [(1, "skipped:customer_not_found")]
 
 
 # ---- sales -------------------------------------------------------------------------------
