@@ -497,6 +497,7 @@ def test_lost_lease_result_is_not_applied(
         result = await store.complete([created(old)])  # the stale lease: not applied
         result2 = await store.complete([created(new)])
         await store.close()
+        assert (result.applied, result2.applied) == (frozenset(), {new.token})
         return result.completed, result2.completed
 
     assert asyncio.run(scenario()) == (0, 1)

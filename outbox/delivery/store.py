@@ -72,7 +72,8 @@ class Completion:
 @dataclass(frozen=True, slots=True)
 class CompleteResult:
     completed: int  # rows whose lease still held and were updated
-    woken: int  # parked rows woken because a row of their key settled
+    woken: int  # parked rows woken because a row they waited for settled
+    applied: frozenset[UUID] = frozenset()  # the lease tokens of those rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,7 +203,8 @@ class Store:
             "a_daemon": [r.daemon for r in records],
         }
         (row,) = await self._fetch("complete", params)
-        return CompleteResult(int(row["completed"]), int(row["woken"]))
+        applied = frozenset(row["applied_tokens"])
+        return CompleteResult(int(row["completed"]), int(row["woken"]), applied)
 
     async def rescue(self) -> list[Rescued]:
         rows = await self._fetch("rescue")

@@ -66,7 +66,9 @@ class Writer:
         batch, self._batch = self._batch, []
         # Progress: what is still queued has waited only since now.
         self._health.unwritten_since = time.monotonic() if self.backlog else None
-        self._account(batch, len(batch) - result.completed)
+        self._account(
+            [c for c in batch if c.token in result.applied], len(batch) - result.completed
+        )
         # Rows written back as pending (a retry, a row given back) may be due before the time
         # the claimer last planned to wake, and parked rows woken here are due now.
         woken = result.woken + sum(1 for c in batch if c.status is Status.PENDING)
@@ -74,8 +76,10 @@ class Writer:
             self._on_woken(woken)
         return WriteRound(len(batch), result.completed, woken)
 
-    def _account(self, batch: list[Completion], lost: int) -> None:
-        for c in batch:
+    def _account(self, applied: list[Completion], lost: int) -> None:
+        """Count the results that were written under their lease, and only those: a result
+        whose lease was lost belongs to the daemon that holds the row now."""
+        for c in applied:
             if c.status is Status.DELIVERED:
                 self._health.delivered += 1
                 self._health.last_delivery_at = utcnow()

@@ -115,6 +115,7 @@ ORDER BY claimed.id;
 -- Write a batch of results, each guarded by its lease token: a result whose lease was lost (the
 -- row was rescued and claimed again elsewhere) changes nothing. The attempts are recorded either
 -- way, since those HTTP calls did happen. Rows parked behind a row that settled here are woken.
+-- applied_tokens: the leases whose results were applied (what the daemon may count as done).
 -- The arrays go in binary (placeholders ending in b): psycopg then quotes no text elements (a
 -- regex per element in the text format), most of the daemon's CPU for this statement.
 WITH r AS (
@@ -142,7 +143,7 @@ done AS (
         delivered_at = CASE WHEN r.status = 'delivered' THEN now() END
     FROM r
     WHERE e.id = r.id AND e.lease_token = r.token AND e.status = 'pending'
-    RETURNING e.id, e.event_type, e.transaction_key, e.customer_key, e.status
+    RETURNING e.id, r.token, e.event_type, e.transaction_key, e.customer_key, e.status
 ),
 woken AS (
     UPDATE outbox.events w
@@ -176,6 +177,7 @@ logged AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM done) AS completed,
+       (SELECT coalesce(array_agg(d.token), '{}') FROM done d) AS applied_tokens,
        (SELECT count(*) FROM woken) + (SELECT count(*) FROM woken_by_signup) AS woken,
        (SELECT count(*) FROM logged) AS logged;
 

@@ -40,7 +40,9 @@ class ScriptedStore:
         if self.errors:
             raise self.errors.pop(0)
         self.written.append([c.event_id for c in batch])
-        return CompleteResult(completed=len(batch) - self.lost, woken=self.woken)
+        # The first `lost` rows of the batch lost their lease to another daemon.
+        applied = frozenset(c.token for c in batch[self.lost :])
+        return CompleteResult(len(batch) - self.lost, self.woken, applied)
 
 
 def record(event_id: int) -> AttemptRecord:
@@ -236,6 +238,9 @@ async def test_results_of_rows_another_daemon_took_are_reported(
     assert (round_.written, round_.applied) == (2, 1)
     (line,) = [e for e in logs if e["event"] == "outbox.writer.lease_lost"]
     assert line["results"] == 1
+    # Only the result written under its lease counts as delivered (the STATUS and stop lines,
+    # the metrics): the other row is the other daemon's to count.
+    assert rig.health.delivered == 1
 
 
 async def test_woken_counts_pending_rows_and_woken_parked_rows() -> None:
