@@ -145,11 +145,16 @@ class Executor:
             if found:
                 return self._finish(claimed, progress, answer, Delivered(Outcome.CREATED))
             progress.lookup_required = False  # Partnero does not have it: create it now
+            after_lookup = True
+        else:
+            after_lookup = False
         kind = _REQUEST_KIND[event.event_type]
         exchange = await self._call(claimed, progress, kind, deadline)
         if exchange is None:
             return self._release(claimed, progress, self._gate.unsent_reason)
-        decision = await self._decide(event, progress, exchange)
+        # A lookup and the create it allowed are one attempt: OUTBOX_MAX_ATTEMPTS bounds them
+        # together, and "gave up after N attempts" never says more than the limit.
+        decision = await self._decide(event, progress, exchange, counted=not after_lookup)
         return self._finish(claimed, progress, exchange, decision)
 
     async def _look_up(

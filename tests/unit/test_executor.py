@@ -427,8 +427,9 @@ async def test_a_lost_create_is_retried_with_a_lookup_first() -> None:
 
     assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.CREATED)
     assert rig.client.kinds() == [RequestKind.CREATE, RequestKind.LOOKUP, RequestKind.CREATE]
-    assert labels(done) == [(2, "lookup:absent"), (3, "delivered:created")]
-    assert done.attempts == 3
+    # The lookup and the create it allowed are one attempt.
+    assert labels(done) == [(2, "lookup:absent"), (2, "delivered:created")]
+    assert done.attempts == 2
     assert done.lookup_required is False
 
 
@@ -456,6 +457,18 @@ async def test_a_lost_create_on_the_last_attempt_fails_still_flagged() -> None:
     assert done.attempts == POLICY.max_attempts
     assert done.lookup_required is True  # a retry by a person must look it up first
     assert labels(done) == [(POLICY.max_attempts, "failed:timeout")]
+
+
+async def test_a_lookup_and_its_create_on_the_last_attempt_give_up_within_the_limit() -> None:
+    rig = Rig(lookup_page([], None), lost())
+    last = POLICY.max_attempts
+
+    done = await rig.process(claim(make_event(attempts=last - 1, lookup_required=True)))
+
+    assert (done.status, done.outcome, done.attempts) == (Status.FAILED, Outcome.TIMEOUT, last)
+    assert labels(done) == [(last, "lookup:absent"), (last, "failed:timeout")]
+    assert done.last_error is not None
+    assert done.last_error.endswith(f"[gave up after {last} attempts]")
 
 
 async def test_a_flagged_sale_found_on_page_two() -> None:
@@ -486,9 +499,9 @@ async def test_a_flagged_sale_absent_from_every_page_is_created() -> None:
         (1, "lookup:next_page:2"),
         (1, "lookup:next_page:3"),
         (1, "lookup:absent"),
-        (2, "delivered:created"),
+        (1, "delivered:created"),
     ]
-    assert done.attempts == 2
+    assert done.attempts == 1
     assert done.lookup_required is False
 
 
