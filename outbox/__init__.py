@@ -1,7 +1,8 @@
-"""outbox: deliver sale and refund events from a Postgres outbox table to Partnero.
+"""outbox: deliver signup, sale and refund events from a Postgres outbox table to Partnero.
 
-`outbox.record_sale` and `outbox.record_refund` (for SQLAlchemy applications) are imported on
-first use, so that the command line and the daemon do not pay for them."""
+`outbox.record_signup`, `outbox.record_sale` and `outbox.record_refund` (for SQLAlchemy
+applications) are imported on first use, so that the command line and the daemon do not pay for
+them."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ try:
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
 
-__all__ = ["__version__", "record_refund", "record_sale"]
+__all__ = ["__version__", "record_refund", "record_sale", "record_signup"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("record_sale", "record_refund"):
+    if name in ("record_signup", "record_sale", "record_refund"):
         from outbox import record
 
         return getattr(record, name)

@@ -1,7 +1,10 @@
-"""Record sale and refund events from Python, inside the caller's own transaction.
+"""Record signup, sale and refund events from Python, inside the caller's own transaction.
 
     with Session(engine) as session, session.begin():
         session.add(order)
+        if new_customer:  # the signup, with the partnero_partner cookie's value if any
+            outbox.record_signup(session, customer_key=order.customer_id,
+                                 partner_key=request.cookies.get("partnero_partner"))
         outbox.record_sale(session, transaction_key=order.invoice_id,
                            customer_key=order.customer_id, amount=order.total, currency="EUR")
 
@@ -86,4 +89,26 @@ def record_refund(
             "customer_key": customer_key,
             "payload": dict(payload) if payload is not None else None,
         },
+    )
+
+
+def record_signup(
+    executor: Executor,
+    *,
+    customer_key: str,
+    partner_key: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> int:
+    """Add a signup (the new customer `customer_key`) in the caller's transaction. Record every
+    signup: without a partner reference the daemon settles it without a call. `partner_key` is
+    the partnero_partner cookie's value, sent as payload.partner.key when not None; a payload
+    that names the partner itself (`partner`: key, id or email) leaves it None."""
+    values = dict(payload or {})
+    if partner_key is not None:
+        if values.get("partner") is not None:
+            raise ValueError("give the partner as partner_key or as payload['partner'], not both")
+        values["partner"] = {"key": partner_key}
+    return _insert(
+        executor,
+        {"event_type": "signup", "customer_key": customer_key, "payload": values},
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +17,8 @@ import outbox
 from outbox import db
 from outbox.dev import pgtemp
 from tests.helpers import psql
+
+DOCUMENT = Path(__file__).resolve().parent.parent / "docs" / "insert-contract.md"
 
 VALID_SALE: dict[str, Any] = {
     "event_type": "sale",
@@ -49,6 +53,15 @@ def refund(**overrides: Any) -> dict[str, Any]:
     return {"event_type": "refund", "transaction_key": "inv_1001", **overrides}
 
 
+def signup(**overrides: Any) -> dict[str, Any]:
+    return {
+        "event_type": "signup",
+        "customer_key": "cust_1",
+        "payload": {"partner": {"key": "partner_1"}},
+        **overrides,
+    }
+
+
 # (rule name, the columns of a row that breaks exactly that rule)
 BROKEN_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("event_type_known", sale(event_type="chargeback")),
@@ -56,6 +69,7 @@ BROKEN_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("event_type_known", sale(event_type="Sale")),
     ("transaction_key_required", sale(transaction_key=None)),
     ("transaction_key_required", sale(transaction_key="")),
+    ("transaction_key_required", refund(transaction_key=None)),
     ("transaction_key_no_surrounding_whitespace", sale(transaction_key=" inv_1")),
     ("transaction_key_no_surrounding_whitespace", sale(transaction_key="inv_1 ")),
     ("transaction_key_no_control_characters", sale(transaction_key="inv_1\t")),
@@ -89,7 +103,60 @@ BROKEN_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("payload_does_not_override_customer_key", sale(payload={"customer": {"key": "x"}})),
     ("payload_customer_is_object", sale(payload={"customer": "x"})),
     ("payload_has_no_bulk_transactions", sale(payload={"transactions": []})),
+    ("signup_has_no_amount", signup(amount=Decimal("10.00"))),
+    ("signup_has_no_currency", signup(currency="EUR")),
+    ("signup_has_no_transaction_key", signup(transaction_key="inv_1001")),
+    ("signup_has_no_transaction_key", signup(transaction_key="")),
+    ("signup_partner_is_object", signup(payload={"partner": "partner_1"})),  # the bare cookie
+    ("signup_partner_is_object", signup(payload={"partner": ["partner_1"]})),
+    ("signup_requires_customer_key", signup(customer_key=None)),
+    ("customer_key_not_empty", signup(customer_key="")),
+    ("payload_does_not_override_columns", signup(payload={"key": "cust_1"})),
 ]
+
+# What each rule's DETAIL says after "See the rule in docs/insert-contract.md: ".
+RULE_DETAILS: dict[str, str] = {
+    "amount_below_100_billion": "amount must be a number below 100000000000.",
+    "amount_max_4_decimal_places": "amount has at most 4 decimal places.",
+    "currency_is_iso_4217_code": "currency is NULL or three capital letters (EUR).",
+    "customer_key_max_255_characters": "customer_key has at most 255 characters.",
+    "customer_key_no_control_characters": "customer_key has no control characters.",
+    "customer_key_no_surrounding_whitespace": (
+        "customer_key neither starts nor ends with whitespace."
+    ),
+    "customer_key_not_empty": "customer_key is NULL or not empty.",
+    "event_type_known": "event_type is 'sale', 'refund' or 'signup'.",
+    "payload_customer_is_object": "payload.customer, if present, is an object.",
+    "payload_does_not_override_columns": (
+        "payload has no key, amount, action or amount_units: those come from columns."
+    ),
+    "payload_does_not_override_customer_key": (
+        "payload.customer has no key: it comes from the customer_key column."
+    ),
+    "payload_has_no_bulk_transactions": (
+        "payload has no transactions list: one row is one transaction."
+    ),
+    "payload_is_json_object": "payload is NULL or a JSON object.",
+    "refund_has_no_amount": "a refund has no amount (it reverses its sale).",
+    "refund_has_no_currency": "a refund has no currency.",
+    "sale_requires_amount": "a sale has an amount.",
+    "sale_requires_customer_key": "a sale has a customer_key.",
+    "sale_requires_positive_amount": "a sale's amount is above 0.",
+    "signup_has_no_amount": "a signup has no amount.",
+    "signup_has_no_currency": "a signup has no currency.",
+    "signup_has_no_transaction_key": (
+        "a signup has no transaction_key (its customer_key identifies it)."
+    ),
+    "signup_partner_is_object": "payload.partner, if present, is an object (key, id or email).",
+    "signup_requires_customer_key": "a signup has a customer_key.",
+    "transaction_key_max_255_characters": "transaction_key has at most 255 characters.",
+    "transaction_key_no_control_characters": "transaction_key has no control characters.",
+    "transaction_key_no_surrounding_whitespace": (
+        "transaction_key neither starts nor ends with whitespace."
+    ),
+    "transaction_key_not_dot_segment": "transaction_key is not . or ..",
+    "transaction_key_required": "a sale or refund has a transaction_key, not empty.",
+}
 
 # Daemon-owned columns an INSERT may not set, one at a time.
 DAEMON_COLUMNS: list[tuple[str, Any]] = [
@@ -134,8 +201,17 @@ def test_broken_row_is_refused_naming_its_rule(
     with pytest.raises(sa.exc.IntegrityError) as refused, shared_engine.begin() as conn:
         insert(conn, **row)
     assert f'"{rule}"' in str(refused.value.orig)
-    assert refused.value.orig.diag.constraint_name == rule  # type: ignore[union-attr]
+    diag = refused.value.orig.diag  # type: ignore[union-attr]
+    assert (diag.sqlstate, diag.constraint_name) == ("23514", rule)
+    assert diag.message_detail == f"See the rule in docs/insert-contract.md: {RULE_DETAILS[rule]}"
     assert count_events(shared_engine) == 0
+
+
+def test_every_rule_has_a_broken_row_and_a_line_in_the_document() -> None:
+    section = DOCUMENT.read_text().split("## 2. The rules")[1].split("Worth knowing")[0]
+    documented = set(re.findall(r"^\| `([a-z0-9_]+)` \|", section, flags=re.MULTILINE))
+    assert {rule for rule, _ in BROKEN_ROWS} == set(RULE_DETAILS)
+    assert documented == set(RULE_DETAILS) | {"daemon_owned_columns_not_insertable"}
 
 
 @pytest.mark.parametrize(("column", "value"), DAEMON_COLUMNS, ids=[c for c, _ in DAEMON_COLUMNS])
@@ -179,7 +255,7 @@ def test_a_refusal_explains_the_rule_without_repeating_the_row(engine: sa.Engine
         'new row for relation "events" violates check constraint "currency_is_iso_4217_code"'
     )
     assert diag.message_detail == (
-        "See the rule in docs/insert-contract.md: currency is NULL or three capital letters (EUR)."
+        f"See the rule in docs/insert-contract.md: {RULE_DETAILS['currency_is_iso_4217_code']}"
     )
     assert "jane.doe" not in str(refused.value.orig)  # the database error, not SQLAlchemy's
 
@@ -245,6 +321,21 @@ VALID_ROWS: list[dict[str, Any]] = [
     refund(),
     refund(customer_key="cust_1"),
     refund(payload={"reason": "chargeback"}),
+    signup(),
+    signup(payload=None),
+    signup(payload={}),  # no partner: recorded all the same, skipped by the daemon
+    signup(payload={"partner": None}),
+    signup(payload={"partner": {"key": None}}),  # a missing cookie, copied as it is
+    signup(
+        payload={
+            "partner": {"email": "partner1@example.com"},
+            "email": "jane@example.com",
+            "name": "Jane",
+            "surname": "Doe",
+            "tags": ["trial"],
+            "options": {"referral_url": "https://shop.example/?aff=partner_1"},
+        }
+    ),
 ]
 
 
@@ -260,8 +351,23 @@ def test_valid_rows_are_accepted_as_pending(shared_engine: sa.Engine, row: dict[
     assert tuple(stored) == ("pending", 0, None)
 
 
-def test_sql_functions_record_sale_and_refund(engine: sa.Engine) -> None:
+def stored_rows(engine: sa.Engine) -> list[sa.Row[Any]]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                sa.text(
+                    "SELECT event_type, transaction_key, customer_key, amount, currency, payload "
+                    "FROM outbox.events ORDER BY id"
+                )
+            ).all()
+        )
+
+
+def test_sql_functions_record_signup_sale_and_refund(engine: sa.Engine) -> None:
     with engine.begin() as conn:
+        signup_id = conn.execute(
+            sa.text("SELECT outbox.record_signup('cust_9', '{\"partner\": {\"id\": 7}}')")
+        ).scalar_one()
         sale_id = conn.execute(
             sa.text(
                 "SELECT outbox.record_sale("
@@ -269,20 +375,21 @@ def test_sql_functions_record_sale_and_refund(engine: sa.Engine) -> None:
             )
         ).scalar_one()
         refund_id = conn.execute(sa.text("SELECT outbox.record_refund('inv_9')")).scalar_one()
-        rows = conn.execute(
-            sa.text(
-                "SELECT event_type, transaction_key, customer_key, amount, currency, payload "
-                "FROM outbox.events ORDER BY id"
-            )
-        ).all()
-    assert refund_id > sale_id
-    assert rows[0] == ("sale", "inv_9", "cust_9", Decimal("12.50"), "USD", {"product_id": "p"})
-    assert rows[1] == ("refund", "inv_9", None, None, None, None)
-    with (
-        pytest.raises(sa.exc.IntegrityError, match="sale_requires_positive_amount"),
-        engine.begin() as conn,
-    ):
-        conn.execute(sa.text("SELECT outbox.record_sale('inv_10', 'c', -1)"))
+        conn.execute(sa.text("SELECT outbox.record_signup('cust_10')"))
+    assert signup_id < sale_id < refund_id
+    assert stored_rows(engine) == [
+        ("signup", None, "cust_9", None, None, {"partner": {"id": 7}}),
+        ("sale", "inv_9", "cust_9", Decimal("12.50"), "USD", {"product_id": "p"}),
+        ("refund", "inv_9", None, None, None, None),
+        ("signup", None, "cust_10", None, None, {}),  # the default payload: no partner
+    ]
+    for call, rule in [
+        ("outbox.record_sale('inv_10', 'c', -1)", "sale_requires_positive_amount"),
+        ("outbox.record_signup(NULL)", "signup_requires_customer_key"),
+        ("outbox.record_signup('c', '{\"partner\": \"p\"}')", "signup_partner_is_object"),
+    ]:
+        with pytest.raises(sa.exc.IntegrityError, match=rule), engine.begin() as conn:
+            conn.execute(sa.text(f"SELECT {call}"))
 
 
 def test_python_helper_joins_the_callers_transaction(engine: sa.Engine) -> None:
@@ -316,6 +423,40 @@ def test_python_helper_joins_the_callers_transaction(engine: sa.Engine) -> None:
     assert count_events(engine) == 2
 
 
+def test_python_signup_helper(engine: sa.Engine) -> None:
+    with Session(engine) as session, session.begin():
+        signup_id = outbox.record_signup(
+            session, customer_key="cust_s1", partner_key="partner_1", payload={"name": "Jane"}
+        )
+        sale_id = outbox.record_sale(
+            session, transaction_key="inv_s1", customer_key="cust_s1", amount=5
+        )
+        assert 0 < signup_id < sale_id
+    with engine.begin() as conn:
+        outbox.record_signup(conn, customer_key="cust_s2")  # no cookie: recorded all the same
+        outbox.record_signup(conn, customer_key="cust_s3", payload={"partner": {"email": "p@x.io"}})
+    signups = [row for row in stored_rows(engine) if row.event_type == "signup"]
+    assert [(row.customer_key, row.payload) for row in signups] == [
+        ("cust_s1", {"name": "Jane", "partner": {"key": "partner_1"}}),
+        ("cust_s2", {}),
+        ("cust_s3", {"partner": {"email": "p@x.io"}}),
+    ]
+
+    # A broken row raises naming the rule; a partner given twice raises before any INSERT.
+    for customer_key, payload, rule in [
+        ("", None, "customer_key_not_empty"),
+        ("cust_s4", {"partner": "partner_1"}, "signup_partner_is_object"),
+        ("cust_s4", {"key": "cust_s4"}, "payload_does_not_override_columns"),
+    ]:
+        with pytest.raises(sa.exc.IntegrityError, match=rule), engine.begin() as conn:
+            outbox.record_signup(conn, customer_key=customer_key, payload=payload)
+    with pytest.raises(ValueError, match="not both"), engine.begin() as conn:
+        outbox.record_signup(
+            conn, customer_key="cust_s4", partner_key="p", payload={"partner": {"id": 1}}
+        )
+    assert count_events(engine) == 4
+
+
 def test_psql_foreign_client_inserts_and_gets_named_errors(
     engine: sa.Engine, database_url: str
 ) -> None:
@@ -325,6 +466,7 @@ def test_psql_foreign_client_inserts_and_gets_named_errors(
         "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount, currency) "
         "VALUES ('sale', 'psql_1', 'cust_1', 49.90, 'EUR');"
         "INSERT INTO outbox.events (event_type, transaction_key) VALUES ('refund', 'psql_1');"
+        'SELECT outbox.record_signup(\'cust_2\', \'{"partner": {"key": "partner_1"}}\');'
         "COMMIT;",
     )
     assert ok.returncode == 0, ok.stderr
@@ -335,4 +477,4 @@ def test_psql_foreign_client_inserts_and_gets_named_errors(
     )
     assert refused.returncode != 0
     assert 'violates check constraint "refund_has_no_amount"' in refused.stderr
-    assert count_events(engine) == 2
+    assert count_events(engine) == 3

@@ -99,19 +99,26 @@ def test_the_daemon_and_an_application_work_under_the_least_privilege_roles(
 ) -> None:
     # The application, in every way the README shows: the SQL functions (SECURITY INVOKER, so
     # they run with the caller's rights), a plain INSERT ... RETURNING id, the Python helper.
+    # Each customer signs up with the first purchase: cust_1 came through no partner.
     with psycopg.connect(roles.app_url) as conn:
+        signup_id = conn.execute("SELECT outbox.record_signup('cust_1')").fetchone()
         sale_id = conn.execute(
             "SELECT outbox.record_sale('inv_r1', 'cust_1', 10.50, 'EUR', '{\"product_id\": \"p\"}')"
+        ).fetchone()
+        plain_signup_id = conn.execute(
+            "INSERT INTO outbox.events (event_type, customer_key, payload) "
+            "VALUES ('signup', 'cust_2', '{\"partner\": {\"id\": 1}}') RETURNING id"
         ).fetchone()
         plain_id = conn.execute(
             "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
             "VALUES ('sale', 'inv_r2', 'cust_2', 20) RETURNING id"
         ).fetchone()
         conn.execute("SELECT outbox.record_refund('inv_r1')")
-    assert sale_id is not None and plain_id is not None
+    assert None not in (signup_id, sale_id, plain_signup_id, plain_id)
     app_engine = db.create_engine(roles.app_url, poolclass=sa.NullPool)
     try:
         with Session(app_engine) as session, session.begin():
+            outbox.record_signup(session, customer_key="cust_3", partner_key="partner_1")
             helper_id = outbox.record_sale(
                 session, transaction_key="inv_r3", customer_key="cust_3", amount=Decimal("3.30")
             )
@@ -134,15 +141,16 @@ def test_the_daemon_and_an_application_work_under_the_least_privilege_roles(
             fake.configure(fail_5xx_rate=0.5, seed=3)  # some retries: more write paths
             settings = make_settings(roles.daemon_url, fake.url, status_interval_seconds=0.2)
             with DaemonThread(settings) as daemon:
-                wait_until(lambda: settled(owner, 5), what="every row delivered")
+                wait_until(lambda: settled(owner, 8), what="every row settled")
                 assert daemon.daemon is not None
                 wait_until(lambda: daemon.daemon.health.backlog == 0, what="the status line")
-            ledger = fake.ledger()
+            ledger, customers = fake.ledger(), fake.customers()
         with owner.connect() as conn:
             outcomes = sorted(
                 conn.execute(
                     sa.text(
-                        "SELECT transaction_key, event_type, status, outcome FROM outbox.events"
+                        "SELECT coalesce(transaction_key, customer_key), event_type, status, "
+                        "outcome FROM outbox.events"
                     )
                 ).all()
             )
@@ -150,14 +158,18 @@ def test_the_daemon_and_an_application_work_under_the_least_privilege_roles(
     finally:
         owner.dispose()
     assert outcomes == [
+        ("cust_1", "signup", "skipped", "not_referred"),
+        ("cust_2", "signup", "delivered", "created"),
+        ("cust_3", "signup", "delivered", "created"),
         ("inv_r1", "refund", "delivered", "deleted"),
         ("inv_r1", "sale", "delivered", "created"),
         ("inv_r2", "sale", "delivered", "created"),
         ("inv_r3", "refund", "delivered", "deleted"),
         ("inv_r3", "sale", "delivered", "created"),
     ]
-    assert attempts >= 5
+    assert attempts >= 7
     assert sorted(t["key"] for t in ledger) == ["inv_r1", "inv_r2", "inv_r3"]
+    assert sorted(c["key"] for c in customers) == ["cust_2", "cust_3"]
 
 
 APP_REFUSED = [
@@ -172,6 +184,8 @@ APP_REFUSED = [
     "decision) VALUES (1, 1, now(), now(), 'POST', '/', 'x')",
     "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount, status) "
     "VALUES ('sale', 'k', 'c', 1, 'delivered')",
+    "INSERT INTO outbox.events (event_type, customer_key, status, outcome) "
+    "VALUES ('signup', 'c', 'skipped', 'not_referred')",
     "SELECT * FROM outbox.schema_migrations",
     "CREATE TABLE outbox.mine (x int)",
 ]
@@ -252,6 +266,7 @@ def test_the_grants_are_exactly_these(roles: Roles) -> None:
         [
             (app, "record_refund", "EXECUTE"),
             (app, "record_sale", "EXECUTE"),
+            (app, "record_signup", "EXECUTE"),
             (daemon, "arm_doorbell", "EXECUTE"),
             (daemon, "disarm_doorbell", "EXECUTE"),
             (daemon, "goes_before", "EXECUTE"),

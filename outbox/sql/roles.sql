@@ -15,11 +15,11 @@
 -- To use other names, replace outbox_app and outbox_daemon throughout this file.
 --
 -- outbox_app: may only add events. INSERT on the six contract columns, SELECT on `id` only
--- (for `INSERT ... RETURNING id`, which outbox.record_sale/record_refund and the Python helpers
--- use: they are SECURITY INVOKER, so they run with the caller's rights and need exactly these).
--- The identity column, the column defaults and the triggers (the insert contract, which also
--- guards the daemon-owned columns, and the doorbell NOTIFY) need no further privilege. It cannot read events back,
--- change or delete them, or see outbox.attempts.
+-- (for `INSERT ... RETURNING id`, which outbox.record_sale/record_refund/record_signup and the
+-- Python helpers use: they are SECURITY INVOKER, so they run with the caller's rights and need
+-- exactly these). The identity column, the column defaults and the triggers (the insert
+-- contract, which also guards the daemon-owned columns, and the doorbell NOTIFY) need no further
+-- privilege. It cannot read events back, change or delete them, or see outbox.attempts.
 --
 -- outbox_daemon: exactly what `outbox run` does. SELECT and UPDATE on outbox.events (claim with
 -- FOR UPDATE SKIP LOCKED, complete, rescue, the status line), INSERT on outbox.attempts (its
@@ -59,7 +59,8 @@ GRANT INSERT (event_type, transaction_key, customer_key, amount, currency, paylo
     ON outbox.events TO outbox_app;
 GRANT SELECT (id) ON outbox.events TO outbox_app;
 GRANT EXECUTE ON FUNCTION outbox.record_sale(text, text, numeric, text, jsonb),
-                          outbox.record_refund(text, text, jsonb)
+                          outbox.record_refund(text, text, jsonb),
+                          outbox.record_signup(text, jsonb)
     TO outbox_app;
 
 -- The daemon.
