@@ -11,6 +11,7 @@ after that same shutdown.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import signal
 import time
@@ -27,6 +28,7 @@ from aiolimiter import AsyncLimiter
 from outbox import db
 from outbox.db import migrate
 from outbox.delivery.claimer import Claimer
+from outbox.delivery.clock import DatabaseClock
 from outbox.delivery.context import Context
 from outbox.delivery.executor import Executor
 from outbox.delivery.gate import Gate
@@ -71,12 +73,15 @@ class Daemon:
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
         self._ready_sent = False
+        # Every time the daemon reads is the database's (outbox/delivery/clock.py).
+        self.clock = clock = DatabaseClock(clock)
         self.client = client or PartneroClient(
             settings.partnero_api_url,
             ApiKey(settings.api_key),
             timeout_seconds=settings.request_timeout_seconds,
             max_connections=settings.concurrency,
             verify_tls=not settings.insecure_skip_tls_verify,
+            clock=clock,
         )
         self.gate = Gate(clock, verified=False)  # closed until GET /v1/test answers 2xx
         self.executor = Executor(
@@ -116,7 +121,10 @@ class Daemon:
             wake=self._wake,
         )
         self.monitor = Monitor(
-            ctx, store=self.monitor_store, leases_held=lambda: len(self.claimer.tasks)
+            ctx,
+            store=self.monitor_store,
+            leases_held=lambda: len(self.claimer.tasks),
+            database_clock=self.clock,
         )
         self.watchdog = Watchdog(ctx)
         self.supervisor = Supervisor(
@@ -162,6 +170,8 @@ class Daemon:
             raise
         if self.stopping.is_set():
             return False
+        with contextlib.suppress(*DB_ERRORS):  # measured again at every monitor round
+            await self.monitor.measure_clock(first=True)
         for service in _before_ready(self):
             self.supervisor.start(service)
         # READY=1 only with the database reachable, the schema current and LISTEN active.

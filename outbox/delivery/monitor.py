@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import structlog
 
+from outbox.delivery.clock import DatabaseClock
 from outbox.delivery.context import Context
 from outbox.delivery.retrying import DB_ERRORS
 from outbox.delivery.store import Backlog, Store
@@ -17,11 +18,43 @@ from outbox.text import first_line
 log = structlog.get_logger("outbox.watchdog")
 
 
+# Above this the daemon's clock is said to be off (the daemon goes on, on the database's time).
+CLOCK_WARNING_SECONDS = 1.0
+
+
 class Monitor:
-    def __init__(self, ctx: Context, *, store: Store, leases_held: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        store: Store,
+        leases_held: Callable[[], int],
+        database_clock: DatabaseClock | None = None,
+    ) -> None:
         self._ctx = ctx
         self._store = store
         self._leases_held = leases_held
+        self._clock = database_clock
+        self._clock_warned = False
+
+    async def measure_clock(self, *, first: bool = False) -> None:
+        """Measure this host's offset from the database's clock; log it at start-up, and warn
+        (once per excursion) while it is above CLOCK_WARNING_SECONDS."""
+        if self._clock is None:
+            return
+        offset = (await self._clock.measure(self._store.database_now)).total_seconds()
+        off = abs(offset) > CLOCK_WARNING_SECONDS
+        if off and not self._clock_warned:
+            log.warning(
+                "outbox.daemon.clock_off",
+                offset_seconds=round(offset, 3),
+                note=f"this host's clock is {abs(offset):.1f} s "
+                f"{'behind' if offset > 0 else 'ahead of'} the database's; the daemon uses the "
+                "database's time for retries and attempts: fix the host's time sync (NTP)",
+            )
+        elif first:
+            log.info("outbox.daemon.clock", offset_seconds=round(offset, 3))
+        self._clock_warned = off
 
     async def run_once(self) -> Backlog | None:
         """Refresh the backlog figures, the gauges and the STATUS= line."""
@@ -29,6 +62,7 @@ class Monitor:
         interval = self._ctx.settings().status_interval_seconds
         try:
             backlog = await asyncio.wait_for(self._store.backlog(), timeout=max(1.0, interval))
+            await asyncio.wait_for(self.measure_clock(), timeout=max(1.0, interval))
         except (TimeoutError, *DB_ERRORS) as exc:
             self._ctx.health.database_ok = False
             self._ctx.health.last_error = f"database: {first_line(exc) or 'no answer in time'}"

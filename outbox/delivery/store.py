@@ -210,6 +210,11 @@ class Store:
         rows = await self._fetch("rescue")
         return [Rescued(r["id"], r["transaction_key"], r["lease_owner"]) for r in rows]
 
+    async def database_now(self) -> datetime:
+        (row,) = await self._fetch("database_now")
+        value: datetime = row["now"]
+        return value
+
     async def next_due(self) -> datetime | None:
         (row,) = await self._fetch("next_due")
         value: datetime | None = row["next_due"]

@@ -189,6 +189,7 @@ class PartneroClient:
         verify_tls: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
         user_agent: str = f"outbox/{__version__}",
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if not isinstance(api_key, ApiKey):
             raise ConfigurationError("api_key must be an ApiKey")
@@ -209,6 +210,7 @@ class PartneroClient:
                 "the Partnero API URL must not carry credentials, a query or a fragment"
             )
         self._api_key = api_key
+        self._clock = clock  # the times of each Exchange (the daemon's database clock)
         self._base_url = str(url)
         # Paths are appended to the API root (the base URL with any path prefix of its own, but
         # without a trailing / or /v1, which the paths bring).
@@ -338,7 +340,7 @@ class PartneroClient:
     def _refused(self, kind: RequestKind, method: str, path: str, exc: Exception) -> Exchange:
         """Nothing was sent because the request could not be built (no status, no transport
         error; the policy fails the row with the error)."""
-        now = utcnow()
+        now = self._clock()
         return Exchange(
             kind=kind,
             method=method,
@@ -362,7 +364,7 @@ class PartneroClient:
             raise ClientClosedError("the Partnero client is closed")
         received = _Received()
         failure: tuple[TransportError, str] | None = None
-        started_at = utcnow()
+        started_at = self._clock()
         try:
             async with asyncio.timeout(self._timeout):
                 request = self._request(method, path, content, content_type)
@@ -380,7 +382,8 @@ class PartneroClient:
             # fails to decode, anything unexpected from a transport: it may have arrived.
             # CancelledError is a BaseException and propagates.
             failure = (TransportError.UNKNOWN_OUTCOME, self._describe_error(exc))
-        return _exchange(kind, method, path, received, failure, started_at, max_body)
+        times = (started_at, self._clock())
+        return _exchange(kind, method, path, received, failure, times, max_body)
 
     def _request(
         self, method: str, path: str, content: bytes | None, content_type: str | None
@@ -445,11 +448,12 @@ def _exchange(
     path: str,
     received: _Received,
     failure: tuple[TransportError, str] | None,
-    started_at: datetime,
+    times: tuple[datetime, datetime],
     max_body: int,
 ) -> Exchange:
-    """The Exchange for what came back (`received`) and how the call ended (`failure`)."""
-    finished_at = utcnow()
+    """The Exchange for what came back (`received`) and how the call ended (`failure`), which
+    started and finished at `times`."""
+    started_at, finished_at = times
     transport_error, error = failure if failure is not None else (None, None)
     if received.status_code is None:
         return Exchange(

@@ -202,6 +202,10 @@ FROM expired
 WHERE e.id = expired.id
 RETURNING e.id, e.transaction_key, expired.lease_owner;
 
+-- name: database_now
+-- The database's clock, for the daemon's offset from it (outbox/delivery/clock.py).
+SELECT clock_timestamp() AS now;
+
 -- name: next_due
 -- When the earliest pending row is due (served by the partial index on pending rows).
 SELECT min(next_attempt_at) AS next_due FROM outbox.events WHERE status = 'pending';
