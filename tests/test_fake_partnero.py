@@ -370,14 +370,15 @@ async def test_deleted_key_still_counts_as_duplicate(client: httpx.AsyncClient) 
 
 async def test_unknown_customer_then_known(fake: FakePartnero, client: httpx.AsyncClient) -> None:
     marked = await client.post("/_fake/customers", json={"unknown": ["ghost"]})
-    assert marked.json() == {"unknown_customers": ["ghost"]}
+    assert marked.json() == {"unknown_customers": ["ghost"], "customers": []}
     resp = await client.post("/v1/transactions", json=sale("t-g", customer="ghost"))
     assert (resp.status_code, resp.json()) == (
         400,
         {"message": "Customer not found", "status": 0},
     )
     assert fake.ledger() == []
-    await client.post("/_fake/customers", json={"known": ["ghost"]})
+    known = await client.post("/_fake/customers", json={"known": ["ghost"]})
+    assert known.json() == {"unknown_customers": [], "customers": ["ghost"]}
     resp = await client.post("/v1/transactions", json=sale("t-g", customer="ghost"))
     assert resp.status_code == 201
 
@@ -433,7 +434,10 @@ async def test_auth(fake: FakePartnero) -> None:
         assert (await anonymous.get("/v1/transactions/t-a")).status_code == 405
         assert (await anonymous.get("/v1/transactions")).status_code == 401
         # Admin endpoints need no key.
-        assert (await anonymous.get("/_fake/ledger")).json() == {"transactions": []}
+        assert (await anonymous.get("/_fake/ledger")).json() == {
+            "transactions": [],
+            "customers": [],
+        }
     assert fake.ledger() == []
 
 
@@ -675,6 +679,17 @@ def check_odd(resp: httpx.Response, answer: str) -> None:
             assert str(status).encode() in resp.content
 
 
+def check_odd_logged(logged: dict[str, Any], key: str, answer: str, would: int | None) -> None:
+    """`logged`, a request log entry of a call naming `key`, got the odd answer `answer`, after
+    applying the call (with the answer `would`) or not (None)."""
+    assert (logged["key"], logged["fault"], logged["status"]) == (
+        key,
+        f"odd:{answer}",
+        ODD_EXPECTED[answer][0],
+    )
+    assert logged.get("would_status") == would
+
+
 @pytest.mark.parametrize("answer", ODD_ANSWERS)
 @pytest.mark.parametrize("applied", [False, True])
 async def test_odd_answer_to_a_create(
@@ -684,12 +699,7 @@ async def test_odd_answer_to_a_create(
     check_odd(await client.post("/v1/transactions", json=sale("t-odd")), answer)
     assert [e["key"] for e in fake.ledger()] == (["t-odd"] if applied else [])
     [logged] = fake.requests()
-    assert (logged["key"], logged["fault"], logged["status"]) == (
-        "t-odd",
-        f"odd:{answer}",
-        ODD_EXPECTED[answer][0],
-    )
-    assert logged.get("would_status") == (201 if applied else None)
+    check_odd_logged(logged, "t-odd", answer, 201 if applied else None)
     # Other keys get real answers; times=None keeps the odd answer for good.
     assert (await client.post("/v1/transactions", json=sale("t-real"))).status_code == 201
     check_odd(await client.post("/v1/transactions", json=sale("t-odd")), answer)
@@ -711,12 +721,8 @@ async def test_odd_answer_to_a_delete(
     check_odd(resp, answer)
     assert (fake.ledger()[0]["deleted_seq"] is not None) is applied
     logged = fake.requests()[-1]
-    assert (logged["method"], logged["key"], logged["fault"]) == (
-        "DELETE",
-        "t odd",
-        f"odd:{answer}",
-    )
-    assert logged.get("would_status") == (200 if applied else None)
+    assert logged["method"] == "DELETE"
+    check_odd_logged(logged, "t odd", answer, 200 if applied else None)
 
 
 async def test_odd_answer_runs_out(fake: FakePartnero, client: httpx.AsyncClient) -> None:
@@ -908,6 +914,7 @@ def test_command_takes_no_key_on_the_command_line() -> None:
     help_text = runner.invoke(fake_partnero_command, ["--help"]).output
     assert "--api-key-env" in help_text
     assert "--no-dedupe" in help_text
+    assert "--customers-must-exist" in help_text
     assert runner.invoke(fake_partnero_command, ["--api-key", "x"]).exit_code == 2
 
 
@@ -915,6 +922,7 @@ def test_command_serves_until_sigterm() -> None:
     env = dict(os.environ, FAKE_KEY_FOR_TEST=API_KEY)
     code = "from outbox.dev.fake_partnero import fake_partnero_command; fake_partnero_command()"
     args = ["--port", "0", "--api-key-env", "FAKE_KEY_FOR_TEST", "--no-dedupe", "--seed", "1"]
+    args.append("--customers-must-exist")
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
@@ -932,6 +940,8 @@ def test_command_serves_until_sigterm() -> None:
         with httpx.Client(base_url=match[1]) as http:
             assert http.get("/v1/test", headers=AUTH).status_code == 200
             assert http.get("/v1/test").status_code == 401
+            sold = http.post("/v1/transactions", json=sale("t-1", customer="nobody"), headers=AUTH)
+            assert sold.json() == {"message": "Customer not found", "status": 0}
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err

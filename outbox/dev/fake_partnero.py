@@ -14,29 +14,77 @@ API calls (every one needs ``Authorization: Bearer <api_key>`` when an api_key i
     DELETE /v1/transactions        delete every live entry with the key in the JSON body
                                    {"key": ...} (200), or 404 Transaction not found; 422 no key
     DELETE /v1/transactions/{key}  the same, with the key as ONE decoded path segment
+    POST   /v1/customers           create a customer, a signup (201); 200 ignored (no partner);
+                                   422 invalid or Duplicate key; 400 Invalid partner key
+    GET    /v1/customers/{key}     one customer (200), or 404 Customer not found; the key as
+                                   ONE decoded path segment
     GET    /v1/test                200 with a good key, 401 without
 
 Routing is Laravel's: the path (trailing slashes trimmed) is percent-decoded like PHP's
 rawurldecode (``+`` stays ``+``) BEFORE routes are matched. So a key holding ``/``, even sent as
 ``%2F``, makes extra segments and gets the route-level 404 ``{"message": "The route {path} could
-not be found."}``, never "Transaction not found" ({path} is Laravel's ``$request->path()``: the
-path as sent, NOT decoded, outer slashes trimmed). There is no ``GET /v1/transactions/{key}``
-(405, ``Allow: DELETE``). 405 messages name the supported methods, as Laravel's do (HEAD is not
-served). Route 404/405 come before auth (401), then ``forbidden`` (403), then the call.
+not be found."}``, never "Transaction not found" or "Customer not found" ({path} is Laravel's
+``$request->path()``: the path as sent, NOT decoded, outer slashes trimmed). There is no ``GET
+/v1/transactions/{key}`` (405, ``Allow: DELETE``), no list of customers (``GET /v1/customers``:
+405, ``Allow: POST``) and no ``PUT``/``DELETE /v1/customers/{key}`` (405, ``Allow: GET``): the
+fake serves what the daemon calls. 405 messages name the supported methods, as Laravel's do
+(HEAD is not served). Route 404/405 come before auth (401), then ``forbidden`` (403), then the call.
 Successes carry ``"status": 1`` and Partnero's own errors ``"status": 0``; framework errors (401,
 403, 404 route, 405, 422, 429, 5xx) carry only ``message`` (422 also ``errors``).
 
+Customers (signups). ``POST /v1/customers`` takes ``key`` (required string, at most 255
+characters), ``email`` (a valid address, for the fake: no spaces, one ``@`` with text on both
+sides; unique among customers, compared case-insensitively as a MySQL unique index does),
+``name``, ``surname`` (strings), ``tags`` (a list of strings), ``options`` (an object;
+``options.referral_url`` a string) and ``partner`` (an object: ``key`` and ``email`` strings,
+``id`` a string or an integer); null counts as absent everywhere. The checks, in this order (the
+order and the answer to an ignored signup are choices: the docs do not settle them):
+
+1. Laravel's validation: 422 ``{"message": "The given data was invalid.", "errors": {...}}``;
+   ``"The email has already been taken."`` when another customer has the email (the rule ignores
+   the customer with the same key, so repeating a create answers Duplicate key, not this).
+2. No partner reference (no ``partner``, or none of its key, id, email non-empty): 200
+   ``{"data": null, "status": 1}`` and nothing is created (Partnero's guide: signups without a
+   partner are ignored; what it answers is undocumented).
+3. The customer key exists: 422 ``{"message": "Duplicate key", "status": 0}`` (no ``errors``).
+4. The reference (the first non-empty of partner.key, .id, .email) names none of the config's
+   ``partners`` (key and id compared as text, email case-insensitively): 400 ``{"message":
+   "Invalid partner key", "status": 0}``.
+5. 201 ``{"data": {key, email, name, surname, tags, referral_url, partner: {key, id, email},
+   created_at}, "status": 1}``; the customer joins the registry and leaves ``unknown_customers``.
+
+Sales and the registry. With ``customers_must_exist`` true (what Partnero does) a transaction
+create whose customer is not in the registry (looked up by customer.key; with only
+customer.email, by email or by a key equal to it) answers 400 Customer not found, unless
+``options.create_customer`` is true: that registers the customer (key: customer.key, else the
+email; its email unless another customer has it; its partner: customer.partner if it names one,
+never checked; ``created_seq``: the sale's own seq) and the sale goes on. False, the default, is
+a convenience for tests about other things: every customer is known but those in
+``unknown_customers`` (create_customer registers those, as above). ``unknown_customers`` answers
+400 in both modes. ``POST /_fake/customers`` ``known``
+registers each name as a customer key (source "admin": a customer a person added in Partnero's
+dashboard; ``created_seq`` is the seq of the last API call so far, 0 for none, so every call with
+a higher seq came after it) and takes it out of ``unknown_customers``; ``unknown`` removes every
+customer whose key or email it names from the registry and puts the name in
+``unknown_customers``. Partners are set with ``POST /_fake/config {"partners": [...]}`` (the
+whole list; default one partner, key "partner_1", id 1, email "partner1@example.com").
+
 Admin calls (no auth, never faulted)::
 
-    GET  /_fake/ledger     {"transactions": [...]} every ledger entry in creation order
+    GET  /_fake/ledger     {"transactions": [...], "customers": [...]} every ledger entry and
+                           every customer in creation order; a customer shows key, email,
+                           partner (the matched partner's key or null), created_seq,
+                           created_at, source ("api" or "admin")
     GET  /_fake/requests   {"requests": [...]} every API call (not admin calls) in decision order
-    GET  /_fake/stats      counts by method and status, ledger and connection counts
+    GET  /_fake/stats      counts by method and status, ledger, customer and connection counts
     GET  /_fake/config     the config, api_key redacted
     POST /_fake/config     {"field": value, ...} change any FakeConfig field; an extra
                            "outage_for_seconds": N clears the outage by itself after N seconds
                            (the only way to end a "refuse" outage over HTTP)
-    POST /_fake/customers  {"unknown": [...], "known": [...]}
-    POST /_fake/reset      clear the ledger, the request log and the counters (not the config)
+    POST /_fake/customers  {"unknown": [...], "known": [...]} (see Sales and the registry)
+    POST /_fake/reset      clear the ledger (customers included, admin-registered ones too), the
+                           request log and the counters (not the config: ``unknown_customers``
+                           and ``partners`` stay)
 
 Request log ``status`` is the HTTP status answered, or "dropped_before" (read, not applied, no
 answer), "dropped_after" (applied, no answer; ``would_status`` says what it would have been),
@@ -44,9 +92,16 @@ answer), "dropped_after" (applied, no answer; ``would_status`` says what it woul
 "pending"/"timeout" (held by a "timeout" outage, never applied or answered) or "client_closed"
 (the client went away while the fake was still sleeping ``latency_ms``). ``seq`` numbers API calls
 in the order the fake acted on them (after the latency sleep); a ledger entry's ``created_seq`` and
-``deleted_seq`` are the ``seq`` of the call that created or deleted it. ``path`` is the path as
-sent (not decoded); ``key`` is the transaction key the call names: the body key of a create or
-body-form delete, the decoded segment of the path form, the ``key`` query parameter of the list.
+``deleted_seq`` are the ``seq`` of the call that created or deleted it, and so is a customer's
+``created_seq``. ``path`` is the path as sent (not decoded); ``resource`` is "transaction" or
+"customer" (null for ``/v1/test`` and unrouted paths); ``key`` is the transaction or customer key
+the call names: the body key of a create or body-form delete, the decoded segment of the path
+form, the ``key`` query parameter of the list; ``customer_key`` is the customer.key a transaction
+create names, or the key of a customer call; ``message`` is the ``message`` of the JSON answer
+given (or withheld by drop_after/hang_after), else null. So "signups reach Partnero before their
+sales" reads: for each customer of the ledger, no logged ``POST`` with resource "transaction" and
+its key as ``customer_key`` has a lower ``seq`` than its ``created_seq`` (a sale carrying
+``options.create_customer`` creates its customer with its own seq: equal, not lower).
 
 Faults are drawn in this order from one ``random.Random(seed)``, each only when its rate is above
 zero, for every API call but ``GET /v1/test`` (which fails only in an outage or with
@@ -54,11 +109,12 @@ zero, for every API call but ``GET /v1/test`` (which fails only in an outage or 
 drop_before, 429, 5xx (500, 502 with an HTML body, or 503), then the call is routed and
 answered, then drop_after, then hang_after. Where the real answer is produced (after routing and
 auth) two set-up faults apply, no randomness involved: ``forbidden`` answers every authorised call
-403 (a key that lost its permissions), and ``odd_answers`` maps a transaction key to
+403 (a key that lost its permissions), and ``odd_answers`` maps a key to
 ``{"answer": NAME, "applied": false, "times": null}``: a create or delete (body or path form)
-naming that key gets the odd answer NAME (see ``ODD_ANSWERS``) instead of the real one, after
-applying the call first when ``applied`` is true (``would_status`` in the log); ``times`` uses
-(null: every time) before the entry goes away. The log's ``fault`` is then ``"odd:NAME"``.
+naming that key, or a customer create naming it as the customer key (never a lookup), gets the
+odd answer NAME (see ``ODD_ANSWERS``) instead of the real one, after applying the call first when
+``applied`` is true (``would_status`` in the log); ``times`` uses (null: every time) before the
+entry goes away. The log's ``fault`` is then ``"odd:NAME"``.
 
 Python use: ``FakePartnero`` inside a running event loop, ``FakePartneroThread`` (its own loop in
 a daemon thread) from synchronous code; the click command ``fake-partnero`` serves one from the
@@ -135,6 +191,9 @@ _HTML_200: Final = (
 )
 
 
+_DEFAULT_PARTNER: Final = {"key": "partner_1", "id": 1, "email": "partner1@example.com"}
+
+
 @dataclass
 class FakeConfig:
     """How the fake behaves. Every field can change at runtime (see FakePartnero.configure)."""
@@ -142,6 +201,12 @@ class FakeConfig:
     api_key: str | None = field(default=None, repr=False)  # None: no auth check at all
     dedupe: bool = True  # True: a second create with a known key answers 400 Duplicate key
     unknown_customers: set[str] = field(default_factory=set)  # keys/emails answered 400
+    # True (what Partnero does): a sale for a customer not in the registry answers 400 Customer
+    # not found. False: every customer is known but unknown_customers (for tests about other
+    # things). See "Sales and the registry" in the module docstring.
+    customers_must_exist: bool = False
+    # The partners a signup's partner.key, .id or .email may name: {"key", "id", "email"} each.
+    partners: list[dict[str, Any]] = field(default_factory=lambda: [dict(_DEFAULT_PARTNER)])
     latency_ms: float = 0.0  # added before every API answer (asyncio.sleep)
     fail_5xx_rate: float = 0.0  # answer 500/502/503 at random, not applied
     rate_429: float = 0.0  # answer 429 at random, not applied
@@ -152,8 +217,8 @@ class FakeConfig:
     outage: Outage | None = None  # "refuse", "503", "timeout" or None
     seed: int | None = None  # for the random faults
     forbidden: bool = False  # True: every authorised API call answers 403
-    # transaction key -> {"answer": one of ODD_ANSWERS, "applied": bool, "times": int or None}:
-    # creates and deletes naming the key get that answer instead of the real one (see the
+    # transaction or customer key -> {"answer": one of ODD_ANSWERS, "applied": bool, "times": int
+    # or None}: creates and deletes naming the key get that answer instead of the real one (see the
     # module docstring); "times" counts down and the entry goes away at 0 (None: forever).
     odd_answers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -172,6 +237,7 @@ class FakeConfig:
         return dataclasses.replace(
             self,
             unknown_customers=set(self.unknown_customers),
+            partners=[dict(partner) for partner in self.partners],
             odd_answers={key: dict(spec) for key, spec in self.odd_answers.items()},
         )
 
@@ -206,11 +272,13 @@ def _validate_changes(changes: dict[str, Any]) -> JSONDict:
                 if not _is_number(value) or not 0.0 <= float(value) < math.inf:
                     raise ValueError("retry_after_seconds must be null or a number >= 0")
                 value = float(value)
-        elif name in ("dedupe", "forbidden"):
+        elif name in ("dedupe", "forbidden", "customers_must_exist"):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a boolean")
         elif name == "odd_answers":
             value = _validate_odd_answers(value)
+        elif name == "partners":
+            value = _validate_partners(value)
         elif name == "outage":
             if value is not None and value not in OUTAGES:
                 raise ValueError(f"outage must be null or one of {', '.join(OUTAGES)}")
@@ -260,6 +328,23 @@ def _validate_odd_answers(value: object) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _validate_partners(value: object) -> list[dict[str, Any]]:
+    """partners normalised to fresh {"key", "id", "email"} dicts. Raises ValueError."""
+    if not isinstance(value, list):
+        raise ValueError("partners must be a list of objects with key, id and email")
+    out: list[dict[str, Any]] = []
+    for i, partner in enumerate(value):
+        if not isinstance(partner, dict) or set(partner) != {"key", "id", "email"}:
+            raise ValueError(f"partners[{i}] must be an object with key, id and email")
+        key, id_, email = partner["key"], partner["id"], partner["email"]
+        if not (isinstance(key, str) and key and isinstance(email, str) and email):
+            raise ValueError(f"partners[{i}].key and .email must be non-empty strings")
+        if isinstance(id_, bool) or not isinstance(id_, int | str) or id_ == "":
+            raise ValueError(f"partners[{i}].id must be an integer or a non-empty string")
+        out.append({"key": key, "id": id_, "email": email})
+    return out
+
+
 def _now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -288,12 +373,21 @@ class _Response:
     body: bytes
     content_type: str = _JSON
     headers: tuple[tuple[str, str], ...] = ()
+    message: str | None = None  # the JSON body's "message", for the request log
 
 
 def _json_response(
     status: int, obj: object, headers: tuple[tuple[str, str], ...] = ()
 ) -> _Response:
-    return _Response(status, _dumps(obj), _JSON, headers)
+    message = obj.get("message") if isinstance(obj, dict) else None
+    return _Response(
+        status, _dumps(obj), _JSON, headers, message if isinstance(message, str) else None
+    )
+
+
+def _invalid(errors: dict[str, list[str]]) -> _Response:
+    """Laravel's 422 validation answer."""
+    return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
 
 
 _MALFORMED: Final = object()
@@ -303,12 +397,27 @@ _UNSET: Final = object()
 _TEST: Final = "test"
 _TRANSACTIONS: Final = "transactions"
 _TRANSACTION: Final = "transaction"  # /v1/transactions/{key}
+_CUSTOMERS: Final = "customers"
+_CUSTOMER: Final = "customer"  # /v1/customers/{key}
 _ALLOWED: Final[dict[str, tuple[str, ...]]] = {
     _TEST: ("GET",),
     _TRANSACTIONS: ("GET", "POST", "DELETE"),
     _TRANSACTION: ("DELETE",),
+    _CUSTOMERS: ("POST",),
+    _CUSTOMER: ("GET",),
 }
-_TRANSACTION_PREFIX: Final = "/v1/transactions/"
+# A collection's path -> (its route, its {key} route).
+_COLLECTIONS: Final = {
+    "/v1/transactions": (_TRANSACTIONS, _TRANSACTION),
+    "/v1/customers": (_CUSTOMERS, _CUSTOMER),
+}
+# What the request log's "resource" says of a call on a route.
+_RESOURCES: Final = {
+    _TRANSACTIONS: "transaction",
+    _TRANSACTION: "transaction",
+    _CUSTOMERS: "customer",
+    _CUSTOMER: "customer",
+}
 
 
 def _rawurldecode(raw: str) -> str:
@@ -323,14 +432,13 @@ def _match_route(raw_path: str) -> tuple[str | None, str | None]:
     """(route name or None, the {key} segment) for a raw request path, the way Laravel matches:
     trailing slashes trimmed, then percent-decoded, then matched segment by segment."""
     path = _rawurldecode(raw_path.rstrip("/") or "/")
-    if path == "/v1/transactions":
-        return _TRANSACTIONS, None
     if path == "/v1/test":
         return _TEST, None
-    if path.startswith(_TRANSACTION_PREFIX):
-        key = path[len(_TRANSACTION_PREFIX) :]
-        if key and "/" not in key:
-            return _TRANSACTION, key
+    if path in _COLLECTIONS:
+        return _COLLECTIONS[path][0], None
+    collection, _, key = path.rpartition("/")
+    if key and collection in _COLLECTIONS:
+        return _COLLECTIONS[collection][1], key
     return None, None
 
 
@@ -634,10 +742,11 @@ class _Ledger:
     """Partnero's transactions: every entry in creation order (deleted ones included), indexed by
     key, and the calls on them: create, delete and the paginated list."""
 
-    __slots__ = ("_by_key", "_config", "entries")
+    __slots__ = ("_by_key", "_config", "_customers", "entries")
 
-    def __init__(self, config: FakeConfig) -> None:
-        self._config = config  # for unknown_customers and dedupe
+    def __init__(self, config: FakeConfig, customers: _Customers) -> None:
+        self._config = config  # for dedupe
+        self._customers = customers  # whether a sale's customer exists
         self.entries: list[_Entry] = []
         self._by_key: dict[str, list[_Entry]] = {}
 
@@ -658,18 +767,10 @@ class _Ledger:
         """POST /v1/transactions by call `seq`: 201, 422 invalid, 400 unknown customer or key."""
         data, errors = _validate_create(body)
         if errors:
-            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
+            return _invalid(errors)
         customer: JSONDict = data["customer"]
-        ckey: str | None = customer.get("key") or None
-        cemail: str | None = customer.get("email") or None
-        unknown = self._config.unknown_customers
-        if (ckey in unknown) or (cemail in unknown):
-            options = data.get("options")
-            if isinstance(options, dict) and options.get("create_customer") is True:
-                unknown.discard(ckey or "")
-                unknown.discard(cemail or "")
-            else:
-                return _json_response(400, {"message": "Customer not found", "status": 0})
+        if not self._customers.admit(customer, data.get("options"), seq):
+            return _json_response(400, _NO_CUSTOMER)
         key: str | None = data.get("key")
         if self._config.dedupe and key is not None and key in self._by_key:
             return _json_response(400, {"message": "Duplicate key", "status": 0})
@@ -678,8 +779,8 @@ class _Ledger:
         entry = _Entry(
             seq=len(self.entries) + 1,
             key=key,
-            customer_key=ckey,
-            customer_email=cemail,
+            customer_key=customer.get("key") or None,
+            customer_email=customer.get("email") or None,
             partner=partner.get("key") if isinstance(partner, dict) else None,
             amount=data.get("amount"),
             reward=data.get("reward"),
@@ -712,7 +813,7 @@ class _Ledger:
         limit = _int_param(params, "limit", 15, 250, errors)
         page = _int_param(params, "page", 1, None, errors)
         if errors:
-            return _json_response(422, {"message": "The given data was invalid.", "errors": errors})
+            return _invalid(errors)
         wanted = params.get("key") or None  # Laravel turns an empty string into null
         rows: list[_Entry] = self.entries
         if wanted is not None:
@@ -789,9 +890,7 @@ def _validate_create(body: object) -> tuple[JSONDict, dict[str, list[str]]]:
         errors["customer"] = ["The customer field must be an array."]
     elif isinstance(customer, dict):
         ckey, cemail = customer.get("key"), customer.get("email")
-        for name, value in (("customer.key", ckey), ("customer.email", cemail)):
-            if value is not None and not isinstance(value, str):
-                errors[name] = [f"The {name} field must be a string."]
+        _check_strings(customer, ("key", "email"), errors, "customer.")
     if not ckey and not cemail and "customer" not in errors:
         errors.setdefault(
             "customer.key",
@@ -807,10 +906,7 @@ def _validate_create(body: object) -> tuple[JSONDict, dict[str, list[str]]]:
             errors[name] = [f"The {name} field must be a number."]
     if amount is None and reward is None:
         errors["amount"] = ["The amount field is required."]
-    for name in ("key", "amount_units", "action"):
-        value = data.get(name)
-        if value is not None and not isinstance(value, str):
-            errors[name] = [f"The {name} field must be a string."]
+    _check_strings(data, ("key", "amount_units", "action"), errors)
     created_at = data.get("created_at")
     if created_at is not None and (not isinstance(created_at, int) or isinstance(created_at, bool)):
         errors["created_at"] = ["The created_at field must be an integer."]
@@ -824,16 +920,247 @@ _MIN_TIMESTAMP: Final = -62135596800
 _MAX_TIMESTAMP: Final = 253402300799
 
 
+# ---- the customers -----------------------------------------------------------------------------
+
+_NO_CUSTOMER: Final = {"message": "Customer not found", "status": 0}
+_IGNORED: Final = _json_response(200, {"data": None, "status": 1})
+_DUPLICATE_CUSTOMER: Final = _json_response(422, {"message": "Duplicate key", "status": 0})
+_INVALID_PARTNER: Final = _json_response(400, {"message": "Invalid partner key", "status": 0})
+# The fake's stand-in for Laravel's email rule: no spaces, one "@" with text on both sides.
+_EMAIL: Final = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+@dataclass(slots=True)
+class _Customer:
+    key: str
+    email: str | None
+    partner: JSONDict | None  # the matched partner (a copy); None when none was named
+    created_seq: int
+    source: str  # "api" or "admin"
+    name: str | None = None
+    surname: str | None = None
+    tags: list[str] = field(default_factory=list)
+    referral_url: str | None = None
+    created_at: str = field(default_factory=_now_iso)
+
+    def admin(self) -> JSONDict:
+        return {
+            "key": self.key,
+            "email": self.email,
+            "partner": self.partner["key"] if self.partner is not None else None,
+            "created_seq": self.created_seq,
+            "created_at": self.created_at,
+            "source": self.source,
+        }
+
+    def api(self) -> JSONDict:
+        """The customer as Partnero's create and read answers show it."""
+        return {
+            "key": self.key,
+            "email": self.email,
+            "name": self.name,
+            "surname": self.surname,
+            "tags": list(self.tags),
+            "referral_url": self.referral_url,
+            "partner": dict(self.partner) if self.partner is not None else None,
+            "created_at": self.created_at,
+        }
+
+
+class _Customers:
+    """Partnero's customers: the registry in creation order, indexed by key and by email
+    (casefolded), and the calls on it: create, read, and the check a sale makes."""
+
+    __slots__ = ("_by_email", "_by_key", "_config", "entries")
+
+    def __init__(self, config: FakeConfig) -> None:
+        self._config = config  # for partners, unknown_customers and customers_must_exist
+        self.entries: list[_Customer] = []
+        self._by_key: dict[str, _Customer] = {}
+        self._by_email: dict[str, _Customer] = {}
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self._by_key.clear()
+        self._by_email.clear()
+
+    def admin(self) -> list[JSONDict]:
+        """Every customer in creation order, as the admin API shows it (copies)."""
+        return [c.admin() for c in self.entries]
+
+    def counts(self) -> JSONDict:
+        api = sum(1 for c in self.entries if c.source == "api")
+        return {"entries": len(self.entries), "api": api, "admin": len(self.entries) - api}
+
+    def create(self, body: object, seq: int) -> _Response:
+        """POST /v1/customers by call `seq`; the checks are in the module docstring."""
+        data, errors = _validate_customer(body)
+        key, email = data.get("key"), data.get("email") or None
+        if "email" not in errors and email is not None:
+            holder = self._by_email.get(email.casefold())
+            if holder is not None and holder.key != key:
+                errors["email"] = ["The email has already been taken."]
+        if errors:
+            return _invalid(errors)
+        ref = _partner_ref(data.get("partner"))
+        if ref is None:
+            return _IGNORED
+        if key in self._by_key:
+            return _DUPLICATE_CUSTOMER
+        partner = _find_partner(self._config.partners, *ref)
+        if partner is None:
+            return _INVALID_PARTNER
+        options = data.get("options") or {}
+        customer = _Customer(
+            data["key"],  # a string: validated
+            email,
+            partner,
+            seq,
+            "api",
+            name=data.get("name"),
+            surname=data.get("surname"),
+            tags=list(data.get("tags") or ()),
+            referral_url=options.get("referral_url"),
+        )
+        self._add(customer)
+        self._config.unknown_customers.difference_update((key, email or ""))
+        return _json_response(201, {"data": customer.api(), "status": 1})
+
+    def show(self, key: str) -> _Response:
+        """GET /v1/customers/{key}: 200, or 404 Customer not found."""
+        customer = self._by_key.get(key)
+        if customer is None:
+            return _json_response(404, _NO_CUSTOMER)
+        return _json_response(200, {"data": customer.api(), "status": 1})
+
+    def admit(self, customer: JSONDict, options: object, seq: int) -> bool:
+        """Whether a sale by call `seq` naming `customer` goes on ("Sales and the registry" in the
+        module docstring); with options.create_customer an unknown customer is registered."""
+        ckey: str | None = customer.get("key") or None
+        cemail: str | None = customer.get("email") or None
+        unknown = self._config.unknown_customers
+        known = ckey not in unknown and cemail not in unknown
+        if known and self._config.customers_must_exist:
+            known = self._find(ckey, cemail) is not None
+        if known:
+            return True
+        if not (isinstance(options, dict) and options.get("create_customer") is True):
+            return False
+        unknown.difference_update((ckey or "", cemail or ""))
+        key = ckey or cemail
+        if key is not None and key not in self._by_key:
+            taken = cemail is not None and cemail.casefold() in self._by_email
+            ref = _partner_ref(customer.get("partner"))
+            partner = _find_partner(self._config.partners, *ref) if ref is not None else None
+            self._add(_Customer(key, None if taken else cemail, partner, seq, "api"))
+        return True
+
+    def register(self, keys: Iterable[str], seq: int) -> None:
+        """Admin: a customer (source "admin") for each key not registered yet."""
+        for key in keys:
+            if key not in self._by_key:
+                self._add(_Customer(key, None, None, seq, "admin"))
+
+    def remove(self, names: Iterable[str]) -> None:
+        """Admin: remove every customer whose key or email (case aside) is one of `names`."""
+        keys = set(names)
+        emails = {name.casefold() for name in keys}
+        kept = [
+            c
+            for c in self.entries
+            if c.key not in keys and (c.email is None or c.email.casefold() not in emails)
+        ]
+        self.clear()
+        for customer in kept:
+            self._add(customer)
+
+    def _find(self, key: str | None, email: str | None) -> _Customer | None:
+        """The customer a sale names: by key; with only an email, by email or by that key."""
+        if key is not None:
+            return self._by_key.get(key)
+        if email is None:
+            return None
+        return self._by_email.get(email.casefold()) or self._by_key.get(email)
+
+    def _add(self, customer: _Customer) -> None:
+        self.entries.append(customer)
+        self._by_key[customer.key] = customer
+        if customer.email is not None:
+            self._by_email.setdefault(customer.email.casefold(), customer)
+
+
+def _check_strings(
+    data: JSONDict, names: Iterable[str], errors: dict[str, list[str]], prefix: str = ""
+) -> None:
+    """Laravel's ``nullable|string`` on each of `names` in `data`; errors named prefix + name."""
+    for name in names:
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            errors[prefix + name] = [f"The {prefix}{name} field must be a string."]
+
+
+def _validate_customer(body: object) -> tuple[JSONDict, dict[str, list[str]]]:
+    """Laravel-style validation of a customer create body: (body as dict, errors). The email's
+    uniqueness is the registry's to check."""
+    data: JSONDict = body if isinstance(body, dict) else {}
+    errors: dict[str, list[str]] = {}
+    key = data.get("key")
+    if key is None or key == "":
+        errors["key"] = ["The key field is required."]
+    elif isinstance(key, str) and len(key) > 255:
+        errors["key"] = ["The key field must not be greater than 255 characters."]
+    _check_strings(data, ("key", "email", "name", "surname"), errors)
+    email = data.get("email")
+    if isinstance(email, str) and email and not _EMAIL.fullmatch(email):
+        errors["email"] = ["The email field must be a valid email address."]
+    tags = data.get("tags")
+    if tags is not None and not isinstance(tags, list):
+        errors["tags"] = ["The tags field must be an array."]
+    elif tags is not None:
+        numbered = {str(i): tag for i, tag in enumerate(tags)}
+        _check_strings(numbered, numbered, errors, "tags.")
+    for name, fields in (("options", ("referral_url",)), ("partner", ("key", "email"))):
+        value = data.get(name)
+        if value is not None and not isinstance(value, dict):
+            errors[name] = [f"The {name} field must be an array."]
+        elif value is not None:
+            _check_strings(value, fields, errors, f"{name}.")
+    partner = data.get("partner")
+    partner_id = partner.get("id") if isinstance(partner, dict) else None
+    if partner_id is not None and (
+        isinstance(partner_id, bool) or not isinstance(partner_id, int | str)
+    ):
+        errors["partner.id"] = ["The partner.id field must be a string."]
+    return data, errors
+
+
+def _partner_ref(partner: object) -> tuple[str, str] | None:
+    """A signup's partner reference: (field, value as text) of the first non-empty of
+    partner.key, .id and .email; None when there is none."""
+    if isinstance(partner, dict):
+        for name in ("key", "id", "email"):
+            value = partner.get(name)
+            if isinstance(value, str | int) and not isinstance(value, bool) and value != "":
+                return name, str(value)
+    return None
+
+
+def _find_partner(partners: list[JSONDict], name: str, value: str) -> JSONDict | None:
+    """A copy of the partner whose `name` is `value` (key and id as text, email case aside)."""
+    for partner in partners:
+        theirs = str(partner[name])
+        if theirs == value or (name == "email" and theirs.casefold() == value.casefold()):
+            return dict(partner)
+    return None
+
+
 # ---- the API: routing, auth, odd answers ---------------------------------------------------------
 
 _OK: Final = _json_response(200, {"status": 1})
 _UNAUTHENTICATED: Final = _json_response(401, {"message": "Unauthenticated."})
 _FORBIDDEN: Final = _json_response(403, {"message": "This action is unauthorized."})
 _MALFORMED_JSON: Final = _json_response(400, {"message": "Malformed JSON"})
-_KEY_REQUIRED: Final = _json_response(
-    422,
-    {"message": "The given data was invalid.", "errors": {"key": ["The key field is required."]}},
-)
+_KEY_REQUIRED: Final = _invalid({"key": ["The key field is required."]})
 _ODD_FIXED: Final = {
     "status_0": _json_response(200, {"status": 0}),
     "html_200": _Response(200, _HTML_200, "text/html; charset=UTF-8"),
@@ -875,13 +1202,20 @@ def _odd_response(answer: str, req: _Request) -> _Response:
 class _Api:
     """The API calls as Laravel and Partnero answer them when no random fault is drawn: the route
     (matched on the decoded path), 405, auth (401), ``forbidden`` (403), the odd answers, and then
-    the call on the ledger."""
+    the call on the ledger or the customers."""
 
-    __slots__ = ("_config", "_ledger", "_list_url")
+    __slots__ = ("_config", "_customers", "_ledger", "_list_url")
 
-    def __init__(self, config: FakeConfig, ledger: _Ledger, list_url: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        config: FakeConfig,
+        ledger: _Ledger,
+        customers: _Customers,
+        list_url: Callable[[], str],
+    ) -> None:
         self._config = config
         self._ledger = ledger
+        self._customers = customers
         self._list_url = list_url  # GET /v1/transactions's own URL, for the paginator's links
 
     def answer(self, req: _Request, entry: JSONDict) -> _Response:
@@ -895,19 +1229,18 @@ class _Api:
             return _method_not_allowed(req, allowed)
         if not self._authorized(req):
             return _UNAUTHENTICATED
-        cfg = self._config
-        if cfg.forbidden:
+        if self._config.forbidden:
             return _FORBIDDEN
         if name == _TEST:
             return _OK
-        odd = cfg.odd_answers
         ledger = self._ledger
         seq: int = entry["seq"]
+        if name == _CUSTOMER:
+            assert key is not None
+            return self._customers.show(key)
         if name == _TRANSACTION:
             assert key is not None
-            if odd and key in odd:
-                return self._odd(req, entry, key, lambda: ledger.delete(key, seq))
-            return ledger.delete(key, seq)
+            return self._odd_or(req, entry, key, lambda: ledger.delete(key, seq))
         if method == "GET":
             return ledger.page(req.params(), self._list_url())
         body = req.json()
@@ -915,14 +1248,11 @@ class _Api:
             return _MALFORMED_JSON
         body_key = body.get("key") if isinstance(body, dict) else None
         if method == "POST":
-            if odd and isinstance(body_key, str) and body_key in odd:
-                return self._odd(req, entry, body_key, lambda: ledger.create(body, seq))
-            return ledger.create(body, seq)
+            create = self._customers.create if name == _CUSTOMERS else ledger.create
+            return self._odd_or(req, entry, body_key, lambda: create(body, seq))
         if not isinstance(body_key, str) or not body_key:
             return _KEY_REQUIRED
-        if odd and body_key in odd:
-            return self._odd(req, entry, body_key, lambda: ledger.delete(body_key, seq))
-        return ledger.delete(body_key, seq)
+        return self._odd_or(req, entry, body_key, lambda: ledger.delete(body_key, seq))
 
     def _authorized(self, req: _Request) -> bool:
         expected = self._config.api_key
@@ -933,11 +1263,14 @@ class _Api:
             token.strip().encode("latin-1"), expected.encode()
         )
 
-    def _odd(
-        self, req: _Request, entry: JSONDict, key: str, apply: Callable[[], _Response]
+    def _odd_or(
+        self, req: _Request, entry: JSONDict, key: object, apply: Callable[[], _Response]
     ) -> _Response:
-        """Answer with the odd answer configured for `key` (applying the call first if asked)."""
+        """`apply()`'s answer, or the odd answer configured for `key` (after applying the call
+        first if asked)."""
         odd = self._config.odd_answers
+        if not odd or not isinstance(key, str) or key not in odd:
+            return apply()
         spec = odd[key]
         times = spec["times"]
         if times is not None:
@@ -1020,20 +1353,31 @@ class _Faults:
 # ---- the request log and the admin calls -------------------------------------------------------
 
 
-def _request_key(req: _Request) -> str | None:
-    """The transaction key an API call names (see the module docstring), or None."""
-    if req.is_admin:
-        return None
+def _request_subject(req: _Request) -> tuple[str | None, str | None, str | None]:
+    """(resource, key, customer_key) of an API call as the request log shows them (see the
+    module docstring); Nones for calls on no resource."""
     name, key = req.route
-    if name == _TRANSACTION:
-        return key
-    if name == _TRANSACTIONS:
-        if req.method == "GET":
-            return req.params().get("key") or None
-        body = req.json()
-        if isinstance(body, dict) and isinstance(body.get("key"), str):
-            return cast(str, body["key"])
-    return None
+    if req.is_admin or name is None or name == _TEST:
+        return None, None, None
+    resource = _RESOURCES[name]
+    if key is not None:  # the {key} routes
+        return resource, key, (key if name == _CUSTOMER else None)
+    if req.method == "GET":
+        return resource, req.params().get("key") or None, None
+    body = req.json()
+    if not isinstance(body, dict):
+        return resource, None, None
+    body_key = _text(body.get("key"))
+    if name == _CUSTOMERS:
+        return resource, body_key, body_key
+    customer = body.get("customer")
+    if req.method == "POST" and isinstance(customer, dict):
+        return resource, body_key, _text(customer.get("key"))
+    return resource, body_key, None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class _RequestLog:
@@ -1045,15 +1389,24 @@ class _RequestLog:
         self.entries: list[JSONDict] = []
         self._seq = 0
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last call logged (0: none since the start or the last reset)."""
+        return self._seq
+
     def add(self, req: _Request, status: int | str | None = None) -> JSONDict:
         """Log the API call `req`; the entry returned is updated as the call goes on."""
         self._seq += 1
+        resource, key, customer_key = _request_subject(req)
         entry: JSONDict = {
             "seq": self._seq,
             "method": req.method,
             "path": req.path,
-            "key": _request_key(req),
+            "resource": resource,
+            "key": key,
+            "customer_key": customer_key,
             "status": status,
+            "message": None,
             "fault": None,
             "received_at": req.received_at,
             "time": time.time(),
@@ -1124,7 +1477,9 @@ class _Admin:
         fake = self._fake
         if method == "GET":
             if path == "/_fake/ledger":
-                return _json_response(200, {"transactions": fake.ledger()})
+                return _json_response(
+                    200, {"transactions": fake.ledger(), "customers": fake.customers()}
+                )
             if path == "/_fake/requests":
                 return _json_response(200, {"requests": fake._log.entries})
             if path == "/_fake/stats":
@@ -1145,9 +1500,11 @@ class _Admin:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 return _json_response(400, {"message": f"{name} must be a list of strings"})
             lists[name] = value
-        self._fake.set_customers(lists["unknown"], lists["known"])
-        unknown = sorted(self._fake.config.unknown_customers)
-        return _json_response(200, {"unknown_customers": unknown})
+        fake = self._fake
+        fake.set_customers(lists["unknown"], lists["known"])
+        unknown = sorted(fake.config.unknown_customers)
+        registered = [c["key"] for c in fake.customers()]
+        return _json_response(200, {"unknown_customers": unknown, "customers": registered})
 
     async def _post_config(self, conn: _HttpProtocol, req: _Request) -> _Response:
         body = req.json()
@@ -1279,10 +1636,13 @@ class FakePartnero:
 
     def __init__(self, config: FakeConfig | None = None) -> None:
         self._config = config if config is not None else FakeConfig()
-        self._ledger = _Ledger(self._config)
+        self._customers = _Customers(self._config)
+        self._ledger = _Ledger(self._config, self._customers)
         self._log = _RequestLog()
         self._faults = _Faults(self._config)
-        self._api = _Api(self._config, self._ledger, lambda: f"{self.url}/v1/transactions")
+        self._api = _Api(
+            self._config, self._ledger, self._customers, lambda: f"{self.url}/v1/transactions"
+        )
         self._admin = _Admin(self)
         self._listener = _Listener(self)
         self._outage_task: asyncio.Task[None] | None = None  # clears an outage after a while
@@ -1334,6 +1694,10 @@ class FakePartnero:
         """Every ledger entry in creation order (copies)."""
         return self._ledger.admin()
 
+    def customers(self) -> list[JSONDict]:
+        """Every customer of the registry in creation order (copies)."""
+        return self._customers.admin()
+
     def requests(self) -> list[JSONDict]:
         """Every API call in the order the fake acted on it (copies)."""
         return self._log.copies()
@@ -1342,19 +1706,26 @@ class FakePartnero:
         connections = self._listener.connections
         return self._log.counts() | {
             "ledger": self._ledger.counts(),
+            "customers": self._customers.counts(),
             "connections": {"accepted": self._listener.accepted, "open": len(connections)},
         }
 
     def set_customers(self, unknown: Iterable[str] = (), known: Iterable[str] = ()) -> None:
-        """Mark customers (keys or emails) unknown, or known again."""
+        """Mark customers (keys or emails) unknown: out of the registry and into
+        unknown_customers; or known: out of unknown_customers and registered by key."""
+        unknown, known = list(unknown), list(known)
         unknown_set = self._config.unknown_customers
         unknown_set.update(unknown)
         unknown_set.difference_update(known)
+        self._customers.remove(unknown)
+        self._customers.register(known, self._log.last_seq)
         self._changed()
 
     def reset(self) -> None:
-        """Clear the ledger, the request log and the sequence counter (not the config)."""
+        """Clear the ledger (customers too), the request log and the sequence counter (not the
+        config)."""
         self._ledger.clear()
+        self._customers.clear()
         self._log.clear()
         self._listener.accepted = 0
         self._changed()
@@ -1474,6 +1845,7 @@ class FakePartnero:
         resp: _Response | None
         if drawn is None:
             resp = self._api.answer(req, entry)
+            entry["message"] = resp.message
             after = self._faults.after() if faulty else None
             if after is not None:
                 entry["status"], entry["fault"] = _AFTER_STATUS[after], after
@@ -1491,7 +1863,7 @@ class FakePartnero:
                 conn.close()
                 self._changed()
                 return
-        entry["status"] = resp.status
+        entry["status"], entry["message"] = resp.status, resp.message
         conn.send(resp, req.keep_alive)
         self._changed()
 
@@ -1580,6 +1952,9 @@ class FakePartneroThread:
 
     def ledger(self) -> list[JSONDict]:
         return self._call(self._fake.ledger)
+
+    def customers(self) -> list[JSONDict]:
+        return self._call(self._fake.customers)
 
     def requests(self) -> list[JSONDict]:
         return self._call(self._fake.requests)
@@ -1686,6 +2061,11 @@ _RATE = click.FloatRange(0.0, 1.0)
 @click.option(
     "--no-dedupe", is_flag=True, help="Every create adds a ledger entry, even a known key."
 )
+@click.option(
+    "--customers-must-exist",
+    is_flag=True,
+    help="A sale for a customer never created answers 400 Customer not found, as Partnero does.",
+)
 @click.option("--latency-ms", default=0.0, type=click.FloatRange(min=0.0), show_default=True)
 @click.option("--fail-5xx-rate", default=0.0, type=_RATE, show_default=True)
 @click.option("--rate-429", default=0.0, type=_RATE, show_default=True)
@@ -1704,6 +2084,7 @@ def fake_partnero_command(
     port: int,
     api_key_env: str,
     no_dedupe: bool,
+    customers_must_exist: bool,
     latency_ms: float,
     fail_5xx_rate: float,
     rate_429: float,
@@ -1720,6 +2101,7 @@ def fake_partnero_command(
     config = FakeConfig(
         api_key=api_key,
         dedupe=not no_dedupe,
+        customers_must_exist=customers_must_exist,
         latency_ms=latency_ms,
         fail_5xx_rate=fail_5xx_rate,
         rate_429=rate_429,
