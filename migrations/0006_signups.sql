@@ -21,7 +21,11 @@
 -- 3. Order per customer: a sale waits while a signup of its customer_key is pending, and waits
 --    visibly behind a failed one (outbox.blocked_deliveries names it; a failed signup's
 --    rows_waiting counts those sales). events_signup_customer_idx serves that check, and
---    events_parked_customer_idx finds the sales to wake when a signup settles.
+--    events_parked_customer_idx finds the sales to wake when a signup settles. Its twin
+--    events_parked_key_idx does the same for the rows of a key that settled: without it, on a
+--    table autoanalyze had not seen yet, the planner intersected the key index with the whole
+--    pending index for every settled key (3.2 s per 1,000 results on a fresh 100,000-row
+--    backlog; 33 ms with it).
 -- 4. `outbox prune` deletes settled rows (delivered and skipped, and discarded when asked) by
 --    when they settled, through one index, events_settled_idx, which replaces the two it had
 --    (events_delivered_at_idx, events_discarded_idx).
@@ -232,7 +236,9 @@ ALTER TABLE outbox.operator_action_events ALTER COLUMN transaction_key DROP NOT 
 CREATE INDEX events_signup_customer_idx
     ON outbox.events (customer_key, id) WHERE event_type = 'signup';
 CREATE INDEX events_parked_customer_idx
-    ON outbox.events (customer_key) WHERE parked;
+    ON outbox.events (customer_key) WHERE parked AND status = 'pending';
+CREATE INDEX events_parked_key_idx
+    ON outbox.events (transaction_key) WHERE parked AND status = 'pending';
 CREATE INDEX events_settled_idx
     ON outbox.events ((coalesce(delivered_at, updated_at)))
     WHERE status IN ('delivered', 'skipped', 'discarded');
