@@ -177,6 +177,45 @@ def test_a_database_trigger_that_refuses_the_results_stops_the_watchdog_until_it
     assert "audit log is full" in line["error"]
 
 
+def test_the_claimer_stops_claiming_while_the_writer_cannot_keep_up(
+    logs: list[dict[str, Any]], engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    """Back-pressure: with results piling up unwritten, claiming on would only send calls whose
+    results wait past their leases (and then be looked up again). The claimer waits for the
+    writer instead, and goes on once it writes."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION outbox.audit_refuses() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                "BEGIN RAISE EXCEPTION 'audit log is full'; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER audit BEFORE UPDATE OF status ON outbox.events FOR EACH ROW "
+                "WHEN (NEW.status = 'delivered') EXECUTE FUNCTION outbox.audit_refuses()"
+            )
+        )
+    settings = make_settings(database_url, fake.url, batch_size=5, concurrency=2)
+    limit = 4 * 5  # WRITER_MAX_BATCHES * max(batch_size, concurrency)
+    with DaemonThread(settings) as thread:
+        daemon = running_daemon(thread)
+        insert_sales(engine, [f"inv_bp{i}" for i in range(60)])
+        wait_until(
+            lambda: any(e["event"] == "outbox.claimer.held_back" for e in logs),
+            what="the claimer to hold back",
+        )
+        wait_until(lambda: not daemon.claimer.tasks, what="the calls in flight to end")
+        sent = len(fake.ledger())
+        # At most the limit, plus what was claimed when it was reached (slots and prefetch).
+        assert limit <= sent <= limit + 2 * 2, sent
+        assert statuses(engine) == {"pending": 60}
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TRIGGER audit ON outbox.events"))
+        wait_until(lambda: settled(engine, 60), timeout=45, what="every row delivered")
+    assert len(fake.ledger()) == 60
+
+
 @pytest.mark.parametrize(
     ("service", "cls", "method"),
     [("claimer", Claimer, "run_once"), ("watchdog", Watchdog, "run_once")],

@@ -37,6 +37,10 @@ log = structlog.get_logger("outbox.claimer")
 
 # Full claims in a row after which this daemon stops asking INSERTs to NOTIFY (a backlog).
 DISARM_AFTER_FULL_CLAIMS = 3
+# Back-pressure: no claim while the writer holds this many batches' worth of results, or has
+# held results for this fraction of the lease (a result must be written well within its lease).
+WRITER_MAX_BATCHES = 4
+WRITER_MAX_LEASE_FRACTION = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +74,7 @@ class Claimer:
         self.tasks: dict[asyncio.Task[None], Claimed] = {}
         self._doorbell: int | None = None  # the claim connection's generation it is armed on
         self._full_claims = 0
+        self._held_back = False  # waiting for the writer (logged once per episode)
 
     def _prefetch(self) -> int:
         """Rows claimed ahead of free slots: enough that slots freed during a claim's round
@@ -90,6 +95,8 @@ class Claimer:
                 continue
             # Claim again once the room is at least half the prefetch (or a whole slot when
             # nothing is queued ahead), so that claims stay batches while rows keep flowing.
+            if await self._wait_for_writer():
+                continue
             if self._claim_room() < max(1, self._prefetch() // 2):
                 self._slot_free.clear()
                 self._ctx.health.tick(waiting=1.0)
@@ -103,6 +110,23 @@ class Claimer:
                 log.warning("outbox.claimer.db_error", error=first_line(exc))
                 self._ctx.health.tick(waiting=1.0)
                 await wait_any(self._ctx.stopping, timeout=1.0)
+
+    async def _wait_for_writer(self) -> bool:
+        """Back-pressure: while the writer is behind, wait (up to a second) for it to write a
+        batch instead of claiming. True when it waited."""
+        s = self._ctx.settings()
+        limit = WRITER_MAX_BATCHES * max(s.batch_size, s.concurrency)
+        why = self._writer.behind(limit, s.lease_seconds * WRITER_MAX_LEASE_FRACTION)
+        if why is None:
+            self._held_back = False
+            return False
+        if not self._held_back:
+            log.info("outbox.claimer.held_back", reason=why, note="waiting for the writer")
+            self._held_back = True
+        self._writer.progressed.clear()
+        self._ctx.health.tick(waiting=1.0)
+        await wait_any(self._writer.progressed, self._ctx.stopping, timeout=1.0)
+        return True
 
     async def run_once(self) -> ClaimRound:
         """One claim, then: sleep when it came back short (after arming the doorbell), or

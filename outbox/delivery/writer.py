@@ -46,6 +46,18 @@ class Writer:
         self._metrics = metrics
         self.queue: asyncio.Queue[Completion] = asyncio.Queue()
         self._batch: list[Completion] = []
+        self.progressed = asyncio.Event()  # set after every batch written
+
+    def behind(self, max_results: int, max_seconds: float) -> str | None:
+        """Why the claimer should wait for the writer before claiming more (None: it need
+        not): `max_results` or more results unwritten, or results held longer than
+        `max_seconds`. Claiming on would only pile up results whose leases run out."""
+        if self.backlog >= max_results:
+            return f"{self.backlog} results unwritten"
+        since = self._health.unwritten_since
+        if since is not None and time.monotonic() - since > max_seconds:
+            return f"results unwritten for {time.monotonic() - since:.1f} s"
+        return None
 
     def put(self, completion: Completion) -> None:
         if self._health.unwritten_since is None:
@@ -64,6 +76,7 @@ class Writer:
             self._batch.append(self.queue.get_nowait())
         result = await self._store.complete(self._batch)
         batch, self._batch = self._batch, []
+        self.progressed.set()
         # Progress: what is still queued has waited only since now.
         self._health.unwritten_since = time.monotonic() if self.backlog else None
         self._account(

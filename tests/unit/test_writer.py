@@ -315,3 +315,30 @@ async def test_flush_retries_until_the_deadline(
     # A database away is expected at shutdown; anything else is logged with its traceback.
     (line,) = [e for e in logs if e["event"] == "outbox.writer.flush_failed"]
     assert isinstance(line["exc_info"], ValueError)
+
+
+# ---- back-pressure -------------------------------------------------------------------------------
+
+
+async def test_the_writer_is_behind_with_too_many_results_and_catches_up_by_writing() -> None:
+    rig = Rig(ScriptedStore())
+    for n in range(3):
+        rig.writer.put(completion(n))
+    assert rig.writer.behind(max_results=4, max_seconds=15) is None
+    rig.writer.put(completion(3))
+    assert rig.writer.behind(max_results=4, max_seconds=15) == "4 results unwritten"
+    rig.writer.progressed.clear()
+
+    await rig.writer.run_once()
+
+    assert rig.writer.progressed.is_set()  # what the claimer waits on
+    assert rig.writer.behind(max_results=4, max_seconds=15) is None
+
+
+async def test_the_writer_is_behind_when_results_wait_too_long() -> None:
+    rig = Rig(ScriptedStore())
+    rig.writer.put(completion(1))
+    assert rig.writer.behind(max_results=100, max_seconds=15) is None
+    rig.health.unwritten_since = time.monotonic() - 16  # held for 16 s: over a quarter lease
+    why = rig.writer.behind(max_results=100, max_seconds=15)
+    assert why is not None and why.startswith("results unwritten for 16.")
