@@ -63,12 +63,12 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "show": (
         "outbox.ops.cli",
         "show_command",
-        "One event (or a key's events) with its full history.",
+        "One event (or a key's or customer's events) with its full history.",
     ),
     "retry": (
         "outbox.ops.cli",
         "retry_command",
-        "Send failed rows again now (by id or filter; --dry-run).",
+        "Send failed or skipped rows again now (by id or filter; --dry-run).",
     ),
     "discard": (
         "outbox.ops.cli",
@@ -78,7 +78,7 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
     "prune": (
         "outbox.ops.cli",
         "prune_command",
-        "Delete old delivered rows and their attempts, in batches.",
+        "Delete old delivered and skipped rows and their attempts, in batches.",
     ),
     "roles-sql": (
         "outbox.ops.roles",
@@ -139,13 +139,16 @@ def main() -> None:
 @click.option("--status", "show_status", is_flag=True, help="List the migrations and their state.")
 def migrate_command(database_url: str | None, show_status: bool) -> None:
     """Apply pending schema migrations (safe to run from several hosts at once)."""
+    import psycopg
     import sqlalchemy as sa
 
-    from outbox.db import migrate
+    from outbox.db import migrate, session
 
     url = database_url_from(database_url)
     engine = db.create_engine(url, poolclass=sa.NullPool)
     try:
+        if not show_status:
+            session.check_session(url)
         if show_status:
             states = migrate.status(engine)
             for state in states:
@@ -157,6 +160,10 @@ def migrate_command(database_url: str | None, show_status: bool) -> None:
         applied = migrate.migrate(engine)
     except migrate.MigrationError as exc:
         fail(str(exc))
+    except session.PooledConnectionError as exc:
+        fail(str(exc), code=2)
+    except psycopg.OperationalError as exc:
+        fail(f"cannot reach the database at {db.redact(url)}: {first_line(exc)}")
     except sa.exc.OperationalError as exc:
         fail(f"cannot reach the database at {db.redact(url)}: {first_line(exc.orig)}")
     finally:
@@ -179,7 +186,7 @@ def run_command(**options: Any) -> None:
     """
     import asyncio
 
-    from outbox.daemon import Daemon, NotPartneroError
+    from outbox.daemon import Daemon, NotPartneroError, PooledConnectionError
     from outbox.db.migrate import MigrationError
     from outbox.service import logs
 
@@ -189,7 +196,7 @@ def run_command(**options: Any) -> None:
         asyncio.run(Daemon(settings, flags=options).run())
     except MigrationError as exc:
         fail(str(exc))
-    except NotPartneroError as exc:
+    except (NotPartneroError, PooledConnectionError) as exc:
         fail(str(exc), code=2)
     except KeyboardInterrupt:  # pragma: no cover - the signal handler normally wins
         pass

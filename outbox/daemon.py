@@ -26,7 +26,8 @@ import structlog
 from aiolimiter import AsyncLimiter
 
 from outbox import db
-from outbox.db import migrate
+from outbox.db import migrate, session
+from outbox.db.session import PooledConnectionError
 from outbox.delivery.claimer import Claimer
 from outbox.delivery.clock import DatabaseClock
 from outbox.delivery.context import Context
@@ -49,7 +50,7 @@ from outbox.service.sdnotify import Notifier
 from outbox.service.settings import LIVE, SettingError, Settings, resolve
 from outbox.text import first_line, utcnow
 
-__all__ = ["Daemon", "NotPartneroError", "ServiceCrashed"]
+__all__ = ["Daemon", "NotPartneroError", "PooledConnectionError", "ServiceCrashed"]
 
 log = structlog.get_logger("outbox.daemon")
 
@@ -143,9 +144,11 @@ class Daemon:
     # ---- start-up ---------------------------------------------------------------------------
 
     async def check_schema(self) -> None:
-        """Refuse to run against a database that is not at this build's schema version."""
+        """Refuse to run against a database that is not at this build's schema version, or
+        through a connection that is not a session of its own (a transaction pool)."""
 
         def check() -> None:
+            session.check_session(self.settings.database_url)
             engine = db.create_engine(self.settings.database_url, poolclass=sa.NullPool)
             try:
                 migrate.check_current(engine)
