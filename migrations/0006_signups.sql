@@ -233,17 +233,17 @@ $$;
 
 ALTER TABLE outbox.operator_action_events ALTER COLUMN transaction_key DROP NOT NULL;
 
-CREATE INDEX events_signup_customer_idx
+CREATE INDEX IF NOT EXISTS events_signup_customer_idx
     ON outbox.events (customer_key, id) WHERE event_type = 'signup';
-CREATE INDEX events_parked_customer_idx
+CREATE INDEX IF NOT EXISTS events_parked_customer_idx
     ON outbox.events (customer_key) WHERE parked AND status = 'pending';
-CREATE INDEX events_parked_key_idx
+CREATE INDEX IF NOT EXISTS events_parked_key_idx
     ON outbox.events (transaction_key) WHERE parked AND status = 'pending';
-CREATE INDEX events_settled_idx
+CREATE INDEX IF NOT EXISTS events_settled_idx
     ON outbox.events ((coalesce(delivered_at, updated_at)))
     WHERE status IN ('delivered', 'skipped', 'discarded');
-DROP INDEX outbox.events_delivered_at_idx;
-DROP INDEX outbox.events_discarded_idx;
+DROP INDEX IF EXISTS outbox.events_delivered_at_idx;
+DROP INDEX IF EXISTS outbox.events_discarded_idx;
 
 COMMENT ON TABLE outbox.events IS
     'Signup, sale and refund events for Partnero. Applications INSERT event_type, '

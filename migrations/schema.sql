@@ -542,13 +542,13 @@ $$;
 -- Order per customer: the signups of a sale's customer (the claim, the blocked view), and the
 -- parked sales to wake when a signup settles (complete) or to count behind a failed signup;
 -- the parked rows of a key to wake when a row of it settles (complete).
-CREATE INDEX events_signup_customer_idx
+CREATE INDEX IF NOT EXISTS events_signup_customer_idx
     ON outbox.events (customer_key, id) WHERE event_type = 'signup';
-CREATE INDEX events_parked_customer_idx
+CREATE INDEX IF NOT EXISTS events_parked_customer_idx
     ON outbox.events (customer_key) WHERE parked AND status = 'pending';
-CREATE INDEX events_parked_key_idx
+CREATE INDEX IF NOT EXISTS events_parked_key_idx
     ON outbox.events (transaction_key) WHERE parked AND status = 'pending';
 -- `outbox prune`: settled rows (delivered, skipped, discarded) by when they settled.
-CREATE INDEX events_settled_idx
+CREATE INDEX IF NOT EXISTS events_settled_idx
     ON outbox.events ((coalesce(delivered_at, updated_at)))
     WHERE status IN ('delivered', 'skipped', 'discarded');

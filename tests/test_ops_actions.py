@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from outbox import db
 from tests.daemon_helpers import rows, scalar
 from tests.helpers import notifications
-from tests.test_ops_seed import cli, cli_json, seed, snapshot
+from tests.test_ops_seed import cli, cli_json, recorded_changes, seed, snapshot
 
 CHANGE_FIELDS = [
     "event_id",
@@ -155,12 +155,7 @@ def test_retry_resets_the_row_wakes_its_refund_records_and_notifies(
         2,
     )
     assert action.selection == {"ids": sorted([ids["ghost"], ids["timeout"]])}
-    recorded = rows(
-        engine,
-        "SELECT event_id, event_type, transaction_key, change, previous_status, "
-        "previous_outcome, previous_attempts FROM outbox.operator_action_events ORDER BY 1",
-    )
-    assert [tuple(r) for r in recorded] == [
+    assert recorded_changes(engine) == [
         (ids["ghost"], "sale", "inv_ghost", "retry", "failed", "customer_not_found", 2),
         (ids["timeout"], "sale", "inv_slow", "retry", "failed", "timeout", 3),
     ]
@@ -237,6 +232,31 @@ RETRY_REFUSALS: list[tuple[list[str], int, str]] = [
     ([], 2, "say which rows: event ids, filters (--outcome, --status-code, --since, --until"),
     (["--state", "blocked"], 2, "--state blocked: retry takes failed rows; the rows blocked"),
     (["--since", "2x"], 2, "--since: '2x' is not a duration like 30m, 2h, 7d"),
+    # skipped rows (customers no partner referred)
+    (
+        ["{unknown_refund}"],
+        1,
+        "event {unknown_refund} is a refund skipped because its sale was: retry the sale "
+        "(event {unknown}), and its skipped refunds go back to pending with it",
+    ),
+    (
+        ["--status", "skipped", "--type", "refund"],
+        1,
+        "event {unknown_refund} is a refund skipped because its sale was: retry the sale",
+    ),
+    (["--status", "skipped"], 2, "say which rows: event ids, filters"),
+    (["--status", "maybe", "--all"], 2, "--status: 'maybe' is not one of failed, skipped"),
+    (
+        ["--status", "skipped", "--state", "failed"],
+        2,
+        "--state is for failed and blocked rows, not with --status skipped",
+    ),
+    (
+        ["--status", "skipped", "--outcome", "timeout"],
+        2,
+        "--outcome: 'timeout' is not one of not_referred, invalid_partner, sale_skipped, "
+        "customer_not_found",
+    ),
 ]
 
 
@@ -407,6 +427,11 @@ DISCARD_REFUSALS: list[tuple[list[str], str]] = [
     (["{created}"], "event {created} is delivered (created): it cannot be discarded"),
     (["{in_flight}"], "event {in_flight} is in flight (leased by host-a:101): try again"),
     (["424242"], "no event with id 424242"),
+    (
+        ["{unknown}"],
+        "event {unknown} is skipped (customer_not_found): settled, it is never sent; there is "
+        "nothing to discard (outbox prune deletes it in time)",
+    ),
     (["{ghost}", "--refunds", "later"], "--refunds: 'later' is not one of keep, discard, "),
 ]
 

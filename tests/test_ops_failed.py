@@ -200,7 +200,7 @@ def test_failed_pages(ids: dict[str, int], database_url: str) -> None:
         (["--outcome", "created"], "--outcome: 'created' is not one of customer_not_found, "),
         (["--status-code", "4xx"], "--status-code: '4xx' is not an HTTP status code (100-599)"),
         (["--status-code", "99"], "--status-code: '99' is not an HTTP status code (100-599)"),
-        (["--type", "sales"], "--type: 'sales' is not one of sale, refund"),
+        (["--type", "sales"], "--type: 'sales' is not one of signup, sale, refund"),
         (["--state", "stuck"], "--state: 'stuck' is not one of failed, blocked"),
         (["--limit", "0"], "--limit: '0' is not a whole number of at least 1"),
         (["--page", "x"], "--page: 'x' is not a whole number of at least 1"),
@@ -358,8 +358,18 @@ def test_show_human_output(ids: dict[str, int], database_url: str) -> None:
         (["42000"], 1, "outbox: no event with id 42000"),
         (["--key", "inv_nope"], 1, "outbox: no event with transaction key 'inv_nope'"),
         (["abc"], 2, "outbox: ID: 'abc' is not an event id"),
-        ([], 2, "outbox: give an event ID or --key KEY (one of them)"),
-        (["1", "--key", "x"], 2, "outbox: give an event ID or --key KEY (one of them)"),
+        ([], 2, "outbox: give an event ID, --key KEY or --customer KEY (one of them)"),
+        (
+            ["1", "--key", "x"],
+            2,
+            "outbox: give an event ID, --key KEY or --customer KEY (one of them)",
+        ),
+        (
+            ["--key", "x", "--customer", "y"],
+            2,
+            "outbox: give an event ID, --key KEY or --customer KEY (one of them)",
+        ),
+        (["--customer", "cus_nope"], 1, "outbox: no event with customer key 'cus_nope'"),
     ],
 )
 def test_show_errors_are_one_clear_line(

@@ -87,7 +87,7 @@ def test_prune_in_batches_keeps_failed_pending_and_open_keys(
         False,
         2,
     )
-    assert dry["pruned"] == {"delivered": 5, "discarded": 0, "attempts": 10}
+    assert dry["pruned"] == {"delivered": 5, "discarded": 0, "attempts": 10, "skipped": 0}
     assert (dry["batches"], dry["kept_open_key"]) == (3, 1)
 
     done = cli_json(
@@ -123,6 +123,7 @@ def test_prune_in_batches_keeps_failed_pending_and_open_keys(
         "delivered": 5,
         "discarded": 0,
         "attempts": 10,
+        "skipped": 0,
     }
     again = cli_json("prune", "--older-than", "30d", database_url=database_url)
     assert (again["pruned"]["delivered"], again["batches"], again["action_id"]) == (0, 0, None)
@@ -134,7 +135,7 @@ def test_prune_discarded_rows_only_when_asked(engine: sa.Engine, database_url: s
     data = cli_json(
         "prune", "--older-than", "30d", "--include-discarded", database_url=database_url
     )
-    assert data["pruned"] == {"delivered": 5, "discarded": 1, "attempts": 12}
+    assert data["pruned"] == {"delivered": 5, "discarded": 1, "attempts": 12, "skipped": 0}
     assert data["kept_open_key"] == 2  # inv_open's sale and inv_kept's discarded sale
     assert "inv_discarded" not in keys(engine)
     assert {"inv_failed", "inv_pending", "inv_kept", "inv_open"} <= set(keys(engine))
@@ -145,7 +146,9 @@ def test_prune_human_output_and_errors(engine: sa.Engine, database_url: str) -> 
     out = cli(
         "prune", "--older-than", "30d", "--batch-size", "2", "--dry-run", database_url=database_url
     ).stdout
-    assert out.startswith("would prune 5 delivered rows and 10 attempts in 3 batches of at most 2")
+    assert out.startswith(
+        "would prune 5 delivered rows, 0 skipped rows and 10 attempts in 3 batches of at most 2"
+    )
     assert "kept 1 old row whose transaction key still has a pending or failed row" in out
     for args, message in [
         ([], "outbox: --older-than is required, e.g. --older-than 30d"),

@@ -1,8 +1,9 @@
 """A database seeded with every status and outcome, for the operator command tests.
 
-Rows are inserted through the insert contract (outbox.record_sale / record_refund) and then
-UPDATEd into their states, since an INSERT may not set the daemon's columns. Also the helpers the
-`test_ops_*` modules share: running the CLI, and a snapshot of every outbox table.
+Rows are inserted through the insert contract (outbox.record_signup / record_sale /
+record_refund) and then UPDATEd into their states, since an INSERT may not set the daemon's
+columns. Also the helpers the `test_ops_*` modules share: running the CLI, and a snapshot of every
+outbox table.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from outbox.cli import main
-from outbox.domain import Outcome, Status
+from outbox.domain import EventType, Outcome, Status
 
 # name: (type, key, customer, status, outcome, attempts, last status code, created ago, extra)
-# `extra` is SQL assignments applied after the state (leases, parking, delivered_at, ...).
+# `extra` is SQL assignments applied after the state (leases, parking, delivered_at, ...). A
+# signup has no key: its customer names it.
 ROWS: list[tuple[str, str, str, str | None, str, str | None, int, int | None, str, str]] = [
     ("created", "sale", "inv_created", "cus_anna", "delivered", "created", 1, 201, "40 days",
      "delivered_at = now() - interval '40 days'"),
@@ -54,6 +56,19 @@ ROWS: list[tuple[str, str, str, str | None, str, str | None, int, int | None, st
      "last_error = 'bad_response: 200 with a body that is not JSON (gave up after 3 attempts)'"),
     ("forbidden", "sale", "inv_403", "cus_ivan", "failed", "forbidden", 1, 403, "10 hours",
      "last_error = 'forbidden: HTTP 403: This action is unauthorized. [GET /v1/test: OK]'"),
+    ("signed_up", "signup", None, "cus_anna", "delivered", "created", 1, 201, "41 days",
+     "delivered_at = now() - interval '41 days', "
+     "payload = '{\"partner\": {\"key\": \"partner_1\"}}'"),
+    ("unreferred", "signup", None, "cus_jana", "skipped", "not_referred", 0, None, "2 hours",
+     "last_error = 'no partner reference (payload.partner.key, .id or .email): not sent'"),
+    ("bad_partner", "signup", None, "cus_karl", "skipped", "invalid_partner", 1, 400, "3 days",
+     "last_error = 'HTTP 400: Invalid partner key', "
+     "payload = '{\"partner\": {\"key\": \"partner_typo\"}}'"),
+    ("unknown", "sale", "inv_unknown", "cus_jana", "skipped", "customer_not_found", 1, 400,
+     "2 hours", "last_error = 'HTTP 400: Customer not found [the customer''s signup was "
+     "skipped: never referred]'"),
+    ("unknown_refund", "refund", "inv_unknown", None, "skipped", "sale_skipped", 0, None,
+     "1 hour", "last_error = 'its sale was skipped: nothing to reverse; not sent'"),
     ("fresh", "sale", "inv_new", "cus_anna", "pending", None, 0, None, "10 seconds", ""),
     ("retrying", "sale", "inv_retrying", "cus_bram", "pending", None, 2, 503, "20 minutes",
      "next_attempt_at = now() + interval '5 minutes', "
@@ -69,6 +84,12 @@ ROWS: list[tuple[str, str, str, str | None, str, str | None, int, int | None, st
 ]  # fmt: skip
 
 NAMES = [r[0] for r in ROWS]
+# The call each type makes: (method, path) as the attempts record them.
+PATHS = {
+    "signup": ("POST", "/v1/customers"),
+    "sale": ("POST", "/v1/transactions"),
+    "refund": ("DELETE", "/v1/transactions"),
+}
 
 
 def seed(engine: sa.Engine) -> dict[str, int]:
@@ -76,7 +97,11 @@ def seed(engine: sa.Engine) -> dict[str, int]:
     ids: dict[str, int] = {}
     with engine.begin() as conn:
         for name, type_, key, customer, *_ in ROWS:
-            if type_ == "sale":
+            if type_ == "signup":
+                ids[name] = conn.execute(
+                    sa.text("SELECT outbox.record_signup(:c)"), {"c": customer}
+                ).scalar_one()
+            elif type_ == "sale":
                 ids[name] = conn.execute(
                     sa.text("SELECT outbox.record_sale(:k, :c, 49.90, 'EUR')"),
                     {"k": key, "c": customer},
@@ -104,14 +129,13 @@ def seed(engine: sa.Engine) -> dict[str, int]:
                     "id": ids[name],
                 },
             )
-            method, path = ("POST", "/v1/transactions") if type_ == "sale" else (
-                "DELETE", f"/v1/transactions/{key}"
-            )  # fmt: skip
+            method, path = PATHS[type_]
             for n in range(1, attempts + 1):
                 last = n == attempts
                 decision = (
                     f"delivered:{outcome}" if status == "delivered" and last
                     else f"failed:{outcome}" if status in ("failed", "discarded") and last
+                    else f"skipped:{outcome}" if status == "skipped" and last
                     else "retry:server_error"
                 )  # fmt: skip
                 conn.execute(
@@ -153,6 +177,19 @@ def snapshot(engine: sa.Engine) -> dict[str, list[tuple[Any, ...]]]:
         }
 
 
+def recorded_changes(engine: sa.Engine) -> list[tuple[Any, ...]]:
+    """Every row operator actions changed, as recorded, by event id."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            sa.text(
+                "SELECT event_id, event_type, transaction_key, change, previous_status, "
+                "previous_outcome, previous_attempts FROM outbox.operator_action_events "
+                "ORDER BY event_id, action_id"
+            )
+        )
+        return [tuple(r) for r in found]
+
+
 def cli(*args: str, database_url: str | None = None) -> Result:
     """`outbox ARGS` in this process (click's runner), with --database-url when given."""
     full = list(args) + (["--database-url", database_url] if database_url else [])
@@ -177,9 +214,14 @@ def run_outbox(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-def test_the_seed_holds_every_status_and_outcome(engine: sa.Engine, seeded: dict[str, int]) -> None:
+def test_the_seed_holds_every_type_status_and_outcome(
+    engine: sa.Engine, seeded: dict[str, int]
+) -> None:
     with engine.connect() as conn:
-        found = set(conn.execute(sa.text("SELECT DISTINCT status, outcome FROM outbox.events")))
-    assert {s for s, _ in found} == {s.value for s in Status}
-    assert {o for _, o in found if o} == {o.value for o in Outcome}
+        found = set(
+            conn.execute(sa.text("SELECT DISTINCT event_type, status, outcome FROM outbox.events"))
+        )
+    assert {t for t, _, _ in found} == {t.value for t in EventType}
+    assert {s for _, s, _ in found} == {s.value for s in Status}
+    assert {o for _, _, o in found if o} == {o.value for o in Outcome}
     assert len(seeded) == len(ROWS)

@@ -37,10 +37,19 @@ def test_status_json_field_by_field(engine: sa.Engine, database_url: str) -> Non
     ]
     datetime.fromisoformat(data["checked_at"])
     assert data["max_pending_age_seconds"] == 900.0
-    assert data["totals"] == {"pending": 5, "delivered": 5, "failed": 9, "discarded": 1}
+    assert data["totals"] == {
+        "pending": 5,
+        "delivered": 6,
+        "failed": 9,
+        "discarded": 1,
+        "skipped": 4,  # last: added with the status; skipped rows need no one
+    }
 
     counts = {(c["event_type"], c["status"], c["outcome"]): c for c in data["counts"]}
     assert {k: c["events"] for k, c in counts.items()} == {
+        ("signup", "delivered", "created"): 1,
+        ("signup", "skipped", "not_referred"): 1,
+        ("signup", "skipped", "invalid_partner"): 1,
         ("sale", "pending", None): 3,
         ("sale", "failed", "customer_not_found"): 1,
         ("sale", "failed", "validation_error"): 1,
@@ -54,12 +63,23 @@ def test_status_json_field_by_field(engine: sa.Engine, database_url: str) -> Non
         ("sale", "discarded", "customer_not_found"): 1,
         ("sale", "delivered", "created"): 2,
         ("sale", "delivered", "duplicate"): 1,
+        ("sale", "skipped", "customer_not_found"): 1,
         ("refund", "pending", None): 2,
         ("refund", "delivered", "deleted"): 1,
         ("refund", "delivered", "not_found"): 1,
+        ("refund", "skipped", "sale_skipped"): 1,
     }
-    # Sales first; within a type pending, failed, discarded, delivered.
-    assert [c["status"] for c in data["counts"][:2]] == ["pending", "failed"]
+    # In delivery order of the types (signups, sales, refunds); within a type pending, failed,
+    # discarded, delivered, skipped.
+    order = [(c["event_type"], c["status"]) for c in data["counts"]]
+    assert order == sorted(
+        order,
+        key=lambda t: (
+            ["signup", "sale", "refund"].index(t[0]),
+            ["pending", "failed", "discarded", "delivered", "skipped"].index(t[1]),
+        ),
+    )
+    assert order[:3] == [("signup", "delivered"), ("signup", "skipped"), ("signup", "skipped")]
     created = counts[("sale", "delivered", "created")]
     assert list(created) == [
         "event_type",

@@ -231,7 +231,7 @@ def test_metrics_and_healthz_are_scraped_for_real(
 
         def scraped() -> str | None:
             text = httpx.get(f"{base}/metrics").text
-            done = "outbox_failed_rows 0.0" in text and 'outcome="customer_not_found"' in text
+            done = "outbox_backlog_rows 0.0" in text and 'outcome="customer_not_found"' in text
             return text if done and 'outcome="created"' in text else None
 
         text = wait_until(scraped, what="the counters and gauges to show every row")

@@ -182,7 +182,11 @@ def filter_options(func: F) -> F:
         click.option(
             "--outcome",
             metavar="REASON",
-            help="The failed row's reason: " + ", ".join(model.FAILED_OUTCOMES) + ".",
+            help="The failed row's reason: "
+            + ", ".join(model.FAILED_OUTCOMES)
+            + "; for skipped rows (retry --status skipped) why: "
+            + ", ".join(model.SKIPPED_ROW_OUTCOMES)
+            + ".",
         ),
         click.option("--status-code", metavar="CODE", help="The last HTTP status, e.g. 400."),
         click.option(
@@ -192,25 +196,37 @@ def filter_options(func: F) -> F:
             "unless it has an offset).",
         ),
         click.option("--until", metavar="WHEN", help="Recorded before WHEN (as --since)."),
-        click.option("--key", metavar="KEY", help="Transaction key (exact)."),
+        click.option("--key", metavar="KEY", help="Transaction key (exact; a signup has none)."),
         click.option("--customer", metavar="KEY", help="Customer key (exact)."),
-        click.option("--type", "event_type", metavar="TYPE", help="sale or refund."),
+        click.option("--type", "event_type", metavar="TYPE", help="signup, sale or refund."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
+# What `--state` takes: the rows `outbox failed` lists (skipped ones are not a problem).
+_LISTED_STATES = (model.ProblemState.FAILED, model.ProblemState.BLOCKED)
+
+
 def _filters(options: dict[str, Any]) -> model.Filters:
+    """The filters given; `--status` (retry only) says whether they select failed rows (and
+    blocked ones) or skipped rows, and so which outcomes `--outcome` takes."""
+    status = _parse("--status", _one_of(*model.RETRY_STATUSES), options.pop("status", None))
+    skipped = status is Status.SKIPPED
+    if skipped and options["state"] is not None:
+        fail("--state is for failed and blocked rows, not with --status skipped", EXIT_USAGE)
+    outcomes = model.SKIPPED_ROW_OUTCOMES if skipped else model.FAILED_OUTCOMES
     return model.Filters(
-        state=_parse("--state", _one_of(*model.ProblemState), options.pop("state")),
-        outcome=_parse("--outcome", _one_of(*model.FAILED_OUTCOMES), options.pop("outcome")),
+        state=_parse("--state", _one_of(*_LISTED_STATES), options.pop("state")),
+        outcome=_parse("--outcome", _one_of(*outcomes), options.pop("outcome")),
         status_code=_parse("--status-code", model.parse_status_code, options.pop("status_code")),
         since=_parse("--since", model.parse_time_bound, options.pop("since")),
         until=_parse("--until", model.parse_time_bound, options.pop("until")),
         key=options.pop("key"),
         customer=options.pop("customer"),
         event_type=_parse("--type", _one_of(*EventType), options.pop("event_type")),
+        status=status,
     )
 
 
@@ -278,9 +294,10 @@ _EVENT_COLUMNS = (
 
 
 def _event_cells(
-    event_id: int, event_type: EventType, key: str, customer_key: str | None
+    event_id: int, event_type: EventType, key: str | None, customer_key: str | None
 ) -> list[str]:
-    return [str(event_id), event_type.value, key, _dash(customer_key)]
+    """A signup has no transaction key (`-`): its customer, in the next column, names it."""
+    return [str(event_id), event_type.value, _dash(key), _dash(customer_key)]
 
 
 def _print_table(console: Console, columns: list[Col], rows: list[list[str]]) -> None:
@@ -545,8 +562,10 @@ def failed_command(
     """Failed rows, and rows blocked behind a failed or discarded row, newest first.
 
     A blocked row is pending but cannot be sent until a person retries or discards the row it
-    waits for (its `problem` says which). Filters apply to the row itself and combine with AND;
-    times are when the shop recorded the event (created_at).
+    waits for (its `problem` says which: for a sale, maybe its customer's failed signup).
+    Filters apply to the row itself and combine with AND; times are when the shop recorded the
+    event (created_at). Skipped rows (customers no partner referred) are not listed: they need
+    no one (`outbox retry --status skipped` takes them back).
     """
     filters = _filters(options)
     per_page = _parse("--limit", _positive_int, limit)
@@ -560,7 +579,9 @@ def failed_command(
 
 
 def _render_event(event: model.EventDetail, console: Console) -> None:
-    title = f"event {event.id}: {event.event_type} {event.transaction_key}"
+    # A signup is named by its customer: it has no transaction key.
+    name = event.customer_key if event.transaction_key is None else event.transaction_key
+    title = f"event {event.id}: {event.event_type} {name}"
     console.print(Text(title, style="bold"))
     _print_pairs(console, _event_pairs(event))
     console.print()
@@ -610,10 +631,7 @@ def _event_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
         pairs.append(("delivered", _when(event.delivered_at) + " UTC"))
     elif event.status is Status.PENDING:
         pairs.append(("next attempt", _when(event.next_attempt_at) + " UTC"))
-    if event.last_error and event.status is not Status.DELIVERED:
-        pairs.append(("last error", _one_line(event.last_error)))
-    elif event.last_status_code is not None:
-        pairs.append(("last answer", f"HTTP {event.last_status_code}"))
+    pairs += _answer_pairs(event)
     # lookup_required: an earlier create may have reached Partnero; it is looked up first.
     flags = [
         name
@@ -634,6 +652,37 @@ def _event_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
     return pairs
 
 
+def _answer_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
+    """What became of the row: why a skipped row was skipped (and the answer that did it, if
+    a call did: a row skipped without a call has only the daemon's note saying the same), the
+    last error of a row not delivered, or the last answer."""
+    if event.status is Status.SKIPPED and event.outcome in SKIPPED_WHY:
+        why = [("why", SKIPPED_WHY[event.outcome])]
+        if event.last_error and event.last_status_code is not None:
+            why.append(("answer", _one_line(event.last_error)))
+        return why
+    if event.last_error and event.status is not Status.DELIVERED:
+        return [("last error", _one_line(event.last_error))]
+    if event.last_status_code is not None:
+        return [("last answer", f"HTTP {event.last_status_code}")]
+    return []
+
+
+# `outbox show`: why a skipped row was skipped, and what a person may do (docs/operations.md,
+# "A customer nobody referred").
+SKIPPED_WHY = {
+    Outcome.NOT_REFERRED: "no partner referred this customer (no partner reference in the "
+    "payload): Partnero would ignore the signup, so it was not sent; nothing to do",
+    Outcome.INVALID_PARTNER: "Partnero refused the partner reference (400 Invalid partner key), "
+    "so it has no such customer and no partner earns on their sales; if the reference was "
+    "wrong, correct the payload (or the partner at Partnero) and `outbox retry` this row",
+    Outcome.CUSTOMER_NOT_FOUND: "Partnero does not know this customer (never referred): nothing "
+    "to pay; `outbox retry` sends it again if a person added the customer at Partnero",
+    Outcome.SALE_SKIPPED: "its sale was skipped (Partnero does not know the customer): nothing "
+    "to reverse, so it was not sent; it goes back to pending when its sale is retried",
+}
+
+
 def _unblock_hint(event_id: int, b: model.BlockedBy) -> str:
     if b.status is Status.DISCARDED:
         return (
@@ -651,7 +700,10 @@ def _print_wrapped(console: Console, text: str, *, indent: int, max_lines: int) 
         console.print(" " * indent + line)
 
 
-def render_shown(shown: model.EventShown | model.KeyShown, console: Console) -> None:
+Shown = model.EventShown | model.KeyShown | model.CustomerShown
+
+
+def render_shown(shown: Shown, console: Console) -> None:
     events = [shown.event] if isinstance(shown, model.EventShown) else shown.events
     for n, event in enumerate(events):
         if n:
@@ -660,28 +712,43 @@ def render_shown(shown: model.EventShown | model.KeyShown, console: Console) -> 
 
 
 @click.command(
-    "show", epilog=EXIT_CODES, short_help="One event (or a key's events) with its full history."
+    "show",
+    epilog=EXIT_CODES,
+    short_help="One event (or a key's or customer's events) with its full history.",
 )
 @database_options
 @click.argument("event_id", metavar="[ID]", required=False)
 @click.option("--key", metavar="KEY", help="Every event of this transaction key, in order.")
+@click.option(
+    "--customer",
+    metavar="KEY",
+    help="Every event of this customer: its signups, its sales and their refunds, in order "
+    "(reads the whole table: customer keys of sales have no index).",
+)
 def show_command(
-    database_url: str | None, as_json: bool, event_id: str | None, key: str | None
+    database_url: str | None,
+    as_json: bool,
+    event_id: str | None,
+    key: str | None,
+    customer: str | None,
 ) -> None:
     """One event and its full history: every HTTP call (time, request, status, answer,
     decision) and every operator action; or, with --key, every event of a transaction key in
-    delivery order (sales before refunds, then by id)."""
-    if (event_id is None) == (key is None):
-        fail("give an event ID or --key KEY (one of them)", EXIT_USAGE)
+    delivery order (sales before refunds, then by id); or, with --customer, a customer's
+    signups, then its sales, each followed by its refunds."""
+    if [event_id, key, customer].count(None) != 2:
+        fail("give an event ID, --key KEY or --customer KEY (one of them)", EXIT_USAGE)
     with _engine(database_url) as engine:
         if event_id is not None:
             parsed: list[int] = _parse("ID", model.parse_ids, event_id)
             if len(parsed) != 1:
                 fail(f"ID: {event_id!r} is not one event id", EXIT_USAGE)
-            shown: model.EventShown | model.KeyShown = _ops().show_event(engine, parsed[0])
-        else:
-            assert key is not None
+            shown: Shown = _ops().show_event(engine, parsed[0])
+        elif key is not None:
             shown = _ops().show_key(engine, key)
+        else:
+            assert customer is not None
+            shown = _ops().show_customer(engine, customer)
     _emit(shown, as_json, render_shown)
 
 
@@ -803,14 +870,21 @@ def _run_action(action: _Action, run: Callable[[sa.Engine], model.ActionResult])
     _emit(result, action.as_json, render_action)
 
 
-@action_command("retry", "Send failed rows again now (by id or filter; --dry-run).")
+@action_command("retry", "Send failed or skipped rows again now (by id or filter; --dry-run).")
+@click.option(
+    "--status",
+    metavar="STATUS",
+    help="Which rows the filters select: failed (the default: as `outbox failed` lists them) or "
+    "skipped (customers no partner referred: for one a person has since added at Partnero).",
+)
 def retry_command(**options: Any) -> None:
-    """Send failed rows again, now: by id (failed or discarded rows), or the failed rows the
-    filters select (as `outbox failed` lists them).
+    """Send rows again, now: by id (failed, skipped or discarded rows), or the failed rows the
+    filters select (as `outbox failed` lists them), or with --status skipped the skipped ones.
 
     The row goes back to pending, due at once, with its attempt count reset so every retry class
     has its full budget; a sale whose earlier create may have reached Partnero is still looked
-    up first. Rows parked behind it are woken and running daemons are notified. Recorded in
+    up first. The refunds skipped behind a retried sale (sale_skipped) go back to pending with
+    it. Rows parked behind it are woken and running daemons are notified. Recorded in
     outbox.operator_actions with --reason and --actor.
     """
     act = _action(
@@ -840,7 +914,8 @@ def _discard(refunds: str, **options: Any) -> None:
     rows the filters select (as `outbox failed` lists them).
 
     A discarded row is never sent. Recorded in outbox.operator_actions with --reason and
-    --actor, with every row's status before.
+    --actor, with every row's status before. Skipped rows are refused: they are settled and
+    never sent already (`outbox prune` deletes them).
     """
     what = _parse("--refunds", _one_of(*model.RefundChoice), refunds)
     act = _action(options)
@@ -867,7 +942,7 @@ discard_command = action_command(
 
 def render_prune(result: model.PruneResult, console: Console) -> None:
     pruned = result.pruned
-    what = plural(pruned.delivered, "delivered row")
+    what = f"{plural(pruned.delivered, 'delivered row')}, {plural(pruned.skipped, 'skipped row')}"
     if result.include_discarded:
         what += f", {plural(pruned.discarded, 'discarded row')}"
     verb = "would prune" if result.dry_run else "pruned"
@@ -887,14 +962,14 @@ def render_prune(result: model.PruneResult, console: Console) -> None:
 @click.command(
     "prune",
     epilog=EXIT_CODES,
-    short_help="Delete old delivered rows and their attempts, in batches.",
+    short_help="Delete old delivered and skipped rows and their attempts, in batches.",
 )
 @database_options
 @click.option(
     "--older-than",
     metavar="DURATION",
     envvar="OUTBOX_PRUNE_OLDER_THAN",
-    help="Delete rows delivered (or discarded) longer ago than this, e.g. 30d "
+    help="Delete rows delivered, skipped (or discarded) longer ago than this, e.g. 30d "
     "[required; env OUTBOX_PRUNE_OLDER_THAN].",
 )
 @click.option(
@@ -918,7 +993,8 @@ def prune_command(
     reason: str,
     actor: str | None,
 ) -> None:
-    """Delete delivered rows and their attempts older than --older-than, in short batches.
+    """Delete delivered and skipped rows and their attempts older than --older-than, in short
+    batches, the oldest first.
 
     Failed and pending rows are never deleted, nor any row whose transaction key still has a
     pending or failed row; discarded rows only with --include-discarded. Each batch is its own

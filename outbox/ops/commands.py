@@ -43,6 +43,7 @@ from outbox.ops.model import (
     Change,
     ChangeKind,
     CountRow,
+    CustomerShown,
     DiscardResult,
     EventDetail,
     EventShown,
@@ -236,8 +237,15 @@ def _problem_ids(conn: sa.Connection, params: Mapping[str, Any]) -> list[int]:
 # ---- outbox show -------------------------------------------------------------------------------
 
 
-def _events(conn: sa.Connection, *, event_id: int | None, key: str | None) -> list[EventDetail]:
-    rows = _rows(conn, "events", {"id": event_id, "key": key})
+def _events(
+    conn: sa.Connection,
+    *,
+    event_id: int | None = None,
+    key: str | None = None,
+    customer: str | None = None,
+) -> list[EventDetail]:
+    """The rows by id, transaction key or customer, each with its attempts and actions."""
+    rows = _rows(conn, "events", {"id": event_id, "key": key, "customer": customer})
     ids = [r["id"] for r in rows]
     attempts: dict[int, list[Attempt]] = {i: [] for i in ids}
     actions: dict[int, list[ActionEntry]] = {i: [] for i in ids}
@@ -258,20 +266,29 @@ def _events(conn: sa.Connection, *, event_id: int | None, key: str | None) -> li
     ]
 
 
-def show_event(engine: sa.Engine, event_id: int) -> EventShown:
+def _found(engine: sa.Engine, missing: str, **which: Any) -> tuple[EventDetail, ...]:
+    """The rows `which` selects (in one snapshot), or OpsError(missing) when there are none."""
     with _snapshot(engine) as conn:
-        found = _events(conn, event_id=event_id, key=None)
+        found = _events(conn, **which)
     if not found:
-        raise OpsError(f"no event with id {event_id}")
-    return EventShown(event=found[0])
+        raise OpsError(missing)
+    return tuple(found)
+
+
+def show_event(engine: sa.Engine, event_id: int) -> EventShown:
+    (event,) = _found(engine, f"no event with id {event_id}", event_id=event_id)
+    return EventShown(event=event)
 
 
 def show_key(engine: sa.Engine, key: str) -> KeyShown:
-    with _snapshot(engine) as conn:
-        found = _events(conn, event_id=None, key=key)
-    if not found:
-        raise OpsError(f"no event with transaction key {key!r}")
-    return KeyShown(transaction_key=key, events=tuple(found))
+    found = _found(engine, f"no event with transaction key {key!r}", key=key)
+    return KeyShown(transaction_key=key, events=found)
+
+
+def show_customer(engine: sa.Engine, customer: str) -> CustomerShown:
+    """A customer's signups, sales and the refunds of those sales, in delivery order."""
+    found = _found(engine, f"no event with customer key {customer!r}", customer=customer)
+    return CustomerShown(customer_key=customer, events=found)
 
 
 # ---- outbox retry / outbox discard -------------------------------------------------------------
@@ -283,13 +300,19 @@ class _Row:
 
     id: int
     event_type: EventType
-    transaction_key: str
+    transaction_key: str | None
     customer_key: str | None
     status: Status
     outcome: Outcome | None
     attempts: int
+    parked: bool
     lease_owner: str | None
     leased: bool  # a daemon holds it right now
+
+
+def _keys(rows: Iterable[_Row]) -> list[str]:
+    """The transaction keys of the rows (signups have none)."""
+    return sorted({r.transaction_key for r in rows if r.transaction_key is not None})
 
 
 _NEW_STATUS = {
@@ -355,14 +378,33 @@ def _lock_selected(
     return [locked[i] for i in sorted(still) if i in locked]
 
 
-def _wake_parked(
-    conn: sa.Connection, rows: Iterable[_Row], *, besides: Iterable[_Row]
-) -> list[Change]:
-    """Lock the parked rows of the rows' keys (other than `besides`): they are made due now."""
-    keys = sorted({r.transaction_key for r in rows})
-    ids = [r.id for r in besides]
-    parked = _locked(conn, "parked_rows", {"keys": keys, "ids": ids})
-    return [_change(r, ChangeKind.WAKE) for r in parked]
+class _Related:
+    """The other rows of the keys of the rows an action selected, and the parked sales of the
+    customers of the signups among them, locked for the rest of its transaction (the query
+    `related_rows`), by key."""
+
+    def __init__(self, conn: sa.Connection, rows: list[_Row], *, besides: list[_Row]) -> None:
+        signups = [r for r in rows if r.event_type is EventType.SIGNUP]
+        params = {
+            "keys": _keys(rows),
+            "customers": sorted({r.customer_key for r in signups if r.customer_key is not None}),
+            "ids": [r.id for r in besides],
+        }
+        self.rows = _locked(conn, "related_rows", params)
+        self._by_key: dict[str, list[_Row]] = {}
+        for r in self.rows:
+            if r.transaction_key is not None:
+                self._by_key.setdefault(r.transaction_key, []).append(r)
+
+    def of(self, row: _Row, event_type: EventType, status_: Status) -> list[_Row]:
+        """The rows of `row`'s key with this type and status."""
+        same_key = self._by_key.get(row.transaction_key or "", [])
+        return [r for r in same_key if r.event_type is event_type and r.status is status_]
+
+    def wake(self) -> list[Change]:
+        """The parked ones: they are made due now."""
+        parked = [r for r in self.rows if r.parked and r.status is Status.PENDING]
+        return [_change(r, ChangeKind.WAKE) for r in parked]
 
 
 def _refuse(problems: list[str]) -> None:
@@ -476,13 +518,16 @@ def _run_action(engine: sa.Engine, dry_run: bool, body: Callable[[sa.Connection]
     return result
 
 
+_RETRYABLE = (Status.FAILED, Status.DISCARDED, Status.SKIPPED)
+
+
 def _retry_problems(conn: sa.Connection, rows: list[_Row]) -> list[str]:
-    """Why rows that are neither failed nor discarded cannot be retried."""
+    """Why rows that are neither failed, discarded nor skipped cannot be retried."""
     pending = [r.id for r in rows if r.status is Status.PENDING]
     blockers = {b["id"]: b for b in _rows(conn, "blockers", {"ids": pending})}
     problems = []
     for r in rows:
-        if r.status in (Status.FAILED, Status.DISCARDED):
+        if r.status in _RETRYABLE:
             continue
         if r.id in blockers:
             b = blockers[r.id]
@@ -497,21 +542,47 @@ def _retry_problems(conn: sa.Connection, rows: list[_Row]) -> list[str]:
     return problems
 
 
-def _refunds_already_sent(conn: sa.Connection, rows: list[_Row]) -> list[str]:
-    """Discarded sales whose refund was delivered since: sending them now would create a
-    commission that stays."""
-    sales = [r for r in rows if _discarded_sale(r)]
-    if not sales:
-        return []
-    keys = sorted({r.transaction_key for r in sales})
+def _refunds_alone(rows: list[_Row], related: _Related) -> list[str]:
+    """Refunds skipped because their sale was, named without that sale: sent alone they would
+    only be skipped again."""
     problems = []
-    for refund in _rows(conn, "delivered_refunds", {"keys": keys}):
-        sale = next(s for s in sales if s.transaction_key == refund["transaction_key"])
-        problems.append(
-            f"event {sale.id}: its refund (event {refund['id']}) was delivered after the sale "
-            "was discarded; sending the sale now would create a commission that stays"
-        )
+    for refund in rows:
+        if refund.status is not Status.SKIPPED or refund.outcome is not Outcome.SALE_SKIPPED:
+            continue
+        sales = related.of(refund, EventType.SALE, Status.SKIPPED)
+        if sales:
+            problems.append(
+                f"event {refund.id} is a refund skipped because its sale was: retry the sale "
+                f"(event {sales[0].id}), and its skipped refunds go back to pending with it"
+            )
     return problems
+
+
+def _refunds_already_sent(rows: list[_Row], related: _Related) -> list[str]:
+    """Discarded or skipped sales whose refund was delivered: sending them now would create a
+    commission that stays."""
+    problems = []
+    for sale in filter(_unsent_sale, rows):
+        when = "after the sale was discarded" if sale.status is Status.DISCARDED else "already"
+        for refund in related.of(sale, EventType.REFUND, Status.DELIVERED):
+            problems.append(
+                f"event {sale.id}: its refund (event {refund.id}) was delivered {when}; sending "
+                "the sale now would create a commission that stays"
+            )
+    return problems
+
+
+def _refunds_behind(rows: list[_Row], related: _Related) -> list[_Row]:
+    """The refunds skipped because their sale was (sale_skipped), behind the sales being
+    retried: they go back to pending with them, behind them; else the sale would be created and
+    its refund never sent."""
+    return [
+        refund
+        for sale in rows
+        if sale.event_type is EventType.SALE
+        for refund in related.of(sale, EventType.REFUND, Status.SKIPPED)
+        if refund.outcome is Outcome.SALE_SKIPPED
+    ]
 
 
 def retry(
@@ -522,16 +593,21 @@ def retry(
     actor: str,
     reason: str | None,
 ) -> ActionResult:
-    """Send failed (or, by id, discarded) rows again: pending, due now, attempts back to 0 so
-    every retry class has its full budget; lookup_required is kept. Parked rows of their keys are
-    woken, and a NOTIFY wakes a running daemon."""
+    """Send failed, skipped (or, by id, discarded) rows again: pending, due now, attempts back
+    to 0 so every retry class has its full budget; lookup_required is kept. The refunds skipped
+    behind a retried sale are retried with it. Parked rows of their keys (and the parked sales of
+    a retried signup's customer) are woken, and a NOTIFY wakes a running daemon."""
+    narrow = ProblemState.FAILED
+    if selection.filters.status is Status.SKIPPED:
+        narrow = ProblemState.SKIPPED
 
     def body(conn: sa.Connection) -> ActionResult:
-        rows = _lock_selected(conn, selection, state=None if selection.ids else ProblemState.FAILED)
-        _refuse(_retry_problems(conn, rows))
-        _refuse(_refunds_already_sent(conn, rows))
-        changes = [_change(r, ChangeKind.RETRY) for r in rows]
-        changes += _wake_parked(conn, rows, besides=rows)
+        rows = _lock_selected(conn, selection, state=None if selection.ids else narrow)
+        related = _Related(conn, rows, besides=rows)
+        _refuse(_retry_problems(conn, rows) + _refunds_alone(rows, related))
+        _refuse(_refunds_already_sent(rows, related))
+        changes = [_change(r, ChangeKind.RETRY) for r in rows + _refunds_behind(rows, related)]
+        changes += related.wake()
         return _commit(
             conn,
             ActionKind.RETRY,
@@ -573,7 +649,7 @@ def discard(
             _refuse(_discard_problems(behind))
             kind = ChangeKind.DISCARD if refunds is RefundChoice.DISCARD else ChangeKind.RELEASE
             changes += [_change(r, kind) for r in behind]
-        changes += _wake_parked(conn, rows, besides=rows + behind)
+        changes += _Related(conn, rows, besides=rows + behind).wake()
         result = _commit(
             conn,
             ActionKind.DISCARD,
@@ -592,11 +668,16 @@ def _discarded_sale(row: _Row) -> bool:
     return row.status is Status.DISCARDED and row.event_type is EventType.SALE
 
 
+def _unsent_sale(row: _Row) -> bool:
+    """A sale settled without reaching Partnero: discarded, or skipped."""
+    return row.status in (Status.DISCARDED, Status.SKIPPED) and row.event_type is EventType.SALE
+
+
 def _left_blocked(sales: list[_Row], refunds: list[_Row]) -> tuple[LeftBlocked, ...]:
     """The refunds that stay blocked, each with the (first) discarded sale of its key."""
     sale_of: dict[str, int] = {}
     for r in sorted(sales, key=lambda r: r.id):
-        if r.event_type is EventType.SALE:
+        if r.event_type is EventType.SALE and r.transaction_key is not None:
             sale_of.setdefault(r.transaction_key, r.id)
     return tuple(
         LeftBlocked(
@@ -606,6 +687,7 @@ def _left_blocked(sales: list[_Row], refunds: list[_Row]) -> tuple[LeftBlocked, 
             sale_id=sale_of[r.transaction_key],
         )
         for r in refunds
+        if r.transaction_key is not None  # a refund always has one
     )
 
 
@@ -616,6 +698,11 @@ def _discard_problems(rows: list[_Row]) -> list[str]:
 def _discard_problem(row: _Row) -> str | None:
     if row.status is Status.DELIVERED:
         return f"event {row.id} is delivered ({row.outcome}): it cannot be discarded"
+    if row.status is Status.SKIPPED:
+        return (
+            f"event {row.id} is skipped ({row.outcome}): settled, it is never sent; there is "
+            "nothing to discard (outbox prune deletes it in time)"
+        )
     if row.status is Status.DISCARDED:
         return (
             f"event {row.id} is discarded already (for a sale, --refunds release|discard "
@@ -631,10 +718,10 @@ def _discard_problem(row: _Row) -> str | None:
 
 # ---- outbox prune ------------------------------------------------------------------------------
 
-_PRUNE_BATCH = {
-    Status.DELIVERED: "prune_delivered_batch",
-    Status.DISCARDED: "prune_discarded_batch",
-}
+# Settled rows pruned by default: they need no one (a skipped row is a customer no partner
+# referred, most of a shop's sales maybe). Discarded ones only when asked.
+_PRUNED = (Status.DELIVERED, Status.SKIPPED)
+_PRUNE_COUNTS = tuple(f.name for f in dataclasses.fields(PruneCounts))
 
 
 def prune(
@@ -647,34 +734,25 @@ def prune(
     actor: str,
     reason: str,
 ) -> PruneResult:
-    """Delete delivered rows (and, when asked, discarded rows) older than `older_than`, with
-    their attempts, `batch_size` rows per transaction. Failed and pending rows are never
-    deleted, nor any row whose transaction key still has a pending or failed row."""
+    """Delete delivered and skipped rows (and, when asked, discarded rows) settled longer ago
+    than `older_than`, with their attempts, `batch_size` rows per transaction, oldest first.
+    Failed and pending rows are never deleted, nor any row whose transaction key still has a
+    pending or failed row."""
+    pruned_statuses = _PRUNED + ((Status.DISCARDED,) if include_discarded else ())
+    statuses = [s.value for s in pruned_statuses]
     with engine.connect() as conn:
         cutoff: datetime = conn.execute(
             _q("prune_cutoff"), {"seconds": older_than.total_seconds()}
         ).scalar_one()
-    action_id = None
+    params = {"cutoff": cutoff, "statuses": statuses, "batch_size": batch_size}
     if dry_run:
-        preview = _prune_preview(engine, cutoff, include_discarded)
+        preview = _prune_preview(engine, params)
         pruned = _from_row(PruneCounts, preview)
-        batches = sum(-(-n // batch_size) for n in (pruned.delivered, pruned.discarded))
+        batches = -(-pruned.events // batch_size)
     else:
-        statuses = [Status.DELIVERED, Status.DISCARDED] if include_discarded else [Status.DELIVERED]
-        pruned, batches = _prune_batches(engine, cutoff, statuses, batch_size)
-        preview = _prune_preview(engine, cutoff, include_discarded)  # for the rows it kept
-        if pruned.delivered or pruned.discarded:
-            action_id = _record_prune(
-                engine,
-                older_than=older_than,
-                cutoff=cutoff,
-                include_discarded=include_discarded,
-                batch_size=batch_size,
-                pruned=pruned,
-                actor=actor,
-                reason=reason,
-            )
-    return PruneResult(
+        pruned, batches = _prune_batches(engine, params)
+        preview = _prune_preview(engine, params)  # for the rows it kept
+    result = PruneResult(
         dry_run=dry_run,
         cutoff=cutoff,
         older_than_seconds=older_than.total_seconds(),
@@ -683,37 +761,29 @@ def prune(
         batches=batches,
         pruned=pruned,
         kept_open_key=int(preview["kept_open_key"]),
-        action_id=action_id,
+        action_id=None,
     )
+    if dry_run or not pruned.events:
+        return result
+    action_id = _record_prune(engine, result, actor=actor, reason=reason)
+    return dataclasses.replace(result, action_id=action_id)
 
 
-def _prune_preview(engine: sa.Engine, cutoff: datetime, include_discarded: bool) -> sa.RowMapping:
+def _prune_preview(engine: sa.Engine, params: Mapping[str, Any]) -> sa.RowMapping:
     """What a run would delete, and the old rows it keeps for their key."""
     with engine.connect() as conn:
-        (row,) = _rows(
-            conn, "prune_preview", {"cutoff": cutoff, "include_discarded": include_discarded}
-        )
+        (row,) = _rows(conn, "prune_preview", params)
     return row
 
 
-def _record_prune(
-    engine: sa.Engine,
-    *,
-    older_than: timedelta,
-    cutoff: datetime,
-    include_discarded: bool,
-    batch_size: int,
-    pruned: PruneCounts,
-    actor: str,
-    reason: str,
-) -> int:
+def _record_prune(engine: sa.Engine, result: PruneResult, *, actor: str, reason: str) -> int:
     """A run that deleted rows, in the record: what it was asked and what it deleted."""
     selection = {
-        "older_than": format_duration(older_than.total_seconds()),
-        "cutoff": cutoff.astimezone(UTC).isoformat(),
-        "include_discarded": include_discarded,
-        "batch_size": batch_size,
-        **_field_values(pruned),
+        "older_than": format_duration(result.older_than_seconds),
+        "cutoff": result.cutoff.astimezone(UTC).isoformat(),
+        "include_discarded": result.include_discarded,
+        "batch_size": result.batch_size,
+        **_field_values(result.pruned),
     }
     with engine.begin() as conn:
         action_id, _ = _record(
@@ -723,31 +793,23 @@ def _record_prune(
             reason=reason,
             selection=selection,
             changes=[],
-            event_count=pruned.delivered + pruned.discarded,
+            event_count=result.pruned.events,
         )
     return action_id
 
 
-def _prune_batches(
-    engine: sa.Engine, cutoff: datetime, statuses: list[Status], batch_size: int
-) -> tuple[PruneCounts, int]:
-    """Delete in batches, one transaction each, until a batch comes back short."""
+def _prune_batches(engine: sa.Engine, params: Mapping[str, Any]) -> tuple[PruneCounts, int]:
+    """Delete in batches, one transaction each, the oldest settled rows first, until a batch
+    comes back short."""
     pruned = Counter[str]()
     batches = 0
-    for status_ in statuses:
-        while True:
-            with engine.begin() as conn:
-                _begin(conn)
-                (done,) = _rows(
-                    conn, _PRUNE_BATCH[status_], {"cutoff": cutoff, "batch_size": batch_size}
-                )
-            if done["events"]:
-                batches += 1
-                pruned[status_.value] += int(done["events"])
-                pruned["attempts"] += int(done["attempts"])
-            if done["events"] < batch_size:
-                break
-    counts = PruneCounts(
-        delivered=pruned["delivered"], discarded=pruned["discarded"], attempts=pruned["attempts"]
-    )
-    return counts, batches
+    while True:
+        with engine.begin() as conn:
+            _begin(conn)
+            (done,) = _rows(conn, "prune_batch", params)
+        if done["events"]:
+            batches += 1
+            pruned.update({name: int(done[name]) for name in _PRUNE_COUNTS})
+        if done["events"] < params["batch_size"]:
+            break
+    return _from_row(PruneCounts, pruned), batches

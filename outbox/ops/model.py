@@ -19,6 +19,7 @@ from typing import Any
 
 from outbox.domain import (
     DELIVERED_OUTCOMES,
+    SKIPPED_OUTCOMES,
     DecisionKind,
     EventType,
     Outcome,
@@ -34,7 +35,10 @@ class ProblemState(enum.StrEnum):
     """Why `outbox failed` lists a row."""
 
     FAILED = "failed"
-    BLOCKED = "blocked"  # pending, behind a failed or discarded row of its key
+    BLOCKED = "blocked"  # pending, behind a failed or discarded row of its key (or customer)
+    # settled by rule, needs no one: never listed by `outbox failed`; selected only by
+    # `outbox retry --status skipped`
+    SKIPPED = "skipped"
 
 
 class ActionKind(enum.StrEnum):
@@ -63,7 +67,16 @@ class RefundChoice(enum.StrEnum):
     RELEASE = "release"
 
 
-FAILED_OUTCOMES: tuple[Outcome, ...] = tuple(o for o in Outcome if o not in DELIVERED_OUTCOMES)
+# The reasons a failed row may have: customer_not_found only on rows failed before migration
+# 0006 (since then such a sale is skipped).
+FAILED_OUTCOMES: tuple[Outcome, ...] = (
+    Outcome.CUSTOMER_NOT_FOUND,
+    *(o for o in Outcome if o not in DELIVERED_OUTCOMES | SKIPPED_OUTCOMES),
+)
+# Why a skipped row was skipped, in the order of the Outcome vocabulary.
+SKIPPED_ROW_OUTCOMES: tuple[Outcome, ...] = tuple(o for o in Outcome if o in SKIPPED_OUTCOMES)
+# What `outbox retry --status` selects by filter.
+RETRY_STATUSES: tuple[Status, ...] = (Status.FAILED, Status.SKIPPED)
 
 
 class OpsError(Exception):
@@ -153,7 +166,8 @@ def default_actor() -> str:
 
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """What `outbox failed` (and `retry` / `discard` by filter) select. None means any."""
+    """What `outbox failed` (and `retry` / `discard` by filter) select. None means any. `status`
+    is `outbox retry --status`: skipped selects skipped rows instead of failed ones."""
 
     state: ProblemState | None = None
     outcome: Outcome | None = None
@@ -163,9 +177,13 @@ class Filters:
     key: str | None = None
     customer: str | None = None
     event_type: EventType | None = None
+    status: Status | None = None
 
     def given(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+        """Whether a filter narrows the rows (`--status` alone does not: it says which rows the
+        others apply to, so retrying every skipped row takes --all)."""
+        narrowing = (f.name for f in dataclasses.fields(self) if f.name != "status")
+        return any(getattr(self, name) is not None for name in narrowing)
 
     def describe(self) -> JSONDict:
         """The filters as given, for the JSON output and the action record."""
@@ -178,11 +196,20 @@ class Filters:
                 out[f.name] = value.value if isinstance(value, enum.Enum) else value
         return out
 
+    def states(self) -> tuple[ProblemState, ...]:
+        """Which rows the filters read: skipped ones for --status skipped, else the --state
+        given, else failed and blocked rows (what `outbox failed` lists)."""
+        if self.status is Status.SKIPPED:
+            return (ProblemState.SKIPPED,)
+        if self.state is not None:
+            return (self.state,)
+        return (ProblemState.FAILED, ProblemState.BLOCKED)
+
     def params(self, now: datetime, ids: Sequence[int] | None = None) -> JSONDict:
         """The bound parameters of the `problems` query (every row: no :limit, no :offset)."""
         return {
             "ids": list(ids) if ids is not None else None,
-            "state": enum_value(self.state),
+            "states": [s.value for s in self.states()],
             "outcome": enum_value(self.outcome),
             "status_code": self.status_code,
             "since": self.since.resolve(now) if self.since else None,
@@ -235,6 +262,7 @@ class Totals:
     delivered: int
     failed: int
     discarded: int
+    skipped: int  # last: a field added to the JSON shape goes at the end
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +321,8 @@ class StatusReport:
 
 @dataclass(frozen=True, slots=True)
 class BlockedBy:
-    """The failed or discarded row a blocked row waits for."""
+    """The failed or discarded row a blocked row waits for (for a sale, maybe a failed signup
+    of its customer)."""
 
     id: int
     event_type: EventType
@@ -303,12 +332,13 @@ class BlockedBy:
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """`outbox failed`: a failed row, or a row blocked behind one."""
+    """`outbox failed`: a failed row, or a row blocked behind one (or, for `outbox retry
+    --status skipped`, a skipped row)."""
 
     id: int
     state: ProblemState
     event_type: EventType
-    transaction_key: str
+    transaction_key: str | None
     customer_key: str | None
     amount: Decimal | None
     currency: str | None
@@ -371,7 +401,7 @@ class EventDetail:
 
     id: int
     event_type: EventType
-    transaction_key: str
+    transaction_key: str | None
     customer_key: str | None
     amount: Decimal | None
     currency: str | None
@@ -412,12 +442,21 @@ class KeyShown:
 
 
 @dataclass(frozen=True, slots=True)
+class CustomerShown:
+    """`outbox show --customer KEY`: the customer's signups, its sales and their refunds, in
+    delivery order."""
+
+    customer_key: str
+    events: tuple[EventDetail, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Change:
     """A row an action changes (or, on a dry run, would change)."""
 
     event_id: int
     event_type: EventType
-    transaction_key: str
+    transaction_key: str | None
     customer_key: str | None
     change: ChangeKind
     previous_status: Status
@@ -462,6 +501,11 @@ class PruneCounts:
     delivered: int
     discarded: int
     attempts: int
+    skipped: int  # last: a field added to the JSON shape goes at the end
+
+    @property
+    def events(self) -> int:
+        return self.delivered + self.discarded + self.skipped
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,13 @@ SELECT set_config('lock_timeout', CAST(:lock_timeout AS text), true),
 
 -- name: problems
 -- Failed rows and rows blocked behind a failed or discarded row: what `outbox failed` lists and
--- what `outbox retry` / `outbox discard` select by filter. Filters apply to the row itself; a
--- blocked row has no outcome of its own (its blocked_by_* columns say what it waits for). Times
--- filter and sort on created_at, when the shop recorded the event. An optional filter is NULL
--- when not given; :limit NULL means every row, :offset skips that many.
+-- what `outbox retry` / `outbox discard` select by filter; and skipped rows, only when :states
+-- names them (`outbox retry --status skipped`: settled rows, no problem of anyone's). :states
+-- says which of 'failed', 'blocked', 'skipped' to read; a branch not named is never run.
+-- Filters apply to the row itself; a blocked row has no outcome of its own (its blocked_by_*
+-- columns say what it waits for). Times filter and sort on created_at, when the shop recorded
+-- the event. An optional filter is NULL when not given; :limit NULL means every row, :offset
+-- skips that many.
 -- One page, newest first, each row with `total`, the rows matching over all pages. A page past
 -- the end is one row whose columns are all NULL but `total`, so the count is always there.
 WITH problems AS (
@@ -33,15 +36,22 @@ WITH problems AS (
                NULL::bigint AS blocked_by_id, NULL::text AS blocked_by_type,
                NULL::text AS blocked_by_status, NULL::text AS blocked_by_outcome
         FROM outbox.failed_deliveries f
+        WHERE 'failed' = ANY(CAST(:states AS text[]))
         UNION ALL
         SELECT 'blocked', b.id, b.event_type, b.transaction_key, b.customer_key, b.amount,
                b.currency, NULL, b.last_status_code, b.last_error, b.attempts, b.created_at,
                b.updated_at, 0, b.blocked_by_id, b.blocked_by_type, b.blocked_by_status,
                b.blocked_by_outcome
         FROM outbox.blocked_deliveries b
+        WHERE 'blocked' = ANY(CAST(:states AS text[]))
+        UNION ALL
+        SELECT 'skipped', s.id, s.event_type, s.transaction_key, s.customer_key, s.amount,
+               s.currency, s.outcome, s.last_status_code, s.last_error, s.attempts, s.created_at,
+               s.updated_at, 0, NULL, NULL, NULL, NULL
+        FROM outbox.events s
+        WHERE s.status = 'skipped' AND 'skipped' = ANY(CAST(:states AS text[]))
     ) p
     WHERE (CAST(:ids AS bigint[]) IS NULL OR p.id = ANY(CAST(:ids AS bigint[])))
-      AND (CAST(:state AS text) IS NULL OR p.state = CAST(:state AS text))
       AND (CAST(:outcome AS text) IS NULL OR p.outcome = CAST(:outcome AS text))
       AND (CAST(:status_code AS integer) IS NULL
            OR p.last_status_code = CAST(:status_code AS integer))
@@ -60,12 +70,14 @@ LEFT JOIN LATERAL (
 ) page ON true
 
 -- name: summary
--- `outbox status`: the backlog by type, status and outcome (the delivery_summary view).
+-- `outbox status`: the backlog by type, status and outcome (the delivery_summary view), in
+-- delivery order of the types, and what needs a person before what is settled.
 SELECT event_type, status, outcome, events, oldest_created_at, last_delivered_at,
        extract(epoch FROM oldest_age)::float8 AS oldest_age_seconds
 FROM outbox.delivery_summary
-ORDER BY event_type DESC, array_position(ARRAY['pending', 'failed', 'discarded', 'delivered'],
-                                         status), outcome NULLS FIRST
+ORDER BY array_position(ARRAY['signup', 'sale', 'refund'], event_type),
+         array_position(ARRAY['pending', 'failed', 'discarded', 'delivered', 'skipped'], status),
+         outcome NULLS FIRST
 
 -- name: pending_overview
 -- `outbox status`: pending rows, those in flight (a live lease), those blocked behind a failed
@@ -108,8 +120,10 @@ ORDER BY a.id DESC
 LIMIT 1
 
 -- name: events
--- `outbox show`: rows by id or by transaction key, in the key's delivery order (every sale
--- before every refund, then by id), with what a blocked row waits for.
+-- `outbox show`: rows by id, by transaction key, or by customer (its signups and sales, and the
+-- refunds of those sales' keys), in delivery order: signups first, then key by key (in the order
+-- of each key's first row) every sale before every refund, then by id; with what a blocked row
+-- waits for. Customer keys have no index but for signups: by customer, the table is read whole.
 SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.amount, e.currency, e.payload,
        e.status, e.outcome, e.attempts, e.next_attempt_at, e.lookup_required, e.parked,
        e.order_released, e.lease_owner, e.lease_expires_at, e.last_error, e.last_status_code,
@@ -120,7 +134,13 @@ FROM outbox.events e
 LEFT JOIN outbox.blocked_deliveries b ON b.id = e.id
 WHERE (CAST(:id AS bigint) IS NULL OR e.id = CAST(:id AS bigint))
   AND (CAST(:key AS text) IS NULL OR e.transaction_key = CAST(:key AS text))
-ORDER BY e.transaction_key, e.event_type = 'refund', e.id
+  AND (CAST(:customer AS text) IS NULL
+       OR e.customer_key = CAST(:customer AS text)
+       OR e.transaction_key IN (SELECT s.transaction_key FROM outbox.events s
+                                WHERE s.customer_key = CAST(:customer AS text)
+                                  AND s.event_type = 'sale'))
+ORDER BY e.event_type <> 'signup', min(e.id) OVER (PARTITION BY e.transaction_key),
+         e.event_type = 'refund', e.id
 
 -- name: attempts
 -- `outbox show`: every HTTP call made for the rows, oldest first.
@@ -144,7 +164,7 @@ ORDER BY ae.event_id, a.id
 -- retry / discard: the selected rows, locked for the rest of the transaction (a daemon's claim
 -- skips them; its result writes wait). `leased` means a daemon holds the row right now.
 SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.status, e.outcome, e.attempts,
-       e.lease_owner, coalesce(e.lease_expires_at > now(), false) AS leased
+       e.parked, e.lease_owner, coalesce(e.lease_expires_at > now(), false) AS leased
 FROM outbox.events e
 WHERE e.id = ANY(CAST(:ids AS bigint[]))
 ORDER BY e.id
@@ -156,23 +176,20 @@ SELECT id, blocked_by_id, blocked_by_type, blocked_by_status
 FROM outbox.blocked_deliveries
 WHERE id = ANY(CAST(:ids AS bigint[]))
 
--- name: delivered_refunds
--- retry: refunds already delivered for the keys of discarded sales about to be retried. Sending
--- such a sale now would create a transaction whose reversal has already been sent.
-SELECT r.id, r.transaction_key
-FROM outbox.events r
-WHERE r.event_type = 'refund' AND r.status = 'delivered'
-  AND r.transaction_key = ANY(CAST(:keys AS text[]))
-ORDER BY r.id
-
--- name: parked_rows
--- retry / discard: parked pending rows of the keys, other than the selected rows; they are
--- woken (due now) so that a running daemon looks at them at once. The columns of lock_events.
+-- name: related_rows
+-- retry / discard: the other rows of the keys of the rows acted on, and the parked sales of the
+-- customers of the signups acted on (a sale waits behind its customer's signup), other than
+-- :ids, locked for the rest of the transaction; the columns of lock_events. The action picks
+-- from them: the parked rows to wake (due now, so that a running daemon looks at them at once);
+-- for a retry, the refunds skipped behind a skipped sale (back to pending with it), refunds
+-- already delivered behind a discarded or skipped sale (sending the sale now would create a
+-- transaction whose reversal has been sent), and the skipped sale a refund waits for.
 SELECT e.id, e.event_type, e.transaction_key, e.customer_key, e.status, e.outcome, e.attempts,
-       e.lease_owner, coalesce(e.lease_expires_at > now(), false) AS leased
+       e.parked, e.lease_owner, coalesce(e.lease_expires_at > now(), false) AS leased
 FROM outbox.events e
-WHERE e.status = 'pending' AND e.parked
-  AND e.transaction_key = ANY(CAST(:keys AS text[]))
+WHERE (e.transaction_key = ANY(CAST(:keys AS text[]))
+       OR (e.parked AND e.event_type = 'sale' AND e.status = 'pending'
+           AND e.customer_key = ANY(CAST(:customers AS text[]))))
   AND e.id <> ALL(CAST(:ids AS bigint[]))
 ORDER BY e.id
 FOR UPDATE
@@ -181,7 +198,7 @@ FOR UPDATE
 -- discard: pending refunds that discarding :ids would leave behind sales that are all
 -- discarded (the claim query keeps those waiting unless a person releases them).
 SELECT r.id, r.event_type, r.transaction_key, r.customer_key, r.status, r.outcome, r.attempts,
-       r.lease_owner, coalesce(r.lease_expires_at > now(), false) AS leased
+       r.parked, r.lease_owner, coalesce(r.lease_expires_at > now(), false) AS leased
 FROM outbox.events r
 WHERE r.event_type = 'refund' AND r.status = 'pending' AND NOT r.order_released
   AND r.id <> ALL(CAST(:ids AS bigint[]))
@@ -196,8 +213,9 @@ ORDER BY r.id
 FOR UPDATE OF r
 
 -- name: apply_retry
--- Back to pending, due now, with a fresh attempt budget. lookup_required is kept: an earlier
--- create may have reached Partnero, and the lookup is what prevents a second commission.
+-- Back to pending, due now, with a fresh attempt budget (failed, discarded and skipped rows
+-- alike). lookup_required is kept: an earlier create may have reached Partnero, and the lookup is
+-- what prevents a second commission.
 UPDATE outbox.events
 SET status = 'pending',
     outcome = NULL,
@@ -205,7 +223,7 @@ SET status = 'pending',
     next_attempt_at = now(),
     parked = false,
     updated_at = now()
-WHERE id = ANY(CAST(:ids AS bigint[])) AND status IN ('failed', 'discarded')
+WHERE id = ANY(CAST(:ids AS bigint[])) AND status IN ('failed', 'discarded', 'skipped')
 
 -- name: apply_discard
 -- A person gives up on the rows. A pending row whose lease had expired (its daemon died) may
@@ -255,37 +273,45 @@ SELECT pg_notify('outbox_events', '')
 SELECT now() - make_interval(secs => :seconds) AS cutoff
 
 -- name: prune_preview
--- `outbox prune --dry-run`, and what a real run kept: rows older than the cutoff, and those of
--- them kept because their key still has a pending or failed row (a refund may still wait on the
--- sale, or the sale be retried).
+-- `outbox prune --dry-run`, and what a real run kept: settled rows of :statuses (delivered,
+-- skipped, discarded) settled before the cutoff, and those of them kept because their key still
+-- has a pending or failed row (a refund may still wait on the sale, or the sale be retried). The
+-- literal IN list lets the planner use events_settled_idx whatever :statuses is.
 WITH old AS (
     SELECT e.id, e.status,
            EXISTS (SELECT 1 FROM outbox.events o
                    WHERE o.transaction_key = e.transaction_key
                      AND o.status IN ('pending', 'failed')) AS key_open
     FROM outbox.events e
-    WHERE (e.status = 'delivered' AND e.delivered_at < :cutoff)
-       OR (CAST(:include_discarded AS boolean) AND e.status = 'discarded'
-           AND e.updated_at < :cutoff)
+    WHERE e.status IN ('delivered', 'skipped', 'discarded')
+      AND e.status = ANY(CAST(:statuses AS text[]))
+      AND coalesce(e.delivered_at, e.updated_at) < :cutoff
 )
 SELECT count(*) FILTER (WHERE status = 'delivered' AND NOT key_open) AS delivered,
        count(*) FILTER (WHERE status = 'discarded' AND NOT key_open) AS discarded,
        (SELECT count(*) FROM outbox.attempts a JOIN old o ON o.id = a.event_id
         WHERE NOT o.key_open) AS attempts,
+       count(*) FILTER (WHERE status = 'skipped' AND NOT key_open) AS skipped,
        count(*) FILTER (WHERE key_open) AS kept_open_key
 FROM old
 
--- name: prune_delivered_batch
--- One batch of delivered rows older than the cutoff, with their attempts (ON DELETE CASCADE),
--- in one short transaction; rows another transaction holds are left for the next run.
+-- name: prune_batch
+-- One batch of settled rows of :statuses settled before the cutoff (a delivered row by
+-- delivered_at, a skipped or discarded one by updated_at, when it was skipped or discarded),
+-- oldest first, through events_settled_idx; with their attempts (ON DELETE CASCADE), in one
+-- short transaction; rows another transaction holds are left for the next run. The literal IN
+-- list is the index's own predicate: with it the planner may use the index even in a generic
+-- plan, where `= ANY(:statuses)` alone proves nothing.
 WITH doomed AS (
     SELECT e.id
     FROM outbox.events e
-    WHERE e.status = 'delivered' AND e.delivered_at < :cutoff
+    WHERE e.status IN ('delivered', 'skipped', 'discarded')
+      AND e.status = ANY(CAST(:statuses AS text[]))
+      AND coalesce(e.delivered_at, e.updated_at) < :cutoff
       AND NOT EXISTS (SELECT 1 FROM outbox.events o
                       WHERE o.transaction_key = e.transaction_key
                         AND o.status IN ('pending', 'failed'))
-    ORDER BY e.delivered_at
+    ORDER BY coalesce(e.delivered_at, e.updated_at)
     LIMIT :batch_size
     FOR UPDATE SKIP LOCKED
 ),
@@ -296,30 +322,11 @@ counted AS (
     CROSS JOIN LATERAL (SELECT count(*) AS n FROM outbox.attempts a WHERE a.event_id = d.id) c
 ),
 gone AS (
-    DELETE FROM outbox.events e USING doomed d WHERE e.id = d.id RETURNING e.id
+    DELETE FROM outbox.events e USING doomed d WHERE e.id = d.id RETURNING e.status
 )
-SELECT (SELECT count(*) FROM gone) AS events, (SELECT attempts FROM counted) AS attempts
-
--- name: prune_discarded_batch
--- The same for discarded rows, by when they were discarded (only with --include-discarded).
-WITH doomed AS (
-    SELECT e.id
-    FROM outbox.events e
-    WHERE e.status = 'discarded' AND e.updated_at < :cutoff
-      AND NOT EXISTS (SELECT 1 FROM outbox.events o
-                      WHERE o.transaction_key = e.transaction_key
-                        AND o.status IN ('pending', 'failed'))
-    ORDER BY e.updated_at
-    LIMIT :batch_size
-    FOR UPDATE SKIP LOCKED
-),
-counted AS (
-    -- Per row through attempts_event_id_idx: a join here may scan every attempt per batch.
-    SELECT coalesce(sum(c.n), 0) AS attempts
-    FROM doomed d
-    CROSS JOIN LATERAL (SELECT count(*) AS n FROM outbox.attempts a WHERE a.event_id = d.id) c
-),
-gone AS (
-    DELETE FROM outbox.events e USING doomed d WHERE e.id = d.id RETURNING e.id
-)
-SELECT (SELECT count(*) FROM gone) AS events, (SELECT attempts FROM counted) AS attempts
+SELECT count(*) AS events,
+       count(*) FILTER (WHERE status = 'delivered') AS delivered,
+       count(*) FILTER (WHERE status = 'discarded') AS discarded,
+       (SELECT attempts FROM counted) AS attempts,
+       count(*) FILTER (WHERE status = 'skipped') AS skipped
+FROM gone
