@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -350,6 +351,22 @@ def test_show_human_output(ids: dict[str, int], database_url: str) -> None:
     sale = cli("show", str(ids["ghost"]), database_url=database_url).stdout
     assert "HTTP calls (2)" in sale
     assert "      HTTP 400, failed:customer_not_found" in sale.splitlines()
+
+
+def test_show_cuts_a_large_payload_unless_asked(engine: sa.Engine, database_url: str) -> None:
+    big = {"note": "x" * 1_000_000}
+    with engine.begin() as conn:
+        event_id = conn.execute(
+            sa.text("SELECT outbox.record_sale('inv_big', 'cus_1', 10, 'EUR', CAST(:p AS jsonb))"),
+            {"p": json.dumps(big)},
+        ).scalar_one()
+    out = cli("show", str(event_id), database_url=database_url).stdout
+    assert len(out) < 10_000
+    assert "more characters: --full-payload)" in out
+    whole = cli("show", str(event_id), "--full-payload", database_url=database_url).stdout
+    assert whole.count("x") >= 1_000_000
+    shown = cli_json("show", str(event_id), database_url=database_url)
+    assert shown["event"]["payload"] == big  # --json is for scripts: always whole
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import sys
 import textwrap
@@ -578,12 +579,14 @@ def failed_command(
 # ---- outbox show -------------------------------------------------------------------------------
 
 
-def _render_event(event: model.EventDetail, console: Console) -> None:
+def _render_event(
+    event: model.EventDetail, console: Console, *, full_payload: bool = False
+) -> None:
     # A signup is named by its customer: it has no transaction key.
     name = event.customer_key if event.transaction_key is None else event.transaction_key
     title = f"event {event.id}: {event.event_type} {name}"
     console.print(Text(title, style="bold"))
-    _print_pairs(console, _event_pairs(event))
+    _print_pairs(console, _event_pairs(event, full_payload=full_payload))
     console.print()
     history = event.attempt_history
     console.print(
@@ -614,7 +617,19 @@ def _render_event(event: model.EventDetail, console: Console) -> None:
         )
 
 
-def _event_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
+# A payload longer than this is cut in `outbox show` (--full-payload, or --json, has it whole).
+PAYLOAD_SHOWN_CHARS = 2000
+
+
+def _payload_text(payload: dict[str, Any], full: bool) -> str:
+    text = json.dumps(payload, sort_keys=True, ensure_ascii=False)
+    if full or len(text) <= PAYLOAD_SHOWN_CHARS:
+        return text
+    rest = len(text) - PAYLOAD_SHOWN_CHARS
+    return f"{text[:PAYLOAD_SHOWN_CHARS]}... ({rest:,} more characters: --full-payload)"
+
+
+def _event_pairs(event: model.EventDetail, *, full_payload: bool) -> list[tuple[str, str]]:
     pairs = [
         ("status", _state(event.status, event.outcome) + (" (parked)" if event.parked else ""))
     ]
@@ -624,7 +639,7 @@ def _event_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
     if event.amount is not None:
         pairs.append(("amount", f"{event.amount} {event.currency or ''}".strip()))
     if event.payload:
-        pairs.append(("payload", json.dumps(event.payload, sort_keys=True)))
+        pairs.append(("payload", _payload_text(event.payload, full_payload)))
     pairs.append(("attempts", str(event.attempts)))
     pairs.append(("recorded", f"{_when(event.created_at)} UTC ({_ago(event.age_seconds)})"))
     if event.delivered_at:
@@ -703,12 +718,12 @@ def _print_wrapped(console: Console, text: str, *, indent: int, max_lines: int) 
 Shown = model.EventShown | model.KeyShown | model.CustomerShown
 
 
-def render_shown(shown: Shown, console: Console) -> None:
+def render_shown(shown: Shown, console: Console, *, full_payload: bool = False) -> None:
     events = [shown.event] if isinstance(shown, model.EventShown) else shown.events
     for n, event in enumerate(events):
         if n:
             console.print()
-        _render_event(event, console)
+        _render_event(event, console, full_payload=full_payload)
 
 
 @click.command(
@@ -725,12 +740,19 @@ def render_shown(shown: Shown, console: Console) -> None:
     help="Every event of this customer: its signups, its sales and their refunds, in order "
     "(reads the whole table: customer keys of sales have no index).",
 )
+@click.option(
+    "--full-payload",
+    is_flag=True,
+    help=f"Print payloads whole (longer than {PAYLOAD_SHOWN_CHARS:,} characters they are cut; "
+    "--json always has them whole).",
+)
 def show_command(
     database_url: str | None,
     as_json: bool,
     event_id: str | None,
     key: str | None,
     customer: str | None,
+    full_payload: bool,
 ) -> None:
     """One event and its full history: every HTTP call (time, request, status, answer,
     decision) and every operator action; or, with --key, every event of a transaction key in
@@ -749,7 +771,7 @@ def show_command(
         else:
             assert customer is not None
             shown = _ops().show_customer(engine, customer)
-    _emit(shown, as_json, render_shown)
+    _emit(shown, as_json, functools.partial(render_shown, full_payload=full_payload))
 
 
 # ---- outbox retry / outbox discard -------------------------------------------------------------

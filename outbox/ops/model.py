@@ -90,12 +90,12 @@ _DURATION = re.compile(r"(\d+)([smhdw])")
 
 
 def parse_duration(text: str) -> timedelta:
-    """`30m`, `2h`, `7d`, `1h30m` (units s, m, h, d, w). Raises ValueError with a clear line."""
+    """`30m`, `2h`, `7d`, `1h30m`, `0s` (units s, m, h, d, w). Raises ValueError with a clear
+    line. Zero is a duration: `outbox prune --older-than 0s` means every settled row."""
     cleaned = text.strip().lower()
     if cleaned and _DURATION.sub("", cleaned) == "":
         seconds = sum(int(n) * _UNITS[u] for n, u in _DURATION.findall(cleaned))
-        if seconds > 0:
-            return timedelta(seconds=seconds)
+        return timedelta(seconds=seconds)
     raise ValueError(f"{text!r} is not a duration like 30m, 2h, 7d")
 
 
