@@ -95,9 +95,11 @@ class Daemon:
             clock=clock,
             observe=self.metrics.observe_exchange,
         )
-        self.claim_store = Store(settings.database_url)
-        self.write_store = Store(settings.database_url)
-        self.monitor_store = Store(settings.database_url)
+        bound = settings.database_timeout_seconds
+        stores = {"connect_timeout": min(10.0, bound), "statement_timeout": bound}
+        self.claim_store = Store(settings.database_url, **stores)
+        self.write_store = Store(settings.database_url, **stores)
+        self.monitor_store = Store(settings.database_url, **stores)
         self._wire(clock)
 
     def _wire(self, clock: Callable[[], datetime]) -> None:

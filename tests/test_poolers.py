@@ -2,118 +2,33 @@
 makes `outbox run` and `outbox migrate` refuse at start-up with one line (docs/operations.md,
 "PgBouncer and other poolers").
 
-The pooler here is a small proxy in front of the test server that does what a transaction pool
-does to the daemon: a NOTIFY never comes back to the client that LISTENed (PgBouncer in
-transaction mode gives the LISTEN's server connection to whoever comes next). It forwards the
-wire protocol as it is and drops the server's NotificationResponse messages. PgBouncer itself
-was checked by hand the same way (docs/operations.md).
+The pooler here is a small proxy in front of the test server (tests/pg_proxy.py) that does what
+a pooler does to the daemon: in "transaction mode" a NOTIFY never comes back to the client that
+LISTENed (PgBouncer gives the LISTEN's server connection to whoever comes next); in "session
+mode" with too few server connections, the daemon's last connection waits in the queue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 
 import psycopg
 import pytest
 import sqlalchemy as sa
-from psycopg.conninfo import conninfo_to_dict
 
 from outbox import db
 from outbox.db.session import PooledConnectionError, check_session
-
-
-class NotifyDroppingProxy:
-    """Forwards TCP to the server; server-to-client messages of type 'A' (NotificationResponse)
-    are dropped. Clients must not ask for TLS or GSS encryption (sslmode, gssencmode=disable),
-    so that every server message is a typed one."""
-
-    def __init__(self, server_url: str) -> None:
-        info = conninfo_to_dict(db.libpq_url(server_url))
-        self._host = str(info.get("host") or "127.0.0.1")
-        self._port = int(info.get("port") or 5432)
-        self._server_url = server_url
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self.port = 0
-        self._thread = threading.Thread(target=self._main, daemon=True)
-
-    def url(self) -> str:
-        """The server's URL, through the proxy."""
-        url = sa.engine.make_url(db.sqlalchemy_url(self._server_url)).set(
-            host="127.0.0.1",
-            port=self.port,
-            query={"sslmode": "disable", "gssencmode": "disable"},
-        )
-        return db.libpq_url(url.render_as_string(hide_password=False))
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        start = asyncio.start_server(self._client, "127.0.0.1", 0)
-        self._server = self._loop.run_until_complete(start)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.close()
-
-    async def _shutdown(self) -> None:
-        self._server.close()
-        current = asyncio.current_task()
-        tasks = [t for t in asyncio.all_tasks() if t is not current]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _open_server(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._host.startswith("/"):
-            return await asyncio.open_unix_connection(f"{self._host}/.s.PGSQL.{self._port}")
-        return await asyncio.open_connection(self._host, self._port)
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await self._open_server()
-
-        async def upstream() -> None:
-            while data := await reader.read(65536):
-                server_writer.write(data)
-                await server_writer.drain()
-            server_writer.close()
-
-        async def downstream() -> None:
-            while True:
-                header = await server_reader.readexactly(5)
-                body = await server_reader.readexactly(int.from_bytes(header[1:], "big") - 4)
-                if header[:1] != b"A":
-                    writer.write(header + body)
-                    await writer.drain()
-
-        tasks = [asyncio.ensure_future(upstream()), asyncio.ensure_future(downstream())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            writer.close()
-            server_writer.close()
-
-    def __enter__(self) -> NotifyDroppingProxy:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from tests.daemon_helpers import API_KEY, DaemonThread, insert_sales, make_settings, wait_until
+from tests.pg_proxy import PoolerProxy
 
 
 @pytest.fixture
 def pooled_url(database_url: str) -> Iterator[str]:
-    with NotifyDroppingProxy(database_url) as proxy:
+    with PoolerProxy(database_url) as proxy:
         yield proxy.url()
 
 
@@ -157,3 +72,27 @@ def test_run_and_migrate_refuse_a_transaction_pool_with_one_line(
     assert [line for line in lines if line.startswith("outbox: ")] == lines[-1:]
     assert lines[-1].startswith("outbox: a NOTIFY did not come back"), lines
     assert "Traceback" not in done.stderr
+
+
+def test_a_session_pool_too_small_makes_the_daemon_unhealthy_within_seconds_and_says_why(
+    engine: sa.Engine, database_url: str
+) -> None:
+    """A session pool of 3 for a daemon that holds 4 connections (listener, claims, results,
+    figures): the last one waits in the pool's queue. Its statements are bounded, so the daemon
+    says the database does not answer, and the watchdog and /healthz turn red."""
+    config = FakeConfig(api_key=API_KEY, seed=2)
+    with (
+        PoolerProxy(database_url, drop_notifications=False, pool_size=3) as pool,
+        FakePartneroThread(config) as fake,
+    ):
+        settings = make_settings(pool.url(), fake.url, database_timeout_seconds=1, stall_seconds=2)
+        with DaemonThread(settings) as running:
+            daemon = running.wait_verified().daemon
+            assert daemon is not None
+            insert_sales(engine, ["inv_pool1", "inv_pool2"])
+            wait_until(lambda: len(fake.ledger()) == 2, what="the sales sent")
+            problems = wait_until(lambda: daemon.health.problems(), what="a problem")
+            assert any("results unwritten" in p for p in problems), problems
+            assert "no answer from the database within 1 s" in (daemon.health.last_error or "")
+            assert not daemon.healthz()[0]
+            assert daemon.watchdog.run_once() is False

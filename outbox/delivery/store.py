@@ -21,6 +21,9 @@ from psycopg.rows import dict_row
 from outbox.db import libpq_url, queries
 from outbox.domain import Event, EventType, Outcome, Status
 
+# The default bound on one statement (OUTBOX_DATABASE_TIMEOUT_SECONDS).
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
@@ -91,9 +94,20 @@ class Rescued:
 
 
 class Store:
-    def __init__(self, database_url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        connect_timeout: float = 10.0,
+        statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT_SECONDS,
+    ) -> None:
         self._url = libpq_url(database_url)
         self._connect_timeout = connect_timeout
+        # Every statement, and the wait for a connection (a pooler's queue), is bounded: past
+        # it the database counts as not answering (a DB error: the services retry and the
+        # daemon says why), never as a hang. The server gets the same bound, so a statement the
+        # daemon gave up on does not go on to be applied.
+        self._statement_timeout = statement_timeout
         self._conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
         self._connecting = asyncio.Lock()  # several services may share one Store
         # Bumped for every new connection: session state (the doorbell lock) lives and dies
@@ -114,18 +128,35 @@ class Store:
                     application_name="outbox",
                 )
                 self.generation += 1
+                milliseconds = max(1, round(self._statement_timeout * 1000))
+                await self._conn.execute(f"SET statement_timeout = {milliseconds}")
             return self._conn
 
     async def _fetch(self, name: str, params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        conn = await self._connection()
+        conn: psycopg.AsyncConnection[dict[str, Any]] | None = None
         try:
-            cursor = await conn.execute(queries.get(name), params, prepare=True)
-            return await cursor.fetchall()
+            async with asyncio.timeout(self._statement_timeout + self._connect_timeout):
+                conn = await self._connection()
+                cursor = await conn.execute(queries.get(name), params, prepare=True)
+                return await cursor.fetchall()
+        except TimeoutError:
+            await self._drop(conn)
+            raise psycopg.OperationalError(
+                f"no answer from the database within {self._statement_timeout:g} s "
+                "(a pooler's queue full? see docs/operations.md, PgBouncer and other poolers)"
+            ) from None
         except psycopg.OperationalError:
-            await conn.close()
-            if self._conn is conn:
-                self._conn = None
+            await self._drop(conn)
             raise
+
+    async def _drop(self, conn: psycopg.AsyncConnection[dict[str, Any]] | None) -> None:
+        """Close a connection that failed or did not answer; the next call opens a new one."""
+        if conn is None:
+            conn = self._conn
+        if conn is not None:
+            await conn.close()
+        if self._conn is conn:
+            self._conn = None
 
     async def close(self) -> None:
         if self._conn is not None:

@@ -74,7 +74,11 @@ class Writer:
             self._batch.append(await self.queue.get())
         while len(self._batch) < max_batch and not self.queue.empty():
             self._batch.append(self.queue.get_nowait())
-        result = await self._store.complete(self._batch)
+        try:
+            result = await self._store.complete(self._batch)
+        except DB_ERRORS as exc:
+            self._health.last_error = f"database (writing results): {first_line(exc)}"
+            raise
         batch, self._batch = self._batch, []
         self.progressed.set()
         # Progress: what is still queued has waited only since now.

@@ -147,6 +147,13 @@ SPECS: tuple[Spec, ...] = (
         "the request timeout left, so an expired lease means no request is in flight.",
     ),
     Spec(
+        "database_timeout_seconds",
+        _number(0.5, 3600),
+        "10",
+        "Bound on one database statement of the daemon, and on waiting for a connection (a "
+        "pooler's queue); past it the database counts as not answering and the daemon says so.",
+    ),
+    Spec(
         "request_timeout_seconds",
         _number(0.1, 3600),
         "15",
@@ -335,6 +342,7 @@ class Settings:
     database_url: str
     partnero_api_url: str
     lease_seconds: float
+    database_timeout_seconds: float
     request_timeout_seconds: float
     retry_base_delay_seconds: float
     retry_max_delay_seconds: float
