@@ -19,13 +19,14 @@ CLAIM_PARAMS: dict[str, Any] = {
     "lease_seconds": 30.0,
     "recheck_seconds": 5.0,
     "orphan_grace_seconds": 60.0,
+    "in_flight_recheck_seconds": 1.0,
 }
 
-CALL = "outbox.goes_before(p.event_type, p.id, c.event_type, c.id)"
+CALL = "outbox.goes_before(o.event_type, o.id, c.event_type, c.id)"
 # The rule as the claim query wrote it out before migration 0005.
 WRITTEN_OUT = (
-    "CASE WHEN c.event_type = 'sale' THEN p.event_type = 'sale' AND p.id < c.id "
-    "ELSE p.event_type = 'sale' OR p.id < c.id END"
+    "CASE WHEN c.event_type = 'sale' THEN o.event_type = 'sale' AND o.id < c.id "
+    "ELSE o.event_type = 'sale' OR o.id < c.id END"
 )
 
 
@@ -87,7 +88,7 @@ def test_the_claim_inlines_goes_before_and_plans_as_with_the_rule_written_out(
     database_url: str,
 ) -> None:
     claim = queries.get("claim")
-    assert claim.count(CALL) == 1 and "p.id < c.id END" not in claim
+    assert claim.count(CALL) == 1 and "o.id < c.id END" not in claim
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "

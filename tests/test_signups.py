@@ -4,6 +4,7 @@ for a customer Partnero knows, as Partnero does."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from outbox.delivery.store import Store
 from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
@@ -217,3 +219,38 @@ def test_a_customer_partnero_has_already_is_a_duplicate_signup(
     ]
     error = scalar(engine, "SELECT last_error FROM outbox.events WHERE status = 'failed'")
     assert error.startswith("HTTP 422") and "email" in error
+
+
+def test_a_row_parked_behind_a_row_in_flight_is_looked_at_again_within_a_second(
+    engine: sa.Engine, database_url: str
+) -> None:
+    """The claim that parks a sale behind its customer's signup (or a refund behind its sale)
+    may run while the signup's result is being written; that write's wake-up cannot see a park
+    not yet committed. So behind a row in flight the park is short, not the recheck interval;
+    behind a row that waits (retrying, failed) it is the recheck interval."""
+    with engine.begin() as conn:
+        record_signup(conn, "cus_race", REFERRED)
+        record_sale(conn, "inv_race", "cus_race")
+        conn.execute(sa.text("SELECT outbox.record_refund('inv_race')"))
+
+    async def claims() -> list[list[str]]:
+        store = Store(database_url)
+        taken = []
+        for limit in (1, 5):
+            result = await store.claim(
+                owner="t", limit=limit, lease_seconds=60, recheck_seconds=30, orphan_grace_seconds=0
+            )
+            taken.append([c.event.event_type.value for c in result.claimed])
+        await store.close()
+        return taken
+
+    # The first claim takes the signup; the second finds the sale and the refund waiting.
+    assert asyncio.run(claims()) == [["signup"], []]
+    parked = rows(
+        engine,
+        "SELECT event_type, parked, extract(epoch FROM next_attempt_at - now()) AS wait "
+        "FROM outbox.events WHERE event_type <> 'signup' ORDER BY id",
+    )
+    sale, refund = parked
+    assert sale.parked and sale.wait <= 1.5  # behind the signup in flight
+    assert refund.parked and refund.wait > 25  # behind the sale, which waits: the recheck

@@ -21,6 +21,11 @@ from psycopg.rows import dict_row
 from outbox.db import libpq_url, queries
 from outbox.domain import Event, EventType, Outcome, Status
 
+# A row parked behind a row that is in flight is looked at again this soon (or at
+# OUTBOX_BLOCKED_RECHECK_SECONDS if sooner): the in-flight row's result may be written while the
+# claim that parks it runs, and then the wake-up of that write cannot see the park.
+IN_FLIGHT_RECHECK_SECONDS = 1.0
+
 # The default bound on one statement (OUTBOX_DATABASE_TIMEOUT_SECONDS).
 DEFAULT_STATEMENT_TIMEOUT_SECONDS = 10.0
 
@@ -180,6 +185,7 @@ class Store:
                 "lease_seconds": lease_seconds,
                 "recheck_seconds": recheck_seconds,
                 "orphan_grace_seconds": orphan_grace_seconds,
+                "in_flight_recheck_seconds": IN_FLIGHT_RECHECK_SECONDS,
             },
         )
         claimed = [

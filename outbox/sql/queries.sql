@@ -44,17 +44,16 @@ judged AS (
             ELSE 'ready'
         END AS verdict,
         c.event_type = 'sale' AND k.earlier_delivered_sale AS known_duplicate,
+        k.blocker_in_flight OR u.signup_in_flight AS behind_in_flight,
         c.event_type = 'refund' AND NOT c.order_released AND NOT k.delivered_sale
             AND k.skipped_sale AS sale_skipped,
         u.signup_skipped AS customer_signup_skipped
     FROM candidates c
     CROSS JOIN LATERAL (
         SELECT
-            coalesce(bool_or(
-                p.id <> c.id
-                AND p.status IN ('pending', 'failed')
-                AND outbox.goes_before(p.event_type, p.id, c.event_type, c.id)
-            ), false) AS blocking,
+            coalesce(bool_or(p.before AND p.status IN ('pending', 'failed')), false) AS blocking,
+            coalesce(bool_or(p.before AND p.status = 'pending' AND p.lease_token IS NOT NULL),
+                     false) AS blocker_in_flight,
             coalesce(bool_or(p.event_type = 'sale' AND p.status = 'delivered'), false)
                 AS delivered_sale,
             coalesce(bool_or(p.event_type = 'sale' AND p.status = 'skipped'), false)
@@ -63,14 +62,21 @@ judged AS (
             coalesce(bool_or(
                 p.event_type = 'sale' AND p.status = 'delivered' AND p.id < c.id
             ), false) AS earlier_delivered_sale
-        FROM outbox.events p
-        WHERE p.transaction_key = c.transaction_key
+        FROM (
+            SELECT o.event_type, o.id, o.status, o.lease_token,
+                   o.id <> c.id AND outbox.goes_before(o.event_type, o.id, c.event_type, c.id)
+                       AS before
+            FROM outbox.events o
+            WHERE o.transaction_key = c.transaction_key
+        ) p
     ) k
     CROSS JOIN LATERAL (
         -- The signups of a sale's customer (events_signup_customer_idx): "skipped" only when
         -- none of them created the customer.
         SELECT
             coalesce(bool_or(s.status IN ('pending', 'failed')), false) AS signup_open,
+            coalesce(bool_or(s.status = 'pending' AND s.lease_token IS NOT NULL), false)
+                AS signup_in_flight,
             coalesce(bool_or(s.status = 'skipped') AND NOT bool_or(s.status = 'delivered'), false)
                 AS signup_skipped
         FROM outbox.events s
@@ -85,6 +91,10 @@ parked AS (
             WHEN j.verdict = 'orphan' THEN least(
                 j.created_at + make_interval(secs => %(orphan_grace_seconds)s),
                 now() + make_interval(secs => %(recheck_seconds)s))
+            -- Behind a row in flight, look again soon: its result may be written while this
+            -- statement runs, and that statement's wake-up cannot see a park not yet committed.
+            WHEN j.behind_in_flight THEN now() + make_interval(secs => least(
+                %(recheck_seconds)s, %(in_flight_recheck_seconds)s))
             ELSE now() + make_interval(secs => %(recheck_seconds)s)
         END
     FROM judged j
