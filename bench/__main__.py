@@ -17,12 +17,13 @@ from typing import Any
 
 from bench import harness, report, scenarios
 
-ALL = ("throughput", "latency", "inserts", "memory", "backlog", "peers")
+ALL = ("throughput", "signups", "latency", "inserts", "memory", "backlog", "peers")
 
 
 @dataclass(frozen=True)
 class Sizes:
     drain: int  # sales per throughput run
+    mix: int  # rows per run of the signups step (signups and sales; and sales alone)
     concurrency: tuple[int, ...]  # the daemon's OUTBOX_CONCURRENCY settings to sweep
     side_by_side: int  # concurrency of the memory, backlog and side-by-side runs
     default: int  # the daemon's default concurrency (the latency run)
@@ -39,6 +40,7 @@ class Sizes:
 
 FULL = Sizes(
     drain=50_000,
+    mix=20_000,
     concurrency=(8, 16, 64),
     side_by_side=64,
     default=16,
@@ -54,6 +56,7 @@ FULL = Sizes(
 )
 QUICK = Sizes(
     drain=2_000,
+    mix=2_000,
     concurrency=(64,),
     side_by_side=64,
     default=16,
@@ -69,6 +72,26 @@ QUICK = Sizes(
 )
 
 
+def signups(
+    results: dict[str, Any], step: Any, pg: harness.Postgres, fake: harness.Fake, sizes: Sizes
+) -> None:
+    """The signups step: at the default concurrency and at the side-by-side one, `sizes.mix`
+    sales alone, then the same number of rows as signups and sales (one sale per customer, and
+    three), every second customer referred; each run on a fresh database."""
+    mix = results.setdefault("signups", {})
+    for n in dict.fromkeys((sizes.default, sizes.side_by_side)):
+        runs = mix.setdefault(str(n), {})
+        step(
+            runs, "sales_only", f"sales only c={n}",
+            scenarios.daemon_drain, pg, fake, sizes.mix, n,
+        )  # fmt: skip
+        for each in (1, 3):
+            step(
+                runs, f"1:{each}", f"1 signup : {each} sales c={n}",
+                scenarios.signup_mix, pg, fake, sizes.mix // (1 + each), each, n,
+            )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -81,12 +104,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--drain", type=int, help="sales per throughput run (overrides the mode)")
     parser.add_argument(
+        "--mix", type=int, help="rows per run of the signups step (overrides the mode)"
+    )
+    parser.add_argument(
         "--concurrency", type=int, nargs="+", help="concurrency settings to sweep (overrides)"
     )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.drain:
         sizes = replace(sizes, drain=args.drain)
+    if args.mix:
+        sizes = replace(sizes, mix=args.mix)
     if args.concurrency:
         sizes = replace(sizes, concurrency=tuple(args.concurrency))
     mode = "quick" if args.quick else "full"
@@ -123,6 +151,8 @@ def main() -> None:
                     sweep, str(n), f"throughput c={n}",
                     scenarios.daemon_drain, pg, fake, sizes.drain, n,
                 )  # fmt: skip
+        if "signups" in only:
+            signups(results, step, pg, fake, sizes)
         if args.profile:
             profile = out.with_suffix(".pyspy.txt")
             step(

@@ -114,18 +114,42 @@ def scalar(url: str, sql: str, *params: Any) -> Any:
 SALE_COLUMNS = "event_type, transaction_key, customer_key, amount, currency, payload"
 
 
-def load_sales(url: str, count: int, prefix: str = "s", start: int = 1) -> None:
-    """`count` pending sales, the way an application would write them (one INSERT ... SELECT:
-    constraints and triggers all run)."""
+def _load(url: str, select: str, params: dict[str, Any]) -> None:
+    """INSERT the rows of `select` into outbox.events (one INSERT ... SELECT, the way an
+    application would write them: constraints and triggers all run), then ANALYZE."""
     with connect(url) as conn:
-        conn.execute(
-            f"INSERT INTO outbox.events ({SALE_COLUMNS}) "
-            "SELECT 'sale', %(p)s || g, 'cust-' || (g %% 1000), 10 + (g %% 90), 'EUR', "
-            "jsonb_build_object('product_id', 'plan_pro') "
-            "FROM generate_series(%(a)s::bigint, %(b)s::bigint) g",
-            {"p": f"{prefix}-", "a": start, "b": start + count - 1},
-        )
+        conn.execute(f"INSERT INTO outbox.events ({SALE_COLUMNS}) {select}", params)
         conn.execute("ANALYZE outbox.events")
+
+
+def load_sales(url: str, count: int, prefix: str = "s", start: int = 1) -> None:
+    """`count` pending sales."""
+    _load(
+        url,
+        "SELECT 'sale', %(p)s || g, 'cust-' || (g %% 1000), 10 + (g %% 90), 'EUR', "
+        "jsonb_build_object('product_id', 'plan_pro') "
+        "FROM generate_series(%(a)s::bigint, %(b)s::bigint) g",
+        {"p": f"{prefix}-", "a": start, "b": start + count - 1},
+    )
+
+
+def load_signups_and_sales(url: str, customers: int, sales_each: int) -> None:
+    """`customers` signups, each followed by `sales_each` sales of that customer, in that order,
+    as a shop records them. Every second customer was referred by a partner (`partner.key` =
+    partner_1, the fake's default partner); the others came by themselves (`partner.key` null,
+    what a signup handler writes when the cookie is absent)."""
+    _load(
+        url,
+        "SELECT CASE WHEN s = 0 THEN 'signup' ELSE 'sale' END, "
+        "CASE WHEN s > 0 THEN 'mix-' || g || '-' || s END, 'mix-' || g, "
+        "CASE WHEN s > 0 THEN 10 + (g %% 90) END, CASE WHEN s > 0 THEN 'EUR' END, "
+        "CASE WHEN s > 0 THEN jsonb_build_object('product_id', 'plan_pro') "
+        "ELSE jsonb_build_object('email', 'mix-' || g || '@example.com', 'partner', "
+        "jsonb_build_object('key', CASE WHEN g %% 2 = 0 THEN 'partner_1' END)) END "
+        "FROM generate_series(1, %(n)s::bigint) g, generate_series(0, %(k)s) s "
+        "ORDER BY g, s",
+        {"n": customers, "k": sales_each},
+    )
 
 
 def load_history(url: str, count: int) -> None:
@@ -211,6 +235,10 @@ class Fake:
 
     def reset(self) -> None:
         self._http.post("/_fake/reset").raise_for_status()
+
+    def configure(self, **changes: Any) -> None:
+        """Change FakeConfig fields (POST /_fake/config)."""
+        self._http.post("/_fake/config", json=changes).raise_for_status()
 
     def requests(self) -> list[dict[str, Any]]:
         resp = self._http.get("/_fake/requests")

@@ -70,6 +70,54 @@ def render(r: dict[str, Any]) -> str:
         best = max(run["events_per_second"] for run in sweep.values())
         targets.append(["throughput >= 2,000 events/s", f"{_n(best)} (best)", best >= 2000])
 
+    mix = r.get("signups", {})
+    if mix:
+        lines += ["## Signups and sales (every second customer referred; fake as Partnero)", ""]
+        rows = []
+        for c, runs in sorted(mix.items(), key=lambda kv: int(kv[0])):
+            for name, run in runs.items():
+                label = "sales only" if name == "sales_only" else f"1 signup : {name[2:]} sales"
+                rows.append(
+                    [
+                        c,
+                        label,
+                        _n(run["events"]),
+                        _n(run.get("calls", run["events"])),
+                        f"{run['seconds']:.1f}",
+                        f"**{_n(run['events_per_second'])}**",
+                        _n(run.get("calls_per_second", run["events_per_second"])),
+                        _cpu(run, "sender"),
+                        _cpu(run, "postgres"),
+                        run["pg_transactions_per_event"],
+                        run.get("longest_pause_seconds", "-"),
+                        run.get("rows_after_longest_pause", "-"),
+                        _n(run["rows_per_second_before_pause"])
+                        if run.get("rows_per_second_before_pause")
+                        and run.get("longest_pause_seconds", 0) >= 1
+                        else "-",
+                        run["other_load_cores"],
+                    ]
+                )
+        lines += _table(
+            [
+                "concurrency",
+                "rows",
+                "events",
+                "HTTP calls",
+                "seconds",
+                "events/s",
+                "calls/s",
+                "daemon CPU ms/event",
+                "Postgres CPU ms/event",
+                "pg transactions/event",
+                "longest pause s",
+                "rows settled after it",
+                "rows/s before it",
+                "other load (cores)",
+            ],
+            rows,
+        )
+
     lat = r.get("latency")
     if lat:
         lines += ["## Latency (commit to arrival at the fake)", ""]

@@ -212,6 +212,89 @@ def daemon_drain(
         pg.drop(url)
 
 
+# ---- 1b. signups and sales ---------------------------------------------------------------------
+
+OUTCOMES_SQL = (
+    "SELECT event_type || ':' || status || ':' || coalesce(outcome, ''), count(*) "
+    "FROM outbox.events GROUP BY 1"
+)
+# The longest pause in settling: the most seconds between two rows settling one after the other,
+# how many rows settled after it, and the rate of settling before it (from the first row
+# settled to the pause's start, database clock). A sale parked behind its customer's signup that
+# the signup's completion did not wake waits for OUTBOX_BLOCKED_RECHECK_SECONDS (30 by default).
+PAUSE_SQL = """
+WITH t AS (
+    SELECT updated_at, updated_at - lag(updated_at) OVER (ORDER BY updated_at) AS gap
+    FROM outbox.events
+    WHERE updated_at > created_at  -- settled by the daemon (the load's rows share created_at)
+), p AS (
+    SELECT updated_at AS resumed, gap FROM t WHERE gap IS NOT NULL ORDER BY gap DESC LIMIT 1
+)
+SELECT extract(epoch FROM p.gap)::float8,
+       (SELECT count(*) FROM t WHERE t.updated_at >= p.resumed),
+       (SELECT count(*) / nullif(extract(epoch FROM p.resumed - p.gap - min(t.updated_at)), 0)
+        FROM t WHERE t.updated_at < p.resumed)::float8
+FROM p
+"""
+
+
+def signup_mix(
+    pg: Postgres, fake: Fake, customers: int, sales_each: int, concurrency: int
+) -> dict[str, Any]:
+    """Drain `customers` signups, each followed by `sales_each` sales of its customer, every
+    second customer referred, against the fake as Partnero behaves (a sale needs a customer it
+    knows). A referred customer's signup is created and its sales delivered; the others' signups
+    are skipped without a call and each of their sales costs one call (400 Customer not found)
+    and is skipped. Timed like `daemon_drain`; `events` counts every row, `calls` the HTTP
+    calls."""
+    url = pg.database()
+    count = customers * (1 + sales_each)
+    referred = customers // 2  # the even-numbered customers
+    try:
+        harness.load_signups_and_sales(url, customers, sales_each)
+        fake.reset()
+        fake.configure(customers_must_exist=True)
+        try:
+            daemon = harness.start_daemon(url, fake.url, concurrency=concurrency)
+            try:
+                result = _drain(pg, fake, url, daemon, count, PENDING_LEFT, 30 + count / 100)
+            finally:
+                daemon.close()
+        finally:
+            fake.configure(customers_must_exist=False)
+        with harness.connect(url) as conn:
+            outcomes = {str(k): int(n) for k, n in conn.execute(OUTCOMES_SQL).fetchall()}
+            pause = conn.execute(PAUSE_SQL).fetchone() or (0.0, 0, None)
+    finally:
+        pg.drop(url)
+    expected = {
+        "signup:delivered:created": referred,
+        "signup:skipped:not_referred": customers - referred,
+        "sale:delivered:created": referred * sales_each,
+        "sale:skipped:customer_not_found": (customers - referred) * sales_each,
+    }
+    if outcomes != expected:
+        raise AssertionError(f"rows ended {outcomes}, expected {expected}")
+    # One call per referred signup and per sale; no sale was refused before its signup.
+    calls = {"201": referred * (1 + sales_each), "400": (customers - referred) * sales_each}
+    if result["answers"] != calls:
+        raise AssertionError(f"Partnero answered {result['answers']}, expected {calls}")
+    total_calls = sum(calls.values())
+    result.update(
+        customers=customers,
+        sales_per_customer=sales_each,
+        referred_customers=referred,
+        outcomes=outcomes,
+        calls=total_calls,
+        calls_per_second=round(total_calls / result["seconds"], 1),
+        longest_pause_seconds=round(float(pause[0]), 2),
+        rows_after_longest_pause=int(pause[1]),
+        rows_per_second_before_pause=None if pause[2] is None else round(float(pause[2]), 1),
+        concurrency=concurrency,
+    )
+    return result
+
+
 # ---- 2. latency --------------------------------------------------------------------------------
 
 INSERT_SALE = (

@@ -1,10 +1,13 @@
 """The chaos run: docs/design.md, "Delivery rules" 1-5, under crashes, a database restart and a
 Partnero outage.
 
-While several writers insert sales and refunds over their own connections, two or three
-`outbox run` processes deliver them to a fake Partnero that does NOT deduplicate keys and
-misbehaves all along (latency, 5xx, 429 with Retry-After, connections dropped before and after
-the request was applied, answers that never come). On top of that, at scheduled random moments:
+While several writers insert signups, sales and refunds over their own connections, two or
+three `outbox run` processes deliver them to a fake Partnero that does NOT deduplicate keys,
+accepts a sale only for a customer it knows (as Partnero does), and misbehaves all along
+(latency, 5xx, 429 with Retry-After, connections dropped before and after the request was
+applied, answers that never come). Customers are referred by a partner or not (most are not),
+some name a partner Partnero does not know, some never sign up; a customer's signup commits with
+their first sale, before it, or after it. On top of that, at scheduled random moments:
 
 - daemons are SIGKILLed (whoever is running; calls are usually in flight) and started again;
 - the run's own embedded PostgreSQL is stopped (`pg_ctl stop -m fast`) and started again: the
@@ -13,10 +16,12 @@ the request was applied, answers that never come). On top of that, at scheduled 
   answered, then every answer dropped after the request was applied, then a 429 storm with
   Retry-After.
 
-At the end the fake's ledger is checked against the table and one line of figures is printed:
-events, lost, duplicated transactions, refunds sent before their sale, rows stuck, requests sent
-during the outage (with the bound the back-off settings allow) and the seconds from the end of
-each fault to the next delivered row.
+At the end the fake's ledger (transactions and customers) and request log are checked against
+the table and one line of figures is printed: events, lost, duplicated transactions, refunds sent
+before their sale, sales that reached Partnero before their customer's signup, rows stuck or
+misrecorded (a referred customer's rows must be delivered, everyone else's skipped), requests
+sent during the outage (with the bound the back-off settings allow) and the seconds from the end
+of each fault to the next delivered row.
 
     make chaos                              # the full run (>= 2,000 events, 6 kills)
     .venv/bin/python -m tests.chaos --short # the size tests/test_chaos.py runs in `make test`
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import signal
@@ -48,6 +54,7 @@ from typing import Any
 import psycopg
 
 from outbox.dev import pgtemp
+from outbox.dev.demo import sales_before_signup
 from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from outbox.domain import RetryPolicy
 from outbox.policy import backoff_delay
@@ -71,6 +78,10 @@ DAEMON_SETTINGS: dict[str, str] = {
     "auth_pause_seconds": "0.5",
     "shutdown_grace_seconds": "3",
     "status_interval_seconds": "1",
+    # A sale of a customer Partnero does not know is retried this long before it is skipped:
+    # longer than a signup committed after its customer's first sale can take to commit (a few
+    # transactions later, or after the database restart), short enough to keep the run fast.
+    "unknown_customer_grace_seconds": "6",
     "log_format": "json",
     "log_level": "warning",
 }
@@ -167,12 +178,17 @@ SHORT = Plan(
 @dataclass(slots=True)
 class Figures:
     plan: Plan
+    planned: dict[str, int] = field(default_factory=dict)  # rows the writers plan, by type
     events: int = 0
+    signups: int = 0
     sales: int = 0
     refunds: int = 0
+    skipped: int = 0  # settled rows with nothing (more) to send: customers nobody referred
+    not_found_then_created: int = 0  # sales told "Customer not found", created after the signup
     lost: int = 0
     duplicated: int = 0
     refunds_before_sale: int = 0
+    sales_before_signup: int = 0
     stuck: int = 0
     failed: int = 0
     leases_left: int = 0
@@ -196,6 +212,7 @@ class Figures:
     unclean_exits: list[str] = field(default_factory=list)
     seconds: float = 0.0
     histories: dict[str, list[str]] = field(default_factory=dict)  # a few suspect keys
+    customers: dict[str, Customer] = field(default_factory=dict)  # sale key -> its customer
     # When the faults happened (wall clock), for the recovery figures.
     kill_times: list[tuple[float, list[int]]] = field(default_factory=list)  # (when, held ids)
     faults_end: dict[str, float] = field(default_factory=dict)
@@ -206,12 +223,15 @@ class Figures:
             f"{name}={'never' if s is None else f'{s:.1f}'}" for name, s in self.recover.items()
         )
         return (
-            f"chaos: events={self.events} (sales={self.sales} refunds={self.refunds}) "
+            f"chaos: events={self.events} (signups={self.signups} sales={self.sales} "
+            f"refunds={self.refunds} skipped={self.skipped} "
+            f"not_found_then_created={self.not_found_then_created}) "
             f"writers={self.plan.writers} daemons={self.daemons_min}-{self.daemons_max} "
             f"kills={self.kills} (in_flight={self.kills_in_flight}) "
             f"pg_restarts={self.pg_restarts} outage={self.outage_seconds:.1f}s | "
             f"lost={self.lost} duplicated={self.duplicated} "
-            f"refunds_before_sale={self.refunds_before_sale} stuck={self.stuck} "
+            f"refunds_before_sale={self.refunds_before_sale} "
+            f"sales_before_signup={self.sales_before_signup} stuck={self.stuck} "
             f"failed={self.failed} misrecorded={sum(self.unexpected_outcomes.values())} | "
             f"outage_requests={self.outage_requests} "
             f"(rows={self.outage_rows} bound={self.outage_request_bound}) | "
@@ -222,14 +242,20 @@ class Figures:
     def problems(self) -> list[str]:
         """Every guarantee the run broke (empty when all held)."""
         found = []
-        expected = self.plan.sales + self.plan.refunds
-        if (self.events, self.sales, self.refunds) != (
-            expected,
-            self.plan.sales,
-            self.plan.refunds,
+        expected = {"signup": self.planned.get("signup", 0)}
+        expected |= {"sale": self.plan.sales, "refund": self.plan.refunds}
+        table = {"signup": self.signups, "sale": self.sales, "refund": self.refunds}
+        if table != expected or self.events != sum(expected.values()):
+            found.append(f"expected {expected} events, the table has {table}")
+        for name in (
+            "lost",
+            "duplicated",
+            "refunds_before_sale",
+            "sales_before_signup",
+            "stuck",
+            "failed",
+            "leases_left",
         ):
-            found.append(f"expected {expected} events, the table has {self.events}")
-        for name in ("lost", "duplicated", "refunds_before_sale", "stuck", "failed", "leases_left"):
             if getattr(self, name):
                 found.append(f"{name}={getattr(self, name)}")
         if self.unexpected_outcomes:
@@ -356,15 +382,74 @@ Statement = tuple[str, tuple[Any, ...]]
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One application transaction: its statements and the (event_type, key) rows it adds."""
+    """One application transaction: its statements and the (event_type, key) rows it adds (a
+    signup's key is its customer key)."""
 
     statements: tuple[Statement, ...]
     rows: tuple[tuple[str, str], ...]
 
 
-def _sale(key: str, rng: random.Random, n: int, style: int) -> Statement:
+# The partner references a referred customer's signup may carry (the fake knows partner_1).
+REFERRALS: tuple[dict[str, Any], ...] = (
+    {"partner": {"key": "partner_1"}},
+    {"partner": {"id": 1}},
+    {"partner": {"email": "partner1@example.com"}},
+)
+# What a shop's signup handler writes for a customer who came by themselves.
+NOT_REFERRED: tuple[dict[str, Any], ...] = ({}, {"partner": {"key": None}}, {"partner": None})
+UNKNOWN_PARTNER: dict[str, Any] = {"partner": {"key": "partner_404"}}
+
+# Each customer's kind, drawn with these weights: most came by themselves, a few carry a cookie
+# naming a partner Partnero does not know, and some bought without the shop ever recording a
+# signup (their sales are retried through the unknown-customer grace, then skipped).
+CUSTOMER_KINDS: tuple[tuple[str, float], ...] = (
+    ("referred", 0.4),
+    ("not_referred", 0.45),
+    ("invalid_partner", 0.05),
+    ("no_signup", 0.1),
+)
+# Where a customer's signup is committed, relative to the customer's first sale.
+PLACEMENTS = ("same_transaction", "signup_first", "sale_first")
+
+
+@dataclass(frozen=True, slots=True)
+class Customer:
+    key: str
+    kind: str  # one of CUSTOMER_KINDS
+    placement: str  # one of PLACEMENTS (no_signup customers have no signup to place)
+    payload: dict[str, Any]  # the signup's payload
+
+    @property
+    def late_signup(self) -> bool:
+        """Its signup commits after its first sale (which may meet "Customer not found")."""
+        return self.kind != "no_signup" and self.placement == "sale_first"
+
+
+def assign_customers(keys: Sequence[str], seed: int) -> dict[str, Customer]:
+    """The customer of each sale key: one to three consecutive sales each (one writer's keys, so
+    that the writer orders a customer's signup and sales)."""
+    rng = random.Random(seed)
+    kinds, weights = zip(*CUSTOMER_KINDS, strict=True)
+    out: dict[str, Customer] = {}
+    current: Customer | None = None
+    bought = 0
+    for key in keys:
+        if current is None or bought >= 3 or rng.random() < 0.5:
+            kind = rng.choices(kinds, weights)[0]
+            payload = {
+                "referred": rng.choice(REFERRALS),
+                "not_referred": rng.choice(NOT_REFERRED),
+                "invalid_partner": UNKNOWN_PARTNER,
+            }.get(kind, {})
+            current = Customer(f"cus {key}", kind, rng.choice(PLACEMENTS), payload)
+            bought = 0
+        out[key] = current
+        bought += 1
+    return out
+
+
+def _sale(key: str, rng: random.Random, customer: str, style: int) -> Statement:
     amount = Decimal(rng.randint(100, 99999)) / 100
-    customer = f"cust_{n % 37}"
     if style % 2:
         return ("SELECT outbox.record_sale(%s, %s, %s, 'EUR')", (key, customer, amount))
     return (
@@ -380,49 +465,107 @@ def _refund(key: str, style: int) -> Statement:
     return ("INSERT INTO outbox.events (event_type, transaction_key) VALUES ('refund', %s)", (key,))
 
 
-def writer_ops(keys: list[str], refunded: set[str], seed: int) -> list[Op]:
+def _signup(customer: Customer, style: int) -> Statement:
+    payload = json.dumps(customer.payload)
+    if style % 2:
+        return ("SELECT outbox.record_signup(%s, %s::jsonb)", (customer.key, payload))
+    return (
+        "INSERT INTO outbox.events (event_type, customer_key, payload) "
+        "VALUES ('signup', %s, %s::jsonb)",
+        (customer.key, payload),
+    )
+
+
+class _OpList:
+    """One writer's transactions as they are planned: an op with sales brings the signups of the
+    customers it sees first, each placed as its customer says; ops can be queued for later."""
+
+    def __init__(self, customers: dict[str, Customer], rng: random.Random) -> None:
+        self.ops: list[Op] = []
+        self._customers = customers
+        self._rng = rng
+        self._signed: set[str] = set()
+        self._later: list[tuple[int, Op]] = []  # (op count after which to add it, op)
+
+    def later(self, after: int, op: Op) -> None:
+        self._later.append((len(self.ops) + after, op))
+
+    def add(self, op: Op) -> None:
+        statements, rows = list(op.statements), list(op.rows)
+        for event_type, key in op.rows:
+            customer = self._customers[key]
+            if event_type != "sale" or customer.kind == "no_signup":
+                continue
+            if customer.key in self._signed:
+                continue
+            self._signed.add(customer.key)
+            signup = Op((_signup(customer, len(self.ops)),), (("signup", customer.key),))
+            if customer.placement == "signup_first":
+                self.ops.append(signup)
+            elif customer.placement == "sale_first":
+                self.later(self._rng.randint(1, 4), signup)
+            else:  # in the same transaction, before or after the sale
+                at = self._rng.randint(0, len(statements))
+                statements.insert(at, signup.statements[0])
+                rows.insert(at, signup.rows[0])
+        self.ops.append(Op(tuple(statements), tuple(rows)))
+        due = [entry for entry in self._later if entry[0] <= len(self.ops)]
+        for entry in due:
+            self._later.remove(entry)
+            self.ops.append(entry[1])
+
+    def finish(self) -> list[Op]:
+        self.ops += [op for _, op in self._later]
+        self._later.clear()
+        return self.ops
+
+
+def writer_ops(
+    keys: list[str],
+    refunded: set[str],
+    seed: int,
+    customers: dict[str, Customer] | None = None,
+) -> list[Op]:
     """One writer's transactions: mostly a sale each, some refunds a little after their sale,
     some refunds committed BEFORE their sale (in an earlier transaction, or earlier in the same
-    one), and some multi-row INSERTs."""
+    one), some multi-row INSERTs, and each customer's signup (none for a `no_signup` customer)
+    in the same transaction as its first sale, before it, or a few transactions after it."""
+    customers = customers if customers is not None else assign_customers(keys, seed)
     rng = random.Random(seed)
-    ops: list[Op] = []
-    waiting: list[tuple[int, str]] = []  # (op index after which to refund, key)
+    plan = _OpList(customers, rng)
     i = 0
     while i < len(keys):
         key = keys[i]
         roll = rng.random()
         if key in refunded and roll < 0.08:  # the refund's transaction commits first
-            ops.append(Op((_refund(key, i),), (("refund", key),)))
-            ops.append(Op((_sale(key, rng, i, i),), (("sale", key),)))
+            plan.ops.append(Op((_refund(key, i),), (("refund", key),)))
+            plan.add(Op((_sale(key, rng, customers[key].key, i),), (("sale", key),)))
             i += 1
         elif key in refunded and roll < 0.16:  # refund first, in the same transaction
-            statements = (_refund(key, i), _sale(key, rng, i, i))
-            ops.append(Op(statements, (("refund", key), ("sale", key))))
+            statements = (_refund(key, i), _sale(key, rng, customers[key].key, i))
+            plan.add(Op(statements, (("refund", key), ("sale", key))))
             i += 1
         elif roll < 0.1 and i + 3 <= len(keys):  # three sales in one statement
             batch = keys[i : i + 3]
             values = ", ".join(["('sale', %s, %s, %s, 'EUR')"] * 3)
             params: list[Any] = []
-            for n, k in enumerate(batch):
-                params += [k, f"cust_{(i + n) % 37}", Decimal(rng.randint(100, 99999)) / 100]
+            for k in batch:
+                params += [k, customers[k].key, Decimal(rng.randint(100, 99999)) / 100]
             sql = (
                 "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount, "
                 f"currency) VALUES {values}"
             )
-            ops.append(Op(((sql, tuple(params)),), tuple(("sale", k) for k in batch)))
-            waiting += [(len(ops) + rng.randint(0, 12), k) for k in batch if k in refunded]
+            plan.add(Op(((sql, tuple(params)),), tuple(("sale", k) for k in batch)))
+            for k in batch:
+                if k in refunded:
+                    plan.later(rng.randint(0, 12), Op((_refund(k, i),), (("refund", k),)))
             i += 3
         else:
-            ops.append(Op((_sale(key, rng, i, i),), (("sale", key),)))
+            plan.add(Op((_sale(key, rng, customers[key].key, i),), (("sale", key),)))
             if key in refunded:
-                waiting.append((len(ops) + rng.randint(0, 12), key))
+                plan.later(rng.randint(0, 12), Op((_refund(key, i),), (("refund", key),)))
             i += 1
-        due = [w for w in waiting if w[0] <= len(ops)]
-        for w in due:
-            waiting.remove(w)
-            ops.append(Op((_refund(w[1], len(ops)),), (("refund", w[1]),)))
-    ops += [Op((_refund(k, n),), (("refund", k),)) for n, (_, k) in enumerate(waiting)]
-    return ops
+    return plan.finish()
 
 
 class Writer(threading.Thread):
@@ -471,10 +614,10 @@ class Writer(threading.Thread):
                     conn.close()
                 conn = _connect(self.url, deadline)
                 event_type, key = op.rows[0]
+                column = "customer_key" if event_type == "signup" else "transaction_key"
                 exists = _one(
                     conn,
-                    "SELECT count(*) FROM outbox.events WHERE transaction_key = %s "
-                    "AND event_type = %s",
+                    f"SELECT count(*) FROM outbox.events WHERE {column} = %s AND event_type = %s",
                     (key, event_type),
                 )
                 if exists:  # the commit went through; only its answer was lost
@@ -621,7 +764,13 @@ def run(plan: Plan, log: Callable[[str], None] = lambda _: None) -> Figures:
     with (
         pgtemp.embedded_server() as admin_url,
         FakePartneroThread(
-            FakeConfig(api_key=API_KEY, dedupe=False, seed=plan.seed, **BACKGROUND_FAULTS)
+            FakeConfig(
+                api_key=API_KEY,
+                dedupe=False,
+                customers_must_exist=True,  # as Partnero: a sale needs a customer it knows
+                seed=plan.seed,
+                **BACKGROUND_FAULTS,
+            )
         ) as fake,
         tempfile.TemporaryDirectory(prefix="outbox-chaos-") as scratch,
     ):
@@ -653,21 +802,20 @@ def _run(
     keys = [KEY_SHAPES[i % len(KEY_SHAPES)].format(i=i) for i in range(plan.sales)]
     refunded = set(rng.sample(keys, plan.refunds))
     timeline = schedule(plan, rng)
+    # Each writer owns its customers: it orders a customer's signup and sales.
+    parts = [keys[w :: plan.writers] for w in range(plan.writers)]
+    for w, part in enumerate(parts):
+        figures.customers.update(assign_customers(part, plan.seed + w))
+    ops = [
+        writer_ops(part, refunded, plan.seed + w, figures.customers) for w, part in enumerate(parts)
+    ]
+    figures.planned = dict(Counter(row[0] for writer in ops for op in writer for row in op.rows))
     for slot in range(plan.daemons):
         daemons.start(slot)
     daemons.wait_listening(url, plan.daemons)
     stop = threading.Event()
     t0 = time.monotonic()
-    writers = [
-        Writer(
-            url,
-            writer_ops(keys[w :: plan.writers], refunded, plan.seed + w),
-            t0,
-            plan.write_seconds,
-            stop,
-        )
-        for w in range(plan.writers)
-    ]
+    writers = [Writer(url, writer, t0, plan.write_seconds, stop) for writer in ops]
     for writer in writers:
         writer.start()
     try:
@@ -807,22 +955,26 @@ def _drain(
         figures.stuck = int(pending)
         present = {
             (r[0], r[1])
-            for r in conn.execute("SELECT event_type, transaction_key FROM outbox.events")
+            for r in conn.execute(
+                "SELECT event_type, coalesce(transaction_key, customer_key) FROM outbox.events"
+            )
         }
         figures.lost += sum(1 for row in committed if row not in present)
         log(f"t={time.monotonic() - t0:.1f}s drained: {pending} pending")
 
         for n, (killed_at, held) in enumerate(figures.kill_times, 1):
-            # Seconds until the last row the victim held was delivered by another daemon.
+            # Seconds until the last row the victim held was settled by another daemon
+            # (delivered, or skipped: a skipped row's updated_at is when it settled).
             last = _one(
                 conn,
-                "SELECT max(extract(epoch FROM delivered_at)) FROM outbox.events "
-                "WHERE id = ANY(%s) AND status = 'delivered'",
+                "SELECT max(extract(epoch FROM coalesce(delivered_at, updated_at))) "
+                "FROM outbox.events WHERE id = ANY(%s) AND status IN ('delivered', 'skipped')",
                 (held,),
             )
             undelivered = _one(
                 conn,
-                "SELECT count(*) FROM outbox.events WHERE id = ANY(%s) AND status <> 'delivered'",
+                "SELECT count(*) FROM outbox.events "
+                "WHERE id = ANY(%s) AND status NOT IN ('delivered', 'skipped')",
                 (held,),
             )
             if not held:  # nothing was in flight: nothing to recover
@@ -893,14 +1045,102 @@ def _next_delivery(conn: psycopg.Connection[Any], after: float) -> float | None:
     return None if first is None else float(first) - after
 
 
+# How each row must settle, by its customer's kind (status, outcome). A customer nobody referred
+# (not referred, an unknown partner, no signup at all) is unknown to Partnero: its sales are
+# skipped and their refunds too.
+SETTLES_AS: dict[tuple[str, str], tuple[str, str]] = {
+    ("signup", "referred"): ("delivered", "created"),
+    ("signup", "not_referred"): ("skipped", "not_referred"),
+    ("signup", "invalid_partner"): ("skipped", "invalid_partner"),
+    ("sale", "referred"): ("delivered", "created"),
+    ("refund", "referred"): ("delivered", "deleted"),
+}
+UNREFERRED_SETTLES_AS = {
+    "sale": ("skipped", "customer_not_found"),
+    "refund": ("skipped", "sale_skipped"),
+}
+
+# One row of outbox.events as _check reads it.
+Row = tuple[str, str | None, str | None, str, str | None]
+
+
+def _kind(figures: Figures, by_name: dict[str, Customer], row: Row) -> str:
+    """The kind of customer a row belongs to (a refund: its sale's customer)."""
+    if row[0] == "signup":
+        customer = by_name.get(row[2] or "")
+    else:
+        customer = figures.customers.get(row[1] or "")
+    return "unknown" if customer is None else customer.kind
+
+
+def _settles_as(event_type: str, kind: str) -> tuple[str, str] | None:
+    return SETTLES_AS.get((event_type, kind), UNREFERRED_SETTLES_AS.get(event_type))
+
+
+def _lost(
+    figures: Figures,
+    by_name: dict[str, Customer],
+    events: list[Row],
+    ledger: list[dict[str, Any]],
+    registered: set[str],
+) -> int:
+    """Referred rows whose effect Partnero lacks, and deletions nobody asked for."""
+    first_create: dict[str, dict[str, Any]] = {}
+    for t in ledger:
+        first_create.setdefault(t["key"], t)
+    lost = 0
+    for row in events:
+        if _kind(figures, by_name, row) != "referred":
+            continue
+        event_type, key, customer_key = row[0], row[1] or "", row[2] or ""
+        entry = first_create.get(key)
+        if event_type == "signup":
+            lost += customer_key not in registered
+        elif entry is None or (event_type == "refund" and entry["deleted_seq"] is None):
+            lost += 1
+    refunded = {row[1] for row in events if row[0] == "refund"}
+    lost += sum(1 for t in ledger if t["deleted_seq"] is not None and t["key"] not in refunded)
+    return lost
+
+
+def _misrecorded(
+    figures: Figures,
+    by_name: dict[str, Customer],
+    events: list[Row],
+    ledger: list[dict[str, Any]],
+    requests: list[dict[str, Any]],
+) -> Counter[str]:
+    """Settled rows that ended otherwise than their customer's kind says, and anything of a
+    customer nobody referred that reached Partnero anyway. Pending rows count as stuck."""
+    wrong: Counter[str] = Counter()
+    in_partnero = {t["key"] for t in ledger}
+    for row in events:
+        event_type, key, _, status, outcome = row
+        if status == "pending":
+            continue
+        kind = _kind(figures, by_name, row)
+        if (status, outcome) != _settles_as(event_type, kind):
+            wrong[f"{kind}:{event_type}:{status}:{outcome}"] += 1
+        if event_type == "sale" and kind != "referred" and key in in_partnero:
+            wrong[f"{kind}:sale_in_partnero"] += 1
+    for r in requests:
+        customer = by_name.get(str(r.get("customer_key")))
+        if r.get("resource") == "customer" and customer and customer.kind == "not_referred":
+            wrong["not_referred:signup_sent"] += 1
+    return wrong
+
+
 def _check(figures: Figures, url: str, fake: FakePartneroThread) -> None:
-    """The ledger against the table."""
-    ledger = fake.ledger()
-    requests = fake.requests()
+    """The ledger (transactions and customers) and the request log against the table."""
+    ledger, requests, customers = fake.ledger(), fake.requests(), fake.customers()
     with _db(url) as conn:
-        events = list(
-            conn.execute("SELECT event_type, transaction_key, status, outcome FROM outbox.events")
-        )
+        events: list[Row] = [
+            (r[0], r[1], r[2], r[3], r[4])
+            for r in conn.execute(
+                "SELECT event_type, transaction_key, customer_key, status, outcome "
+                "FROM outbox.events"
+            )
+        ]
         figures.failed = int(
             _one(conn, "SELECT count(*) FROM outbox.events WHERE status = 'failed'")
         )
@@ -910,48 +1150,56 @@ def _check(figures: Figures, url: str, fake: FakePartneroThread) -> None:
         figures.lookups = int(
             _one(conn, "SELECT count(*) FROM outbox.attempts WHERE method = 'GET'")
         )
+    types = Counter(row[0] for row in events)
     figures.events = len(events)
-    figures.sales = sum(1 for e in events if e[0] == "sale")
-    figures.refunds = sum(1 for e in events if e[0] == "refund")
+    figures.signups, figures.sales, figures.refunds = (
+        types["signup"],
+        types["sale"],
+        types["refund"],
+    )
+    figures.skipped = sum(1 for row in events if row[3] == "skipped")
     figures.requests = len(requests)
+    by_name = {c.key: c for c in figures.customers.values()}
 
     per_key = Counter(t["key"] for t in ledger)
     figures.duplicated = sum(n - 1 for n in per_key.values() if n > 1)
-    first_create = {}
+    registered = {str(c["key"]) for c in customers}
+    figures.lost += _lost(figures, by_name, events, ledger, registered)
+    created_seq: dict[str, int] = {}
     for t in ledger:
-        first_create.setdefault(t["key"], t)
-    for event_type, key, _, _ in events:
-        entry = first_create.get(key)
-        if entry is None or (event_type == "refund" and entry["deleted_seq"] is None):
-            figures.lost += 1
-    refunded = {key for event_type, key, _, _ in events if event_type == "refund"}
-    figures.lost += sum(
-        1 for t in ledger if t["deleted_seq"] is not None and t["key"] not in refunded
-    )
+        created_seq.setdefault(t["key"], t["created_seq"])
     # Every DELETE that reached Partnero, answered or not, must come after its sale's create.
     figures.refunds_before_sale = sum(
         1
         for r in requests
         if r["method"] == "DELETE"
-        and (r["key"] not in first_create or r["seq"] < first_create[r["key"]]["created_seq"])
+        and (r["key"] not in created_seq or r["seq"] < created_seq[r["key"]])
     )
+    # Every sale of a customer Partnero registered came after the signup (demo.py explains).
+    late = frozenset(c.key for c in by_name.values() if c.late_signup)
+    early_sales = sales_before_signup(customers, ledger, requests, late_signups=late)
+    figures.sales_before_signup = len(early_sales)
+    wrong = _misrecorded(figures, by_name, events, ledger, requests)
+    told_not_found = {
+        r["key"] for r in requests if r.get("message") == "Customer not found" and r["key"]
+    }
+    figures.not_found_then_created = sum(
+        1 for row in events if row[0] == "sale" and row[4] == "created" and row[1] in told_not_found
+    )
+    figures.unexpected_outcomes = dict(wrong)
+
     suspects = [k for k, n in per_key.items() if n > 1]
-    suspects += [e[1] for e in events if e[2] != "delivered" or e[3] in ("not_found", "duplicate")]
+    suspects += [
+        row[1] or row[2] or ""
+        for row in events
+        if (row[3], row[4]) != _settles_as(row[0], _kind(figures, by_name, row))
+        or row[4] in ("not_found", "duplicate")
+    ]
     with _db(url) as conn:
         for key in suspects[:3]:
             figures.histories[key] = _history(conn, key, ledger, requests)
-    outcomes = Counter(f"{e[0]}:{e[2]}:{e[3]}" for e in events)
-    figures.unexpected_outcomes = {
-        k: n
-        for k, n in outcomes.items()
-        if k
-        not in (
-            "sale:delivered:created",
-            "refund:delivered:deleted",
-            "sale:pending:None",
-            "refund:pending:None",
-        )
-    }
+    if early_sales:
+        figures.histories["sales_before_signup"] = early_sales[:5]
 
 
 def _history(
@@ -960,8 +1208,8 @@ def _history(
     ledger: list[dict[str, Any]],
     requests: list[dict[str, Any]],
 ) -> list[str]:
-    """What happened to one key, for a failed run's report: the fake's ledger entries and
-    request log, and the daemons' attempts."""
+    """What happened to one key (a transaction's, or a customer's), for a failed run's report:
+    the fake's ledger entries and request log, and the daemons' attempts."""
     lines = [
         f"ledger seq={t['seq']} created_seq={t['created_seq']} deleted_seq={t['deleted_seq']}"
         for t in ledger
@@ -980,8 +1228,9 @@ def _history(
             "SELECT e.id, e.event_type, a.attempt, a.method, a.status_code, a.decision, "
             "extract(epoch FROM a.started_at)::float8, extract(epoch FROM a.finished_at)::float8,"
             " a.daemon, a.error FROM outbox.attempts a JOIN outbox.events e ON e.id = a.event_id"
-            " WHERE e.transaction_key = %s ORDER BY a.started_at",
-            (key,),
+            " WHERE e.transaction_key = %s OR (e.event_type = 'signup' AND e.customer_key = %s)"
+            " ORDER BY a.started_at",
+            (key, key),
         )
     ]
     return lines

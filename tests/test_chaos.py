@@ -1,6 +1,7 @@
-"""The chaos run (tests/chaos.py) at its short size, inside `make test`: writers, two `outbox
-run` processes SIGKILLed mid-call and restarted, PostgreSQL stopped and started, a Partnero
-outage of every kind, a non-deduplicating fake. `make chaos` runs the full size."""
+"""The chaos run (tests/chaos.py) at its short size, inside `make test`: writers of signups,
+sales and refunds, two `outbox run` processes SIGKILLed mid-call and restarted, PostgreSQL
+stopped and started, a Partnero outage of every kind, a non-deduplicating fake that accepts a
+sale only for a customer it knows. `make chaos` runs the full size."""
 
 from __future__ import annotations
 
@@ -39,9 +40,15 @@ def test_outage_request_bound_follows_the_backoff_settings() -> None:
 def test_writers_commit_every_sale_and_refund_exactly_once() -> None:
     keys = [f"k{i}" for i in range(300)]
     refunded = set(keys[::4])
-    ops = chaos.writer_ops(keys, refunded, seed=3)
+    customers = chaos.assign_customers(keys, seed=3)
+    ops = chaos.writer_ops(keys, refunded, seed=3, customers=customers)
     rows = Counter(row for op in ops for row in op.rows)
-    assert rows == Counter([("sale", k) for k in keys] + [("refund", k) for k in refunded])
+    signed_up = {c.key for c in customers.values() if c.kind != "no_signup"}
+    assert rows == Counter(
+        [("sale", k) for k in keys]
+        + [("refund", k) for k in refunded]
+        + [("signup", c) for c in signed_up]
+    )
     # Some refunds commit before their sale (an earlier transaction, or earlier in the same).
     first_seen: dict[tuple[str, str], int] = {}
     for n, op in enumerate(ops):
@@ -49,6 +56,40 @@ def test_writers_commit_every_sale_and_refund_exactly_once() -> None:
             first_seen.setdefault(row, n * 10 + position)
     early = [k for k in refunded if first_seen[("refund", k)] < first_seen[("sale", k)]]
     assert early
+
+
+def test_writers_place_each_signup_as_its_customer_says() -> None:
+    keys = [f"k{i}" for i in range(300)]
+    customers = chaos.assign_customers(keys, seed=5)
+    ops = chaos.writer_ops(keys, set(keys[::5]), seed=5, customers=customers)
+    first_sale: dict[str, int] = {}
+    signup_at: dict[str, int] = {}
+    for n, op in enumerate(ops):
+        for event_type, key in op.rows:
+            if event_type == "sale":
+                first_sale.setdefault(customers[key].key, n)
+            elif event_type == "signup":
+                signup_at[key] = n
+    by_name = {c.key: c for c in customers.values()}
+    assert set(Counter(c.kind for c in by_name.values())) == {
+        "referred",
+        "not_referred",
+        "invalid_partner",
+        "no_signup",
+    }
+    placed: Counter[str] = Counter()
+    for name, customer in by_name.items():
+        if customer.kind == "no_signup":
+            assert name not in signup_at
+            continue
+        where = signup_at[name] - first_sale[name]
+        expected = {"signup_first": where < 0, "same_transaction": where == 0}
+        assert expected.get(customer.placement, where > 0), (customer, where)
+        assert customer.late_signup == (customer.placement == "sale_first")
+        placed[customer.placement] += 1
+    assert min(placed[p] for p in chaos.PLACEMENTS) >= 10, placed
+    # A customer buys one to three times, in one writer's keys.
+    assert max(Counter(c.key for c in customers.values()).values()) <= 3
 
 
 def test_a_daemon_stopped_while_its_database_is_down_exits_cleanly(tmp_path: Path) -> None:
