@@ -601,6 +601,7 @@ def claim_times(url: str, repeats: int, limit: int = 100) -> dict[str, float]:
         "lease_seconds": 60,
         "recheck_seconds": 30,
         "orphan_grace_seconds": 60,
+        "in_flight_recheck_seconds": 1,
     }
     times: list[float] = []
     with psycopg.connect(url) as conn:
