@@ -41,7 +41,7 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP) ## benchmarks, side by side with pgqueuer (~8 min; BENCH_ARGS=--quick: < 1 min)
+bench: $(BENCH_STAMP) ## benchmarks, side by side with pgqueuer (~12 min; BENCH_ARGS=--quick: < 1 min)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and caches

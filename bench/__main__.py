@@ -17,7 +17,7 @@ from typing import Any
 
 from bench import harness, report, scenarios
 
-ALL = ("throughput", "signups", "latency", "inserts", "memory", "backlog", "peers")
+ALL = ("throughput", "signups", "latency", "inserts", "memory", "bulk", "backlog", "peers")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class Sizes:
     insert_rounds: int
     bulk_rows: int  # rows of the one-statement INSERT ... SELECT of the insert-cost step
     memory: int
+    bulk: int  # sales of the large-backlog step, drained at the default settings
     history: int
     history_pending: int
     naive: int
@@ -50,6 +51,7 @@ FULL = Sizes(
     insert_rounds=2,
     bulk_rows=200_000,
     memory=200_000,
+    bulk=100_000,
     history=1_000_000,
     history_pending=100_000,
     naive=5_000,
@@ -66,6 +68,7 @@ QUICK = Sizes(
     insert_rounds=1,
     bulk_rows=10_000,
     memory=4_000,
+    bulk=4_000,
     history=50_000,
     history_pending=2_000,
     naive=300,
@@ -173,6 +176,11 @@ def main() -> None:
             )  # fmt: skip
         if "memory" in only:
             step(results, "memory", "memory", scenarios.memory, pg, fake, sizes.memory, c)
+        if "bulk" in only:
+            step(
+                results, "bulk", "bulk backlog",
+                scenarios.bulk_backlog, pg, fake, sizes.bulk, sizes.default,
+            )  # fmt: skip
         if "backlog" in only:
             step(
                 results, "backlog", "backlog",

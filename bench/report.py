@@ -200,6 +200,36 @@ def render(r: dict[str, Any]) -> str:
             ]
         )
 
+    bulk = r.get("bulk")
+    if bulk:
+        lines += [
+            f"## A large backlog ({_n(bulk['events'])} sales at once, default settings, "
+            "no statistics yet)",
+            "",
+        ]
+        lines += _table(
+            [
+                "events/s", "seconds", "creates", "lookups", "lost-lease results",
+                "held back", "stop line delivered", "peak RSS MB", "RSS MB 1st quarter",
+                "write lag max s", "write lag p99 s",
+            ],
+            [[
+                _n(bulk["events_per_second"]), bulk["seconds"], _n(bulk["creates"]),
+                bulk["lookups"], bulk["lost_lease_results"], bulk["held_back"],
+                bulk["stop_line_delivered"], bulk["peak_rss_mb"], bulk["rss_mb_first_quarter"],
+                bulk["write_lag_max_s"], bulk["write_lag_p99_s"],
+            ]],
+        )  # fmt: skip
+        lines.append("")
+        targets.append(["large backlog: no lookups", bulk["lookups"], bulk["lookups"] == 0])
+        targets.append(
+            [
+                "large backlog: true count in the stop line",
+                bulk["stop_line_delivered"],
+                bulk["stop_line_delivered"] == bulk["events"],
+            ]
+        )
+
     bl = r.get("backlog")
     if bl:
         lines += [

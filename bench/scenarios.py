@@ -3,6 +3,7 @@ returns a plain dict of what it measured (the report turns those into tables).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import statistics
@@ -584,6 +585,96 @@ def memory(pg: Postgres, fake: Fake, count: int, concurrency: int) -> dict[str, 
         "seconds": round(samples[-1][0], 1),
         "fake_rss_mb_not_counted": round(fake_rss / 2**20, 1),
         "series": [(round(t, 2), d, round(r / 2**20, 1)) for t, d, r in samples],
+    }
+
+
+# ---- 4b. a large backlog at the defaults -------------------------------------------------------
+
+# Per row, from its call's end (the attempt's finished_at) to its result being written
+# (delivered_at): how long results wait in the writer's queue. Both times are the database's
+# (the daemon reads the database's clock).
+WRITE_LAG_SQL = """
+SELECT max(extract(epoch FROM e.delivered_at - a.finished_at))::float8,
+       percentile_cont(0.99) WITHIN GROUP (
+           ORDER BY extract(epoch FROM e.delivered_at - a.finished_at))::float8
+FROM outbox.events e JOIN outbox.attempts a ON a.event_id = e.id
+WHERE e.status = 'delivered'
+"""
+
+
+def _log_events(child: Child, names: set[str]) -> list[dict[str, Any]]:
+    """The daemon's JSON log lines whose event is one of `names`."""
+    found = []
+    for line in child.log.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and entry.get("event") in names:
+                found.append(entry)
+    return found
+
+
+def bulk_backlog(pg: Postgres, fake: Fake, count: int, concurrency: int) -> dict[str, Any]:
+    """`count` sales committed at once (an outage's backlog, a bulk import) and drained by one
+    daemon with the default settings (lease 60 s). The table has no statistics yet and
+    autovacuum is off for it, so the plans are those before autoanalyze has run. Measures what
+    a backlog must not do: look rows up again (a lease that ran out before its result was
+    written), lose leases, grow the daemon's memory, or count a row twice."""
+    url = pg.database()
+    try:
+        with harness.connect(url) as conn:
+            conn.execute("ALTER TABLE outbox.events SET (autovacuum_enabled = false)")
+            conn.execute(
+                f"INSERT INTO outbox.events ({harness.SALE_COLUMNS}) "
+                "SELECT 'sale', 'bulk-' || g, 'cust-' || (g %% 1000), 10, 'EUR', NULL "
+                "FROM generate_series(1, %(n)s::bigint) g",
+                {"n": count},
+            )
+        fake.reset()
+        daemon = harness.start_daemon(url, fake.url, concurrency=concurrency)
+        rss: list[int] = []
+        try:
+            _wait_first_request(fake, daemon)
+            started = time.monotonic()
+            with harness.connect(url) as conn:
+                while conn.execute(harness.PENDING_LEFT).fetchone()[0]:  # type: ignore[index]
+                    if not daemon.alive():
+                        raise RuntimeError(f"the daemon died:\n{daemon.tail()}")
+                    rss.append(daemon.rss())
+                    time.sleep(0.5)
+            seconds = time.monotonic() - started
+            rc = daemon.stop()
+            lines = _log_events(
+                daemon, {"outbox.daemon.stopped", "outbox.writer.lease_lost",
+                         "outbox.claimer.held_back"},
+            )  # fmt: skip
+        finally:
+            daemon.close()
+        _check_delivered(url, count)
+        with harness.connect(url) as conn:
+            lag_max, lag_p99 = conn.execute(WRITE_LAG_SQL).fetchone()  # type: ignore[misc]
+        calls = fake.requests()
+    finally:
+        pg.drop(url)
+    stopped = [e for e in lines if e["event"] == "outbox.daemon.stopped"]
+    return {
+        "events": count,
+        "concurrency": concurrency,
+        "seconds": round(seconds, 1),
+        "events_per_second": round(count / seconds, 1),
+        "creates": sum(1 for c in calls if c.get("method") == "POST"),
+        "lookups": sum(1 for c in calls if c.get("method") == "GET" and "key=" in c["path"]),
+        "lost_lease_results": sum(
+            int(e.get("results", 0)) for e in lines if e["event"] == "outbox.writer.lease_lost"
+        ),
+        "held_back": sum(1 for e in lines if e["event"] == "outbox.claimer.held_back"),
+        "stop_line_delivered": stopped[0].get("delivered") if stopped else None,
+        "exit_code": rc,
+        "peak_rss_mb": round(max(rss) / 2**20, 1) if rss else None,
+        "rss_mb_first_quarter": round(max(rss[: max(1, len(rss) // 4)]) / 2**20, 1)
+        if rss
+        else None,
+        "write_lag_max_s": round(lag_max, 2),
+        "write_lag_p99_s": round(lag_p99, 3),
     }
 
 
