@@ -49,8 +49,8 @@ def test_a_transaction_pool_is_refused_with_what_to_use_instead(pooled_url: str)
     assert "pool_mode = session" in message and "PgBouncer and other poolers" in message
 
 
-def cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OUTBOX_DATABASE_URL": url, "PARTNERO_API_KEY": "k" * 20}
+def cli(*args: str, url: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OUTBOX_DATABASE_URL": url, "PARTNERO_API_KEY": "k" * 20, **extra}
     return subprocess.run(
         [sys.executable, "-m", "outbox.cli", *args],
         capture_output=True,
@@ -96,3 +96,27 @@ def test_a_session_pool_too_small_makes_the_daemon_unhealthy_within_seconds_and_
             assert "no answer from the database within 1 s" in (daemon.health.last_error or "")
             assert not daemon.healthz()[0]
             assert daemon.watchdog.run_once() is False
+
+
+@pytest.mark.parametrize(("command", "code"), [(["status"], 3), (["failed"], 1)])
+def test_an_operator_command_with_no_answer_ends_with_one_line_instead_of_hanging(
+    database_url: str, command: list[str], code: int
+) -> None:
+    """A statement that gets no answer (a pooler's full queue, or here a lock) is cancelled
+    after OUTBOX_DATABASE_TIMEOUT_SECONDS, and the command says so."""
+    with psycopg.connect(db.libpq_url(database_url)) as locker:
+        locker.execute("LOCK TABLE outbox.events IN ACCESS EXCLUSIVE MODE")
+        done = cli(*command, url=database_url, OUTBOX_DATABASE_TIMEOUT_SECONDS="1")
+    assert done.returncode == code, done.stderr
+    assert done.stderr == (
+        "outbox: no answer from the database within 1 s (a pooler's queue full, or a lock "
+        "held?); OUTBOX_DATABASE_TIMEOUT_SECONDS sets the bound\n"
+    )
+
+
+def test_an_operator_command_refuses_a_bad_bound(database_url: str) -> None:
+    done = cli("status", url=database_url, OUTBOX_DATABASE_TIMEOUT_SECONDS="soon")
+    assert (done.returncode, done.stderr) == (
+        2,
+        "outbox: invalid setting OUTBOX_DATABASE_TIMEOUT_SECONDS: 'soon' is not a number\n",
+    )

@@ -76,13 +76,28 @@ def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Ite
     """An engine on a database at this build's schema; database trouble is one clear line."""
     import sqlalchemy as sa
 
-    from outbox.db import migrate
+    from outbox.db import deadline, migrate
 
     url = database_url_from(database_url)
-    engine = db.create_engine(url, poolclass=sa.NullPool)
+    try:
+        seconds = deadline.command_seconds()
+    except ValueError as exc:
+        fail(f"invalid setting {deadline.ENV}: {exc}", EXIT_USAGE)
+    bound = deadline.StatementDeadline(seconds)
+    connect = {"connect_timeout": max(1, int(seconds))}
+    engine = db.create_engine(url, poolclass=sa.NullPool, connect_args=connect)
+    bound.attach(engine)
     try:
         migrate.check_current(engine)
         yield engine
+    except KeyboardInterrupt:
+        if not bound.expired:
+            raise
+        fail(
+            f"no answer from the database within {seconds:g} s (a pooler's queue full, or a "
+            f"lock held?); {deadline.ENV} sets the bound",
+            db_error_code,
+        )
     except model.OpsError as exc:
         fail(str(exc))
     except migrate.MigrationError as exc:
@@ -97,6 +112,7 @@ def _engine(database_url: str | None, *, db_error_code: int = EXIT_ERROR) -> Ite
     except sa.exc.DBAPIError as exc:
         fail(f"database error: {first_line(exc.orig)}", db_error_code)
     finally:
+        bound.stop()
         engine.dispose()
 
 
