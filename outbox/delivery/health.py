@@ -34,6 +34,9 @@ class Health:
     services_down: dict[str, str] = field(default_factory=dict)
     # Monotonic time since which the writer has held results it has not written (None: none).
     unwritten_since: float | None = None
+    # Why the writer's last write failed (None: it worked): a database that does not answer it
+    # (a pooler's queue, a lock) is a problem at once, not only after the stall limit.
+    write_error: str | None = None
 
     def tick(self, waiting: float = 0.0) -> None:
         """The claimer turned; it may now wait up to `waiting` seconds before turning again."""
@@ -51,6 +54,8 @@ class Health:
             found.append("database not answering")
         for name, error in sorted(self.services_down.items()):
             found.append(f"{name} crashed: {error}")
+        if self.write_error is not None:
+            found.append(f"results cannot be written: {self.write_error}")
         if self.unwritten_since is not None and now - self.unwritten_since > self.stall_seconds:
             found.append(
                 f"results unwritten for {format_age(now - self.unwritten_since)} "

@@ -77,8 +77,10 @@ class Writer:
         try:
             result = await self._store.complete(self._batch)
         except DB_ERRORS as exc:
+            self._health.write_error = first_line(exc)
             self._health.last_error = f"database (writing results): {first_line(exc)}"
             raise
+        self._health.write_error = None
         batch, self._batch = self._batch, []
         self.progressed.set()
         # Progress: what is still queued has waited only since now.

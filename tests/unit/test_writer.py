@@ -342,3 +342,18 @@ async def test_the_writer_is_behind_when_results_wait_too_long() -> None:
     rig.health.unwritten_since = time.monotonic() - 16  # held for 16 s: over a quarter lease
     why = rig.writer.behind(max_results=100, max_seconds=15)
     assert why is not None and why.startswith("results unwritten for 16.")
+
+
+async def test_a_write_the_database_does_not_answer_is_a_problem_at_once() -> None:
+    error = psycopg.OperationalError("no answer from the database within 10 s")
+    rig = Rig(ScriptedStore(error))
+    rig.writer.put(completion(1))
+
+    with pytest.raises(psycopg.OperationalError):
+        await rig.writer.run_once()
+
+    assert rig.health.problems() == [
+        "results cannot be written: no answer from the database within 10 s"
+    ]
+    await rig.writer.run_once()  # the database answers again
+    assert rig.health.problems() == []
