@@ -83,6 +83,7 @@ class Daemon:
             max_connections=settings.concurrency,
             verify_tls=not settings.insecure_skip_tls_verify,
             clock=clock,
+            send_created_at=settings.send_created_at,
         )
         self.gate = Gate(clock, verified=False)  # closed until GET /v1/test answers 2xx
         self.executor = Executor(

@@ -597,3 +597,41 @@ def test_rate_limit_bounds_calls_per_second(
     for i, start in enumerate(times):
         assert sum(1 for t in times[i:] if t < start + 1.0) <= 21
     assert times[-1] - times[0] >= 1.0  # 30 calls at 10/s cannot all go in the first second
+
+
+def test_a_sale_delivered_late_carries_the_time_it_was_recorded(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    """Recorded in the last minute of the 30th, delivered on the 1st after an outage: Partnero
+    dates it the 30th (created_at, Unix seconds), so its commission stays in November."""
+    insert_sales(engine, ["inv_late_30th", "inv_own_time"])
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE outbox.events SET created_at = '2026-11-30 23:59:30+00' "
+                "WHERE transaction_key = 'inv_late_30th'"
+            )
+        )
+        conn.execute(  # a shop that says when itself
+            sa.text(
+                "UPDATE outbox.events SET payload = '{\"created_at\": 1764547200}' "
+                "WHERE transaction_key = 'inv_own_time'"
+            )
+        )
+    with DaemonThread(make_settings(database_url, fake.url)):
+        wait_until(lambda: settled(engine, 2))
+    dated = {t["key"]: t["created_at"] for t in fake.ledger()}
+    assert dated["inv_late_30th"].startswith("2026-11-30T23:59:30")
+    assert dated["inv_own_time"].startswith("2025-12-01T00:00:00")
+
+
+def test_with_send_created_at_off_partnero_dates_a_sale_when_it_arrives(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    insert_sales(engine, ["inv_undated"])
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE outbox.events SET created_at = '2026-11-30 23:59:30+00'"))
+    with DaemonThread(make_settings(database_url, fake.url, send_created_at="false")):
+        wait_until(lambda: settled(engine, 1))
+    (entry,) = fake.ledger()
+    assert not entry["created_at"].startswith("2026-11-30T23:59:30")

@@ -363,6 +363,8 @@ def test_show_cuts_a_large_payload_unless_asked(engine: sa.Engine, database_url:
     out = cli("show", str(event_id), database_url=database_url).stdout
     assert len(out) < 10_000
     assert "more characters: --full-payload)" in out
+    # The time the sale carries to Partnero, which dates it by that.
+    assert any(line.startswith("dated         created_at ") for line in out.splitlines())
     whole = cli("show", str(event_id), "--full-payload", database_url=database_url).stdout
     assert whole.count("x") >= 1_000_000
     shown = cli_json("show", str(event_id), database_url=database_url)

@@ -147,6 +147,7 @@ async def test_create_request_shape() -> None:
         "customer": {"key": "cust-42"},
         "amount": 99.99,
         "amount_units": "EUR",
+        "created_at": int(NOW.timestamp()),  # the row's own time: Partnero backdates to it
     }
     assert exchange.kind is RequestKind.CREATE
     assert (exchange.method, exchange.path, exchange.status_code) == (
@@ -192,6 +193,7 @@ async def test_create_body_merges_the_payload_and_the_columns_win() -> None:
         "action": "sale",
         "amount": 99.99,
         "amount_units": "EUR",
+        "created_at": int(NOW.timestamp()),
     }
     assert payload["customer"] == {"email": "a@example.com", "partner": {"key": "partner_9"}}
     assert build_create_body(event) == body
@@ -205,8 +207,19 @@ def test_create_body_customer_key_replaces_a_payload_customer_key_and_odd_custom
 
 
 def test_create_body_leaves_out_null_columns() -> None:
-    body = build_create_body(sale(currency=None, customer_key=None, amount=None))
+    body = build_create_body(sale(currency=None, customer_key=None, amount=None, created_at=None))
     assert body == {"key": "inv-1001", "action": "sale"}
+
+
+def test_create_body_carries_the_rows_time_unless_the_payload_or_the_setting_says_otherwise() -> (
+    None
+):
+    recorded = datetime(2026, 11, 30, 23, 59, 30, tzinfo=UTC)  # the last minute of a month
+    assert build_create_body(sale(created_at=recorded))["created_at"] == 1796083170
+    own = build_create_body(sale(created_at=recorded, payload={"created_at": 1700000000}))
+    assert own["created_at"] == 1700000000  # the shop said when
+    off = build_create_body(sale(created_at=recorded), send_created_at=False)
+    assert "created_at" not in off
 
 
 @pytest.mark.parametrize(

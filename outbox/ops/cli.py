@@ -645,6 +645,15 @@ def _payload_text(payload: dict[str, Any], full: bool) -> str:
     return f"{text[:PAYLOAD_SHOWN_CHARS]}... ({rest:,} more characters: --full-payload)"
 
 
+def _dated(event: model.EventDetail) -> str:
+    """The time a sale carries to Partnero (`created_at`, which Partnero backdates it to)."""
+    own = (event.payload or {}).get("created_at")
+    if isinstance(own, int) and not isinstance(own, bool):
+        return f"created_at {own} (from the payload)"
+    stamp = int(event.created_at.timestamp())
+    return f"created_at {stamp} (the recorded time; not sent with OUTBOX_SEND_CREATED_AT=false)"
+
+
 def _event_pairs(event: model.EventDetail, *, full_payload: bool) -> list[tuple[str, str]]:
     pairs = [
         ("status", _state(event.status, event.outcome) + (" (parked)" if event.parked else ""))
@@ -658,6 +667,8 @@ def _event_pairs(event: model.EventDetail, *, full_payload: bool) -> list[tuple[
         pairs.append(("payload", _payload_text(event.payload, full_payload)))
     pairs.append(("attempts", str(event.attempts)))
     pairs.append(("recorded", f"{_when(event.created_at)} UTC ({_ago(event.age_seconds)})"))
+    if event.event_type is EventType.SALE:
+        pairs.append(("dated", _dated(event)))
     if event.delivered_at:
         pairs.append(("delivered", _when(event.delivered_at) + " UTC"))
     elif event.status is Status.PENDING:

@@ -117,6 +117,23 @@ def api_root(base_url: str) -> str:
     return root
 
 
+def _api_url(base_url: str) -> httpx.URL:
+    """The Partnero API URL, parsed; ConfigurationError for one the client cannot use."""
+    try:
+        url = httpx.URL(base_url)
+    except (httpx.InvalidURL, TypeError) as exc:
+        raise ConfigurationError(f"the Partnero API URL is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(
+            f"the Partnero API URL must be http(s)://host[:port][/path], not {base_url!r}"
+        )
+    if url.userinfo or url.query or url.fragment:
+        raise ConfigurationError(
+            "the Partnero API URL must not carry credentials, a query or a fragment"
+        )
+    return url
+
+
 def build_customer_body(event: Event) -> dict[str, Any]:
     """The JSON body of ``POST /v1/customers`` for a signup: the payload (the partner
     reference, email, name, surname, tags, options) with `key` = the row's customer_key, which
@@ -126,20 +143,24 @@ def build_customer_body(event: Event) -> dict[str, Any]:
     return body
 
 
-def build_create_body(event: Event) -> dict[str, Any]:
+def build_create_body(event: Event, *, send_created_at: bool = True) -> dict[str, Any]:
     """The JSON body of ``POST /v1/transactions`` for a sale.
 
     `event.payload` (further Partnero fields: product_id, product_type, options,
     customer.partner, products, ...) deep-merged with the columns: `key`, `action`,
     `customer.key` (merged into any `customer` object from the payload), `amount` and
     `amount_units`. The columns always win (the database also refuses payloads that try to
-    override them); a column that is NULL is left out.
+    override them); a column that is NULL is left out. With `send_created_at`, `created_at` is
+    the row's own time in Unix seconds (Partnero backdates the transaction to it, so a late
+    delivery keeps its commission period), unless the payload sets `created_at` itself.
 
     `amount` becomes a JSON number through float: the database limits amounts to 4 decimal
     places and less than 1e11, about 15 significant digits, which a double holds exactly enough
     to print back the same decimal. Raises ValueError for an amount that is not finite.
     """
     body: dict[str, Any] = copy.deepcopy(dict(event.payload or {}))
+    if send_created_at and event.created_at is not None and "created_at" not in body:
+        body["created_at"] = int(event.created_at.timestamp())
     columns: dict[str, Any] = {"key": event.transaction_key, "action": "sale"}
     if event.customer_key is not None:
         columns["customer"] = {"key": event.customer_key}
@@ -190,6 +211,7 @@ class PartneroClient:
         transport: httpx.AsyncBaseTransport | None = None,
         user_agent: str = f"outbox/{__version__}",
         clock: Callable[[], datetime] = utcnow,
+        send_created_at: bool = True,
     ) -> None:
         if not isinstance(api_key, ApiKey):
             raise ConfigurationError("api_key must be an ApiKey")
@@ -197,20 +219,10 @@ class PartneroClient:
             raise ConfigurationError(f"timeout_seconds must be > 0, not {timeout_seconds!r}")
         if max_connections < 1:
             raise ConfigurationError(f"max_connections must be >= 1, not {max_connections!r}")
-        try:
-            url = httpx.URL(base_url)
-        except (httpx.InvalidURL, TypeError) as exc:
-            raise ConfigurationError(f"the Partnero API URL is not a URL: {exc}") from None
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigurationError(
-                f"the Partnero API URL must be http(s)://host[:port][/path], not {base_url!r}"
-            )
-        if url.userinfo or url.query or url.fragment:
-            raise ConfigurationError(
-                "the Partnero API URL must not carry credentials, a query or a fragment"
-            )
+        url = _api_url(base_url)
         self._api_key = api_key
         self._clock = clock  # the times of each Exchange (the daemon's database clock)
+        self._send_created_at = send_created_at
         self._base_url = str(url)
         # Paths are appended to the API root (the base URL with any path prefix of its own, but
         # without a trailing / or /v1, which the paths bring).
@@ -283,7 +295,9 @@ class PartneroClient:
 
     async def create(self, event: Event) -> Exchange:
         """``POST /v1/transactions`` for a sale."""
-        return await self._json_call(RequestKind.CREATE, "POST", lambda: build_create_body(event))
+        send = self._send_created_at
+        body = lambda: build_create_body(event, send_created_at=send)  # noqa: E731
+        return await self._json_call(RequestKind.CREATE, "POST", body)
 
     async def create_customer(self, event: Event) -> Exchange:
         """``POST /v1/customers`` for a signup."""

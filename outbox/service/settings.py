@@ -244,6 +244,14 @@ SPECS: tuple[Spec, ...] = (
         "the credential 'partnero_api_key' is read from $CREDENTIALS_DIRECTORY.",
     ),
     Spec(
+        "send_created_at",
+        _boolean,
+        "true",
+        "Send each sale's created_at (the row's own time, Unix seconds), so a sale delivered late "
+        "(after an outage, or retried across midnight) keeps its commission period; a payload's "
+        "own created_at wins. false: Partnero dates each sale when it arrives.",
+    ),
+    Spec(
         "insecure_skip_tls_verify",
         _boolean,
         "false",
@@ -359,6 +367,7 @@ class Settings:
     shutdown_grace_seconds: float
     owner: str
     api_key_file: str | None
+    send_created_at: bool
     insecure_skip_tls_verify: bool
     metrics_port: int
     metrics_host: str
