@@ -10,9 +10,7 @@ mode" with too few server connections, the daemon's last connection waits in the
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 
 import psycopg
@@ -24,6 +22,7 @@ from outbox.db.session import PooledConnectionError, check_session
 from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
 from tests.daemon_helpers import API_KEY, DaemonThread, insert_sales, make_settings, wait_until
 from tests.pg_proxy import PoolerProxy
+from tests.test_ops_seed import run_outbox
 
 
 @pytest.fixture
@@ -50,14 +49,8 @@ def test_a_transaction_pool_is_refused_with_what_to_use_instead(pooled_url: str)
 
 
 def cli(*args: str, url: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OUTBOX_DATABASE_URL": url, "PARTNERO_API_KEY": "k" * 20, **extra}
-    return subprocess.run(
-        [sys.executable, "-m", "outbox.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env=env,
+    return run_outbox(
+        *args, env={"OUTBOX_DATABASE_URL": url, "PARTNERO_API_KEY": "k" * 20, **extra}
     )
 
 

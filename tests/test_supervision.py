@@ -137,12 +137,8 @@ def test_a_crashed_service_is_logged_shown_and_restarted(
     assert len(fake.ledger()) == (2 if service == "writer" else 1)
 
 
-def test_a_database_trigger_that_refuses_the_results_stops_the_watchdog_until_it_is_gone(
-    logs: list[dict[str, Any]], engine: sa.Engine, database_url: str, fake: FakePartneroThread
-) -> None:
-    """A DBA's audit trigger (or a full tablespace) makes recording a delivery fail: the sales
-    reached Partnero, their rows stay pending. The daemon says so and stops pinging the
-    watchdog; once the trigger is gone the results are written, nothing sent twice."""
+def refuse_deliveries(engine: sa.Engine) -> None:
+    """A DBA's audit trigger that refuses every UPDATE recording a delivery."""
     with engine.begin() as conn:
         conn.execute(
             sa.text(
@@ -156,6 +152,15 @@ def test_a_database_trigger_that_refuses_the_results_stops_the_watchdog_until_it
                 "WHEN (NEW.status = 'delivered') EXECUTE FUNCTION outbox.audit_refuses()"
             )
         )
+
+
+def test_a_database_trigger_that_refuses_the_results_stops_the_watchdog_until_it_is_gone(
+    logs: list[dict[str, Any]], engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    """A DBA's audit trigger (or a full tablespace) makes recording a delivery fail: the sales
+    reached Partnero, their rows stay pending. The daemon says so and stops pinging the
+    watchdog; once the trigger is gone the results are written, nothing sent twice."""
+    refuse_deliveries(engine)
     with DaemonThread(make_settings(database_url, fake.url, stall_seconds=1)) as thread:
         daemon = running_daemon(thread)
         insert_sales(engine, [f"inv_audit{i}" for i in range(20)])
@@ -183,19 +188,7 @@ def test_the_claimer_stops_claiming_while_the_writer_cannot_keep_up(
     """Back-pressure: with results piling up unwritten, claiming on would only send calls whose
     results wait past their leases (and then be looked up again). The claimer waits for the
     writer instead, and goes on once it writes."""
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE FUNCTION outbox.audit_refuses() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN RAISE EXCEPTION 'audit log is full'; END $$"
-            )
-        )
-        conn.execute(
-            sa.text(
-                "CREATE TRIGGER audit BEFORE UPDATE OF status ON outbox.events FOR EACH ROW "
-                "WHEN (NEW.status = 'delivered') EXECUTE FUNCTION outbox.audit_refuses()"
-            )
-        )
+    refuse_deliveries(engine)
     settings = make_settings(database_url, fake.url, batch_size=5, concurrency=2)
     limit = 4 * 5  # WRITER_MAX_BATCHES * max(batch_size, concurrency)
     with DaemonThread(settings) as thread:
