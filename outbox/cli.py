@@ -80,6 +80,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "prune_command",
         "Delete old delivered and skipped rows and their attempts, in batches.",
     ),
+    "reconcile": (
+        "outbox.ops.reconcile_cli",
+        "reconcile_command",
+        "Compare settled sales and refunds with Partnero's ledger; exit 1 on drift.",
+    ),
     "roles-sql": (
         "outbox.ops.roles",
         "roles_sql_command",

@@ -542,6 +542,19 @@ def _lookup_page(exchange: Exchange) -> tuple[list[dict[str, Any]], int | None] 
     return (rows, number) if number >= 2 else None
 
 
+def list_page_matches(
+    exchange: Exchange, key: str
+) -> tuple[list[dict[str, Any]], int | None] | None:
+    """One page of ``GET /v1/transactions?key=...`` read as a lookup reads it, for `outbox
+    reconcile`: (the rows whose `key` is exactly ours, the next page's number or None on the
+    last page), or None when the answer is not a list page in Partnero's success shape."""
+    page = _lookup_page(exchange) if partnero_success(exchange) else None
+    if page is None:
+        return None
+    rows, next_page = page
+    return [row for row in rows if _same_key(row.get("key"), key)], next_page
+
+
 def _status_class(code: int) -> Outcome:
     """The retry class of a lookup answer that did not say found or not found.
 

@@ -950,3 +950,68 @@ def test_command_serves_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# ---- tampering with the ledger (for outbox reconcile) ------------------------------------------
+
+
+async def test_tamper_delete_duplicate_amend_revive_purge(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    for key in ("t1", "t10"):
+        assert (await client.post("/v1/transactions", json=sale(key))).status_code == 201
+    deleted = fake.tamper("delete", "t1")
+    assert [(e["key"], e["deleted_seq"]) for e in deleted] == [("t1", 2)]
+    assert [r["deleted_at"] is not None for r in await lookup(client, "t1")] == [True]
+    revived = fake.tamper("revive", "t1")
+    assert (revived[0]["deleted_at"], revived[0]["deleted_seq"]) == (None, None)
+    copy = fake.tamper("duplicate", "t1")[0]
+    assert (copy["seq"], copy["created_seq"], copy["amount"]) == (3, 3, 10.5)  # after a lookup
+    fake.tamper("amend", "t1", amount=12.25, amount_units="USD")
+    rows = await lookup(client, "t1")
+    assert [(r["amount"], r["amount_units"], r["deleted_at"]) for r in rows] == [
+        (12.25, "USD", None),
+        (12.25, "USD", None),
+    ]
+    assert [e["key"] for e in fake.tamper("purge", "t1")] == ["t1", "t1"]
+    assert await lookup(client, "t1") == []
+    assert [e["key"] for e in fake.ledger()] == ["t10"]  # only the exact key
+    created = await client.post("/v1/transactions", json=sale("t2"))
+    assert created.status_code == 201
+    assert fake.ledger()[-1]["seq"] == 3  # never a seq used before
+
+
+async def test_tamper_over_http_and_its_refusals(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    await client.post("/v1/transactions", json=sale("t1"))
+    resp = await client.post("/_fake/tamper", json={"action": "amend", "key": "t1", "amount": 3})
+    assert resp.status_code == 200
+    assert [e["amount"] for e in resp.json()["transactions"]] == [3]
+    refused = {
+        "revive": {"action": "revive", "key": "t1"},  # nothing deleted to revive
+        "unknown key": {"action": "delete", "key": "t9"},
+    }
+    for why, body in refused.items():
+        resp = await client.post("/_fake/tamper", json=body)
+        assert resp.status_code == 404, why
+    for body in (
+        {"action": "burn", "key": "t1"},
+        {"key": "t1"},
+        {"action": "delete"},
+        {"action": "amend", "key": "t1"},
+        {"action": "amend", "key": "t1", "amount": "ten"},
+        [],
+    ):
+        assert (await client.post("/_fake/tamper", json=body)).status_code == 400, body
+    assert (await client.post("/_fake/tamper", content=b"{")).status_code == 400
+    assert (await client.get("/_fake/tamper")).status_code == 405
+    with pytest.raises(ValueError, match="no transaction to delete"):
+        fake.tamper("delete", "t9")
+
+
+def test_tamper_from_a_thread() -> None:
+    with FakePartneroThread(FakeConfig(api_key=API_KEY)) as server:
+        httpx.post(f"{server.url}/v1/transactions", json=sale("t1"), headers=AUTH)
+        assert [e["key"] for e in server.tamper("duplicate", "t1")] == ["t1"]
+        assert [e["deleted_seq"] for e in server.ledger()] == [None, None]

@@ -85,6 +85,19 @@ Admin calls (no auth, never faulted)::
     POST /_fake/reset      clear the ledger (customers included, admin-registered ones too), the
                            request log and the counters (not the config: ``unknown_customers``
                            and ``partners`` stay)
+    POST /_fake/tamper     {"action": ..., "key": ...} change the ledger behind the API's back
+                           (see Tampering): 200 {"transactions": [the entries changed]}; 404
+                           when no entry of the key can take the action; 400 a malformed change
+
+Tampering (for `outbox reconcile`: the drift a person in Partnero's dashboard, another
+integration or a data loss makes). Each action takes the entries whose key is exactly ``key``:
+``delete`` marks every live one deleted, as the dashboard or a DELETE would (``deleted_at`` set,
+``deleted_seq`` the last API call's seq; the list still shows them); ``purge`` removes every
+entry outright (Partnero lost them: the list no longer shows the key); ``duplicate`` appends a
+copy of the last live one (a new ``seq``, ``created_at`` now, ``created_seq`` the last API
+call's; a second commission); ``amend`` sets ``amount`` (a number) and/or ``amount_units`` on
+every live one; ``revive`` clears ``deleted_at`` of the last deleted one (a reversal undone).
+``FakePartnero.tamper(action, key, **fields)`` does the same from Python.
 
 Request log ``status`` is the HTTP status answered, or "dropped_before" (read, not applied, no
 answer), "dropped_after" (applied, no answer; ``would_status`` says what it would have been),
@@ -777,7 +790,7 @@ class _Ledger:
         partner = customer.get("partner")
         backdate = data.get("created_at")
         entry = _Entry(
-            seq=len(self.entries) + 1,
+            seq=self.entries[-1].seq + 1 if self.entries else 1,
             key=key,
             customer_key=customer.get("key") or None,
             customer_email=customer.get("email") or None,
@@ -804,6 +817,54 @@ class _Ledger:
         for e in alive:
             e.deleted_seq, e.deleted_at = seq, now
         return _json_response(200, {"status": 1})
+
+    def tamper(self, change: object, seq: int) -> _Response:
+        """Admin: change the entries of one key behind the API's back, as a person in Partnero's
+        dashboard or a data loss would (see "Tampering" in the module docstring). `seq`: the
+        last API call's, recorded as an admin delete's ``deleted_seq`` and a copy's
+        ``created_seq``."""
+        if not isinstance(change, dict) or not isinstance(change.get("key"), str):
+            return _json_response(400, {"message": 'expected {"action": ..., "key": ...}'})
+        action, key = change.get("action"), change["key"]
+        entries = self._by_key.get(key, [])
+        live = [e for e in entries if e.deleted_seq is None]
+        chosen = (
+            {
+                "delete": live,
+                "purge": list(entries),
+                "duplicate": live[-1:],
+                "amend": live,
+                "revive": [e for e in entries if e.deleted_seq is not None][-1:],
+            }.get(action)
+            if isinstance(action, str)
+            else None
+        )
+        if chosen is None:
+            return _json_response(400, {"message": f"action must be one of {', '.join(_TAMPER)}"})
+        amended = {n: change[n] for n in ("amount", "amount_units") if n in change}
+        if action == "amend" and not _valid_amendment(amended):
+            return _json_response(400, {"message": "amend takes amount (a number), amount_units"})
+        if not chosen:
+            return _json_response(404, {"message": f"no transaction to {action} with that key"})
+        if action == "duplicate":
+            copy = dataclasses.replace(
+                chosen[0], seq=self.entries[-1].seq + 1, created_seq=seq, created_at=_now_iso()
+            )
+            chosen = [copy]
+            self.entries.append(copy)
+            entries.append(copy)
+        for e in chosen:
+            if action == "delete":
+                e.deleted_seq, e.deleted_at = seq, _now_iso()
+            elif action == "revive":
+                e.deleted_seq = e.deleted_at = None
+            elif action == "amend":
+                for name, value in amended.items():
+                    setattr(e, name, value)
+        if action == "purge":
+            self.entries[:] = [e for e in self.entries if e.key != key]
+            del self._by_key[key]
+        return _json_response(200, {"transactions": [e.admin() for e in chosen], "status": 1})
 
     def page(self, params: dict[str, str], base: str) -> _Response:
         """GET /v1/transactions: Laravel's paginator over the ledger, filtered by ?key=.
@@ -856,6 +917,13 @@ def _paginate(rows: list[_Entry], page: int, limit: int, base: str, query: JSOND
 
 
 _NOT_FOUND: Final = {"message": "Transaction not found", "status": 0}
+_TAMPER: Final = ("delete", "purge", "duplicate", "amend", "revive")
+
+
+def _valid_amendment(amended: JSONDict) -> bool:
+    """An amend's changes: at least one, amount a number, amount_units a non-empty string."""
+    amount, units = amended.get("amount", 0), amended.get("amount_units", "EUR")
+    return bool(amended) and _is_number(amount) and isinstance(units, str) and units != ""
 
 
 # What PHP's filter_var(FILTER_VALIDATE_INT), behind Laravel's `integer` rule, accepts.
@@ -1449,6 +1517,7 @@ class _Admin:
         "/_fake/config": "GET, POST",
         "/_fake/customers": "POST",
         "/_fake/reset": "POST",
+        "/_fake/tamper": "POST",
     }
 
     def __init__(self, fake: FakePartnero) -> None:
@@ -1488,6 +1557,9 @@ class _Admin:
         if path == "/_fake/reset":
             fake.reset()
             return _json_response(200, {"status": 1})
+        if path == "/_fake/tamper":
+            body = req.json()
+            return _MALFORMED_JSON if body is _MALFORMED else fake._tamper(body)
         return self._post_customers(req)
 
     def _post_customers(self, req: _Request) -> _Response:
@@ -1720,6 +1792,22 @@ class FakePartnero:
         self._customers.remove(unknown)
         self._customers.register(known, self._log.last_seq)
         self._changed()
+
+    def tamper(self, action: str, key: str, **fields: Any) -> list[JSONDict]:
+        """Change the ledger entries of `key` behind the API's back (see "Tampering" in the
+        module docstring): the entries changed, as the admin API shows them. ValueError when
+        the change is malformed or nothing has that key."""
+        response = self._tamper({"action": action, "key": key, **fields})
+        answer = json.loads(response.body)
+        if response.status != 200:
+            raise ValueError(answer["message"])
+        changed: list[JSONDict] = answer["transactions"]
+        return changed
+
+    def _tamper(self, change: object) -> _Response:
+        response = self._ledger.tamper(change, self._log.last_seq)
+        self._changed()
+        return response
 
     def reset(self) -> None:
         """Clear the ledger (customers too), the request log and the sequence counter (not the
@@ -1968,6 +2056,10 @@ class FakePartneroThread:
     def set_customers(self, unknown: Iterable[str] = (), known: Iterable[str] = ()) -> None:
         unknown, known = list(unknown), list(known)
         self._call(lambda: self._fake.set_customers(unknown, known))
+
+    def tamper(self, action: str, key: str, **fields: Any) -> list[JSONDict]:
+        """See FakePartnero.tamper."""
+        return self._call(lambda: self._fake.tamper(action, key, **fields))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Block until predicate() is true, re-checking after every change; else TimeoutError.
