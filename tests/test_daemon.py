@@ -86,12 +86,16 @@ def test_sales_and_refunds_are_delivered_once_with_their_outcomes(
         ("DELETE", "delivered:deleted", 200),
     ]
     body = next(t for t in ledger if t["key"] == "inv_3")["body"]
+    recorded = scalar(
+        engine, "SELECT created_at FROM outbox.events WHERE transaction_key = 'inv_3'"
+    )
     assert body == {
         "key": "inv_3",
         "action": "sale",
         "amount": 10.0,
         "amount_units": "EUR",
         "customer": {"key": "cust_1"},
+        "created_at": int(recorded.timestamp()),  # the row's own time, in Unix seconds
     }
 
 
@@ -108,12 +112,14 @@ def test_payload_is_merged_into_the_request(
     with DaemonThread(make_settings(database_url, fake.url)):
         wait_until(lambda: settled(engine, 1))
     (entry,) = fake.ledger()
+    recorded = scalar(engine, "SELECT created_at FROM outbox.events")
     assert entry["body"] == {
         "key": "inv_p",
         "action": "sale",
         "amount": 25.5,
         "product_id": "p1",
         "customer": {"key": "cust_9", "partner": {"key": "ptn"}},
+        "created_at": int(recorded.timestamp()),
     }
 
 
