@@ -16,8 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from bench import harness, report, scenarios
+from bench.reconcile import reconcile
 
-ALL = ("throughput", "signups", "latency", "inserts", "memory", "bulk", "backlog", "peers")
+ALL = (
+    "throughput",
+    "signups",
+    "latency",
+    "inserts",
+    "memory",
+    "bulk",
+    "backlog",
+    "peers",
+    "reconcile",
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,8 @@ class Sizes:
     history: int
     history_pending: int
     naive: int
+    reconcile_listing: tuple[int, ...]  # settled sales reconciled with --strategy listing
+    reconcile_key: tuple[int, ...]  # ... and with --strategy key (one call per key)
 
 
 FULL = Sizes(
@@ -55,6 +68,8 @@ FULL = Sizes(
     history=1_000_000,
     history_pending=100_000,
     naive=5_000,
+    reconcile_listing=(10_000, 100_000),
+    reconcile_key=(10_000, 30_000),
 )
 QUICK = Sizes(
     drain=2_000,
@@ -72,6 +87,8 @@ QUICK = Sizes(
     history=50_000,
     history_pending=2_000,
     naive=300,
+    reconcile_listing=(2_000,),
+    reconcile_key=(2_000,),
 )
 
 
@@ -112,6 +129,15 @@ def main() -> None:
     parser.add_argument(
         "--concurrency", type=int, nargs="+", help="concurrency settings to sweep (overrides)"
     )
+    parser.add_argument(
+        "--reconcile-key", type=int, nargs="+", help="sizes reconciled key by key (overrides)"
+    )
+    parser.add_argument(
+        "--reconcile-listing", type=int, nargs="*", help="sizes reconciled by listing (overrides)"
+    )
+    parser.add_argument(
+        "--reconcile-runs", nargs="+", choices=("default", "c64", "rate200"), default=None
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     if args.drain:
@@ -120,6 +146,10 @@ def main() -> None:
         sizes = replace(sizes, mix=args.mix)
     if args.concurrency:
         sizes = replace(sizes, concurrency=tuple(args.concurrency))
+    if args.reconcile_key:
+        sizes = replace(sizes, reconcile_key=tuple(args.reconcile_key))
+    if args.reconcile_listing is not None:
+        sizes = replace(sizes, reconcile_listing=tuple(args.reconcile_listing))
     mode = "quick" if args.quick else "full"
     started = time.monotonic()
     results: dict[str, Any] = {
@@ -194,6 +224,10 @@ def main() -> None:
                 peers, "pgqueuer", "pgqueuer",
                 scenarios.pgqueuer, pg, fake, sizes.drain, c, max(1, c // 2),
             )  # fmt: skip
+        if "reconcile" in only:
+            wanted = {"listing": sizes.reconcile_listing, "key": sizes.reconcile_key}
+            runs = tuple(args.reconcile_runs or ("default", "c64", "rate200"))
+            step(results, "reconcile", "reconcile", reconcile, pg, fake, wanted, runs)
     finally:
         fake.close()
         pg.close()

@@ -152,8 +152,9 @@ def load_signups_and_sales(url: str, customers: int, sales_each: int) -> None:
     )
 
 
-def load_history(url: str, count: int) -> None:
-    """`count` delivered sales, each with its attempt row: a year of history.
+def load_history(url: str, count: int, days: int = 365, spacing: float = 30) -> None:
+    """`count` delivered sales, each with its attempt row: a year of history (the first
+    recorded `days` ago, one every `spacing` seconds).
 
     The insert-contract trigger refuses daemon-owned columns on INSERT (as it should for
     applications), so the bench turns it off for this one load of well-formed rows, in one
@@ -168,8 +169,9 @@ def load_history(url: str, count: int) -> None:
             "jsonb_build_object('product_id', 'plan_pro'), 'delivered', 'created', 1, "
             "t, t, t, t, 201 "
             "FROM generate_series(1, %(n)s::bigint) g, "
-            "LATERAL (SELECT now() - interval '365 days' + g * interval '30 seconds' AS t) x",
-            {"n": count},
+            "LATERAL (SELECT now() - make_interval(days => %(d)s) "
+            "+ g * make_interval(secs => %(s)s) AS t) x",
+            {"n": count, "d": days, "s": spacing},
         )
         conn.execute("ALTER TABLE outbox.events ENABLE TRIGGER events_check_insert_contract")
         conn.execute(
@@ -244,6 +246,12 @@ class Fake:
         resp = self._http.get("/_fake/requests")
         resp.raise_for_status()
         return list(resp.json()["requests"])
+
+    def load_ledger(self, transactions: list[dict[str, Any]], chunk: int = 20_000) -> None:
+        """Append entries to the fake's ledger as they stand (POST /_fake/ledger/bulk)."""
+        for start in range(0, len(transactions), chunk):
+            part = transactions[start : start + chunk]
+            self._http.post("/_fake/ledger/bulk", json={"transactions": part}).raise_for_status()
 
     def stats(self) -> dict[str, Any]:
         resp = self._http.get("/_fake/stats")

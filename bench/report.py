@@ -317,6 +317,7 @@ def render(r: dict[str, Any]) -> str:
         lines += _table(["self time by package", "%"], prof["self_by_package_pct"][:10])
         lines += _table(["inclusive", "%"], prof["inclusive_pct"][:15])
 
+    lines += _reconcile(r.get("reconcile"))
     if targets:
         lines += ["## Targets", ""]
         lines += _table(
@@ -325,3 +326,20 @@ def render(r: dict[str, Any]) -> str:
         )
     lines.append(f"total {r.get('total_seconds', 0):.0f} s; steps: {r.get('step_seconds', {})}")
     return "\n".join(lines) + "\n"
+
+
+def _reconcile(runs: dict[str, Any] | None) -> list[str]:
+    """The reconcile step: one row per size, strategy and run."""
+    if not runs:
+        return []
+    fields = ("calls", "seconds", "calls_per_second", "busiest_second")
+    fields += ("reconcile_cpu_seconds", "fake_cpu_seconds")
+    rows = [
+        [size, strategy, name, *(res[f] for f in fields)]
+        for size, by in runs.items()
+        for strategy, named in by.items()
+        for name, res in named.items()
+    ]
+    head = ["sales", "strategy", "run", "calls", "s", "calls/s", "busiest 1 s"]
+    head += ["reconcile CPU s", "fake CPU s"]
+    return ["## outbox reconcile --since 30d --json", "", *_table(head, rows)]

@@ -555,6 +555,31 @@ def list_page_matches(
     return [row for row in rows if _same_key(row.get("key"), key)], next_page
 
 
+def listing_page(
+    exchange: Exchange,
+) -> tuple[list[tuple[str, dict[str, Any]]], int | None, int | None] | None:
+    """One page of the whole list, ``GET /v1/transactions?limit=...&page=...`` (no key
+    filter), for `outbox reconcile`'s listing: (each row with its key as text, by the rule of
+    `_same_key`: a string as is, a JSON integer by its digits, rows with any other key left out;
+    the next page's number or None on the last page; ``meta.last_page`` when an integer >= 1,
+    else None), or None when the answer is not a list page in Partnero's success shape."""
+    page = _lookup_page(exchange) if partnero_success(exchange) else None
+    if page is None:
+        return None
+    rows, next_page = page
+    keyed = []
+    for row in rows:
+        key = row.get("key")
+        if isinstance(key, int) and not isinstance(key, bool):
+            key = str(key)
+        if isinstance(key, str):
+            keyed.append((key, row))
+    meta = (exchange.json_body or {}).get("meta")
+    last = meta.get("last_page") if isinstance(meta, dict) else None
+    valid = isinstance(last, int) and not isinstance(last, bool) and last >= 1
+    return keyed, next_page, last if valid else None
+
+
 def _status_class(code: int) -> Outcome:
     """The retry class of a lookup answer that did not say found or not found.
 

@@ -1015,3 +1015,38 @@ def test_tamper_from_a_thread() -> None:
         httpx.post(f"{server.url}/v1/transactions", json=sale("t1"), headers=AUTH)
         assert [e["key"] for e in server.tamper("duplicate", "t1")] == ["t1"]
         assert [e["deleted_seq"] for e in server.ledger()] == [None, None]
+
+
+async def test_bulk_ledger_load_appends_entries_as_they_stand(
+    fake: FakePartnero, client: httpx.AsyncClient
+) -> None:
+    await client.post("/v1/transactions", json=sale("t1"))
+    bulk = [
+        {"key": "b1", "amount": 12.5, "amount_units": "EUR", "customer": "c1", "created_at": 0},
+        {"key": "t1"},  # no dedupe: a second entry of t1
+    ]
+    resp = await client.post("/_fake/ledger/bulk", json={"transactions": bulk})
+    assert (resp.status_code, resp.json()) == (200, {"added": 2, "status": 1})
+    ledger = fake.ledger()
+    assert [(e["seq"], e["key"], e["amount"]) for e in ledger] == [
+        (1, "t1", ledger[0]["amount"]),
+        (2, "b1", 12.5),
+        (3, "t1", None),
+    ]
+    assert ledger[1]["created_at"] == "1970-01-01T00:00:00.000000Z"
+    assert ledger[1]["amount_units"] == "EUR" and ledger[1]["customer_key"] == "c1"
+    listed = (await client.get("/v1/transactions", params={"limit": 250})).json()
+    assert [t["key"] for t in listed["data"]] == ["t1", "b1", "t1"]
+    assert listed["meta"]["total"] == 3
+    for body in (
+        {"transactions": [{"amount": 1}]},
+        {"transactions": [{"key": "x", "amount": "ten"}]},
+        {"transactions": {}},
+        [],
+    ):
+        assert (await client.post("/_fake/ledger/bulk", json=body)).status_code == 400, body
+    assert len(fake.ledger()) == 3  # all or none
+    assert (await client.get("/_fake/ledger/bulk")).status_code == 405
+    assert fake.load_ledger([{"key": "b2"}]) == 1
+    with pytest.raises(ValueError, match="expected"):
+        fake.load_ledger([{"key": 2}])

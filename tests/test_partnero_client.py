@@ -317,6 +317,35 @@ async def test_lookup_pages_start_at_one(page: int) -> None:
     assert recorder.requests == []
 
 
+async def test_list_page_asks_the_whole_ledger_one_page_at_a_time() -> None:
+    recorder = Recorder(httpx.Response(200, json=list_page()))
+    async with make_client(recorder) as client:
+        first = await client.list_page(1)
+        second = await client.list_page(2, limit=100)
+        with pytest.raises(ValueError, match="page"):
+            await client.list_page(0)
+        with pytest.raises(ValueError, match="limit"):
+            await client.list_page(1, limit=251)
+    assert len(recorder.requests) == 2
+    for request, exchange, query in zip(
+        recorder.requests,
+        (first, second),
+        ({"limit": ["250"], "page": ["1"]}, {"limit": ["100"], "page": ["2"]}),
+        strict=True,
+    ):
+        assert (request.method, request.url.path) == ("GET", "/v1/transactions")
+        assert request.content == b""
+        assert parse_qs(request.url.query.decode("ascii"), strict_parsing=True) == query
+        assert request.headers["Authorization"] == f"Bearer {SECRET}"
+        assert (exchange.kind, exchange.method, exchange.status_code) == (
+            RequestKind.LOOKUP,
+            "GET",
+            200,
+        )
+        assert exchange.path == request.url.raw_path.decode("ascii")
+        assert exchange.json_body == list_page()
+
+
 async def test_ping() -> None:
     recorder = Recorder(httpx.Response(200, json={"status": 1}))
     async with make_client(recorder) as client:

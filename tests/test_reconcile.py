@@ -15,7 +15,9 @@ import sqlalchemy as sa
 from click.testing import CliRunner, Result
 
 from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.domain import Exchange, RequestKind
 from outbox.ops.reconcile_cli import reconcile_command
+from outbox.policy import listing_page
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,
@@ -28,7 +30,14 @@ from tests.daemon_helpers import (
     wait_until,
 )
 
-DRIFT = ["missing", "not_reversed", "doubled", "amount_differs", "present_but_skipped"]
+DRIFT = [
+    "missing",
+    "not_reversed",
+    "doubled",
+    "amount_differs",
+    "present_but_skipped",
+    "unknown_here",
+]
 
 
 @pytest.fixture
@@ -107,6 +116,16 @@ def test_each_drift_class_is_found_for_exactly_its_keys_and_requeue_repairs(
     create_elsewhere(fake, "s_skipped", "cust_unknown")
     drift = reconcile_json(database_url, fake.url, code=1)
     assert drift["ok"] is False
+    # auto: the ledger is one page of the listing, fewer calls than 9 keys
+    assert (drift["strategy"], drift["calls"], drift["estimate"]) == (
+        "listing",
+        1,
+        {"key_filter": 9, "listing": 1},
+    )
+    by_key = reconcile_json(database_url, fake.url, "--strategy", "key", code=1)
+    assert (by_key["strategy"], by_key["calls"]) == ("key_filter", 9)
+    assert by_key["findings"] == drift["findings"]
+    assert by_key["counts"] == drift["counts"]
     assert found(drift) == {
         "missing": ["s_deleted", "s_purged"],
         "not_reversed": ["r_revived"],
@@ -126,6 +145,11 @@ def test_each_drift_class_is_found_for_exactly_its_keys_and_requeue_repairs(
     human = reconcile(database_url, fake.url)
     assert human.exit_code == 1
     assert "s_purged" in human.stdout and "drift: 7 findings" in human.stdout
+    said = " ".join(human.stdout.split())
+    assert (
+        "in 1 calls strategy: listing, 1 pages of GET /v1/transactions?limit=250 (key by key: 9"
+        in said
+    )
 
     _requeue_then_repair(engine, database_url, fake)
 
@@ -169,9 +193,9 @@ def _requeue_then_repair(engine: sa.Engine, database_url: str, fake: FakePartner
     assert found(after)["missing"] == ["s_deleted"]
 
 
-def settle_by_hand(engine: sa.Engine, keys: list[str]) -> None:
+def settle_by_hand(engine: sa.Engine, keys: list[str], amount: str = "10.00") -> None:
     """Sales marked delivered without a daemon (for tests that need no delivery)."""
-    insert_sales(engine, keys)
+    insert_sales(engine, keys, amount=amount)
     with engine.begin() as conn:
         conn.execute(
             sa.text(
@@ -203,9 +227,11 @@ def test_the_rate_limit_setting_is_kept(
 ) -> None:
     settle_by_hand(engine, ["k1", "k2", "k3", "k4"])
     started = time.monotonic()
-    result = reconcile(database_url, fake.url, OUTBOX_RATE_LIMIT_PER_SECOND="2")
-    # A bucket of 2 calls a second: the first two at once, the other two a second later.
-    assert time.monotonic() - started >= 0.8
+    result = reconcile(
+        database_url, fake.url, "--strategy", "key", OUTBOX_RATE_LIMIT_PER_SECOND="2"
+    )
+    # 2 calls a second, one every half second, no burst: the fourth 1.5 s after the first.
+    assert time.monotonic() - started >= 1.4
     assert result.exit_code == 1  # settled by hand: Partnero has none of them
     assert len([r for r in fake.requests() if r["method"] == "GET"]) == 4
 
@@ -220,7 +246,9 @@ def test_every_page_is_read_and_only_the_exact_key_counts(
         httpx.post(f"{fake.url}/v1/transactions", json=body | {"key": key}, headers=auth)
     for _ in range(260):
         fake.tamper("duplicate", "PG")  # matched by the substring filter, not the same key
-    data = reconcile_json(database_url, fake.url, "--key", "pg", "--key", "pg_other")
+    data = reconcile_json(
+        database_url, fake.url, "--key", "pg", "--key", "pg_other", "--strategy", "key"
+    )
     # pg: 263 rows match the substring filter, 2 pages; pg_other: 1 page
     assert (data["ok"], data["calls"], data["compared"]) == (True, 3, 2)
     assert len([r for r in fake.requests() if r["method"] == "GET"]) == 3
@@ -260,3 +288,80 @@ def test_database_unreachable_is_exit_3_and_bad_options_exit_2(database_url: str
         assert reconcile(database_url, "http://127.0.0.1:9", *args).exit_code == 2, args
     no_reason = reconcile(database_url, "http://127.0.0.1:9", "--requeue-missing")
     assert no_reason.exit_code == 2 and "--reason is required" in no_reason.stderr
+
+
+def test_the_listing_finds_keys_created_elsewhere_in_the_range(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    settle_by_hand(engine, ["ours"], amount="5")
+    create_elsewhere(fake, "ours", "c")
+    create_elsewhere(fake, "plugin_1", "c")  # created now: in the range
+    create_elsewhere(fake, "7", "c")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    old = {"key": "old_1", "customer": {"key": "c"}, "amount": 5, "created_at": 1_000_000_000}
+    httpx.post(f"{fake.url}/v1/transactions", json=old, headers=auth)  # 2001: out of range
+    create_elsewhere(fake, "gone", "c")
+    fake.tamper("delete", "gone")  # not live: not counted
+    insert_sales(engine, ["7"])  # a key with a row here recorded long ago: not unknown
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "UPDATE outbox.events SET created_at = '2001-01-01', status = 'delivered', "
+                "outcome = 'created' WHERE transaction_key = '7'"
+            )
+        )
+    listing = reconcile_json(database_url, fake.url, "--strategy", "listing", code=1)
+    assert found(listing) == {"unknown_here": ["plugin_1"]}
+    assert (listing["strategy"], listing["calls"], listing["counts"]["unknown_here"]) == (
+        "listing",
+        1,
+        1,
+    )
+    (plugin,) = listing["findings"]
+    assert plugin["rows"] == [] and plugin["transactions"][0]["amount"] == "5"
+    assert reconcile_json(database_url, fake.url, "--strategy", "key")["findings"] == []
+    narrowed = reconcile_json(database_url, fake.url, "--strategy", "listing", "--key", "ours")
+    assert (narrowed["ok"], narrowed["findings"]) == (True, [])
+
+
+def test_auto_takes_the_fewer_calls_and_the_listing_reads_every_page(
+    engine: sa.Engine, database_url: str, fake: FakePartneroThread
+) -> None:
+    settle_by_hand(engine, ["a1", "a2"], amount="5")
+    for key in ("a1", "a2"):
+        create_elsewhere(fake, key, "c")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=fake.url, headers=auth) as client:
+        for n in range(500):
+            body = {"key": f"zz_{n}", "customer": {"key": "c"}, "amount": 1, "created_at": 10**6}
+            assert client.post("/v1/transactions", json=body).status_code == 201
+    fake.tamper("duplicate", "a2")  # the copy is on page 3
+    auto = reconcile_json(database_url, fake.url, code=1)
+    # 502 entries + 1 copy: 3 pages of the listing, more than 2 keys: by key, after the probe
+    assert (auto["strategy"], auto["calls"], auto["estimate"]) == (
+        "key_filter",
+        3,
+        {"key_filter": 2, "listing": 3},
+    )
+    listing = reconcile_json(database_url, fake.url, "--strategy", "listing", code=1)
+    assert (listing["strategy"], listing["calls"]) == ("listing", 3)
+    assert found(listing) == found(auto) == {"doubled": ["a2"]}
+    gets = [r for r in fake.requests() if r["method"] == "GET"]
+    # auto: the probe and a1, a2 by key; then the listing, 3 pages without a key filter
+    keys = [r["key"] for r in gets]
+    assert keys[0] is None and sorted(keys[1:3]) == ["a1", "a2"] and keys[3:] == [None] * 3
+
+
+def test_a_listing_page_is_read_by_exact_key_and_its_meta() -> None:
+    def page(body: Any) -> Exchange:
+        return Exchange(
+            kind=RequestKind.LOOKUP, method="GET", path="/", status_code=200, json_body=body
+        )
+
+    rows = [{"key": "a"}, {"key": 7}, {"key": True}, {"key": None}, {"amount": 1}]
+    links = {"next": "https://p.test/v1/transactions?limit=250&page=2"}
+    read = listing_page(page({"data": rows, "links": links, "meta": {"last_page": 4}}))
+    assert read == ([("a", rows[0]), ("7", rows[1])], 2, 4)
+    last = listing_page(page({"data": [], "links": {"next": None}, "meta": {"last_page": "4"}}))
+    assert last == ([], None, None)
+    assert listing_page(page({"data": [], "status": 1})) is None

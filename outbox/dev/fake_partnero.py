@@ -88,6 +88,11 @@ Admin calls (no auth, never faulted)::
     POST /_fake/tamper     {"action": ..., "key": ...} change the ledger behind the API's back
                            (see Tampering): 200 {"transactions": [the entries changed]}; 404
                            when no entry of the key can take the action; 400 a malformed change
+    POST /_fake/ledger/bulk  {"transactions": [{"key": str, "amount": number, "amount_units":
+                           str, "customer": str, "created_at": Unix seconds}, ...]} append
+                           entries as they stand (for the benchmark's ledger of 100,000: no
+                           validation, no customer check, no dedupe; only key is required;
+                           created_seq the last API call's): 200 {"added": N}; 400 malformed
 
 Tampering (for `outbox reconcile`: the drift a person in Partnero's dashboard, another
 integration or a data loss makes). Each action takes the entries whose key is exactly ``key``:
@@ -866,6 +871,32 @@ class _Ledger:
             del self._by_key[key]
         return _json_response(200, {"transactions": [e.admin() for e in chosen], "status": 1})
 
+    def bulk(self, body: object, seq: int) -> _Response:
+        """Admin: append entries as they stand (POST /_fake/ledger/bulk), all or none."""
+        items = body.get("transactions") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not all(_bulk_item_ok(i) for i in items):
+            return _json_response(400, {"message": _BULK_SHAPE})
+        next_seq = self.entries[-1].seq + 1 if self.entries else 1
+        for n, item in enumerate(items):
+            stamp = item.get("created_at")
+            entry = _Entry(
+                seq=next_seq + n,
+                key=item["key"],
+                customer_key=item.get("customer"),
+                customer_email=None,
+                partner=None,
+                amount=item.get("amount"),
+                reward=None,
+                amount_units=item.get("amount_units") or "USD",
+                action="sale",
+                created_seq=seq,
+                created_at=_iso(stamp) if stamp is not None else _now_iso(),
+                body=dict(item),
+            )
+            self.entries.append(entry)
+            self._by_key.setdefault(entry.key or "", []).append(entry)
+        return _json_response(200, {"added": len(items), "status": 1})
+
     def page(self, params: dict[str, str], base: str) -> _Response:
         """GET /v1/transactions: Laravel's paginator over the ledger, filtered by ?key=.
 
@@ -917,6 +948,25 @@ def _paginate(rows: list[_Entry], page: int, limit: int, base: str, query: JSOND
 
 
 _NOT_FOUND: Final = {"message": "Transaction not found", "status": 0}
+_BULK_SHAPE: Final = (
+    'expected {"transactions": [{"key": str, "amount": number, "amount_units": str, '
+    '"customer": str, "created_at": Unix seconds}, ...]}'
+)
+
+
+def _bulk_item_ok(item: object) -> bool:
+    """One entry of POST /_fake/ledger/bulk: a key, and the optional fields of their types."""
+    if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+        return False
+    amount, stamp = item.get("amount", 0), item.get("created_at", 0)
+    return (
+        _is_number(amount)
+        and _is_number(stamp)
+        and isinstance(item.get("amount_units", ""), str)
+        and isinstance(item.get("customer", ""), str)
+    )
+
+
 _TAMPER: Final = ("delete", "purge", "duplicate", "amend", "revive")
 
 
@@ -1518,6 +1568,7 @@ class _Admin:
         "/_fake/customers": "POST",
         "/_fake/reset": "POST",
         "/_fake/tamper": "POST",
+        "/_fake/ledger/bulk": "POST",
     }
 
     def __init__(self, fake: FakePartnero) -> None:
@@ -1560,6 +1611,13 @@ class _Admin:
         if path == "/_fake/tamper":
             body = req.json()
             return _MALFORMED_JSON if body is _MALFORMED else fake._tamper(body)
+        if path == "/_fake/ledger/bulk":
+            body = req.json()
+            if body is _MALFORMED:
+                return _MALFORMED_JSON
+            loaded = fake._ledger.bulk(body, fake._log.last_seq)
+            fake._changed()
+            return loaded
         return self._post_customers(req)
 
     def _post_customers(self, req: _Request) -> _Response:
@@ -1803,6 +1861,16 @@ class FakePartnero:
             raise ValueError(answer["message"])
         changed: list[JSONDict] = answer["transactions"]
         return changed
+
+    def load_ledger(self, transactions: list[JSONDict]) -> int:
+        """Append ledger entries as they stand (see POST /_fake/ledger/bulk): how many.
+        ValueError when one is malformed."""
+        response = self._ledger.bulk({"transactions": transactions}, self._log.last_seq)
+        self._changed()
+        answer = json.loads(response.body)
+        if "added" not in answer:
+            raise ValueError(answer["message"])
+        return int(answer["added"])
 
     def _tamper(self, change: object) -> _Response:
         response = self._ledger.tamper(change, self._log.last_seq)
@@ -2060,6 +2128,10 @@ class FakePartneroThread:
     def tamper(self, action: str, key: str, **fields: Any) -> list[JSONDict]:
         """See FakePartnero.tamper."""
         return self._call(lambda: self._fake.tamper(action, key, **fields))
+
+    def load_ledger(self, transactions: list[JSONDict]) -> int:
+        """See FakePartnero.load_ledger."""
+        return self._call(lambda: self._fake.load_ledger(transactions))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         """Block until predicate() is true, re-checking after every change; else TimeoutError.

@@ -5,13 +5,19 @@ No click here (outbox/ops/reconcile_cli.py renders). Three steps, each a functio
 
 1. `load_keys`: the sales and refunds of every key with a row recorded in the range (by
    created_at), read whole: a sale of the 30th refunded on the 2nd counts as reversed.
-2. `ask_partnero`: for each key whose rows are all settled, every page of the documented list
-   filter ``GET /v1/transactions?key=...`` (`PartneroClient.lookup`, read by
+2. `ask_partnero`: the transactions of each key whose rows are all settled, by one of two
+   strategies. key_filter: every page of the documented list filter ``GET
+   /v1/transactions?key=...`` for each key (`PartneroClient.lookup`, read by
    `outbox.policy.list_page_matches` as the daemon's lookup reads it: only rows whose key is
-   exactly ours count). At most `concurrency` calls at once, at most `rate_limit_per_second`;
-   429, 5xx, 408 and transport errors are retried with the policy's backoff (and Retry-After),
-   RECONCILE_ATTEMPTS times at most; anything else, or running out, is `PartneroUnavailable`.
-3. `compare`: the findings, key by key (`classify`).
+   exactly ours count). listing: every page of ``GET /v1/transactions?limit=250&page=N``, the
+   whole ledger (`PartneroClient.list_page`, read by `outbox.policy.listing_page`), grouped by
+   exact key. --strategy auto asks page 1 of the listing, then takes the one of fewer calls
+   (meta.last_page pages against one call per key). At most `concurrency` calls at once, at
+   most `rate_limit_per_second`; 429, 5xx, 408 and transport errors are retried with the
+   policy's backoff (and Retry-After), RECONCILE_ATTEMPTS times at most; anything else, or
+   running out, is `PartneroUnavailable`.
+3. `compare`: the findings, key by key (`classify`, the same for both strategies); with the
+   listing, also `unknown_here` (`strangers_in_range`, then `rows_here`).
 
 `requeue` puts the rows of `missing` and `not_reversed` findings back to pending with
 lookup_required set, recorded as an operator action (kind retry) like `outbox retry`. Nothing
@@ -22,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from aiolimiter import AsyncLimiter
@@ -41,25 +48,33 @@ from outbox.partnero import ApiKey, PartneroClient
 from outbox.service.settings import Settings
 
 SQL_FILE = "reconcile.sql"
-STRATEGY = "key_filter"  # GET /v1/transactions?key=K, every page, for each key
+KEY_FILTER = "key_filter"  # GET /v1/transactions?key=K, every page, for each key
+LISTING = "listing"  # GET /v1/transactions?limit=250&page=N, the whole ledger
+STRATEGIES = ("auto", "key", "listing")  # --strategy
+LISTING_PAGE_SIZE = 250
+LISTING_MAX_PAGES = 40_000  # 10 million entries
 RECONCILE_ATTEMPTS = 5  # calls per page at most (fewer when OUTBOX_MAX_ATTEMPTS is lower)
 RECONCILE_MAX_DELAY_SECONDS = 60.0  # the longest wait between two of them
 MAX_PAGES = 1000  # pages of one key's list at most (250 entries each)
 
 
 class Finding(enum.StrEnum):
-    """What one key's comparison found. The first five are drift (exit 1)."""
+    """What one key's comparison found. The first six are drift (exit 1)."""
 
     MISSING = "missing"  # our sale is delivered; Partnero has no live transaction
     NOT_REVERSED = "not_reversed"  # our refund is delivered; Partnero's transaction is live
     DOUBLED = "doubled"  # more than one live transaction for the key
     AMOUNT_DIFFERS = "amount_differs"  # a live transaction's amount or currency is not ours
     PRESENT_BUT_SKIPPED = "present_but_skipped"  # skipped or discarded here, live there
+    UNKNOWN_HERE = "unknown_here"  # listing only: live there, created in range, no row here
     IN_FLIGHT = "in_flight"  # a row of the key is still pending: not compared
     UNSETTLED = "unsettled"  # a row of the key failed (see `outbox failed`): not compared
 
 
-DRIFT: tuple[Finding, ...] = tuple(Finding)[:5]
+DRIFT: tuple[Finding, ...] = tuple(Finding)[:6]
+_T = TypeVar("_T")
+Progress = Callable[[int, int, str], None]  # (done, total, of what)
+ListingPage = tuple[list[tuple[str, dict[str, Any]]], int | None, int | None]
 
 
 class PartneroUnavailable(Exception):
@@ -118,7 +133,8 @@ class ReconcileReport:
     range_from: datetime
     range_to: datetime
     keys_filter: tuple[str, ...]
-    strategy: str
+    strategy: str  # key_filter or listing: the one used
+    estimate: dict[str, int | None]  # calls each strategy takes (listing None: not asked)
     keys: int  # keys with a sale or refund in the range
     compared: int  # of them, those asked at Partnero (all rows settled)
     calls: int  # HTTP calls made
@@ -176,15 +192,16 @@ def settled(rows: Iterable[OurRow]) -> bool:
 
 
 class _Asker:
-    """Reads keys' lists with bounded concurrency, a rate limit and bounded retries."""
+    """Asks Partnero with bounded concurrency, a rate limit and bounded retries: one key's
+    list filter, every page (`transactions`), or the whole ledger (`listing`)."""
 
     def __init__(self, client: PartneroClient, settings: Settings) -> None:
         self._client = client
+        self._concurrency = settings.concurrency
         rate = settings.rate_limit_per_second
-        # As the daemon's limiter: below one call a second the bucket holds one call.
-        self._limiter = None
-        if rate > 0:
-            self._limiter = AsyncLimiter(1, 1.0 / rate) if rate < 1 else AsyncLimiter(rate, 1.0)
+        # One call every 1/rate seconds, no burst (unlike the daemon's bucket of `rate` calls):
+        # no second holds more than rate + 1 calls, however long the run.
+        self._limiter = AsyncLimiter(1, 1.0 / rate) if rate > 0 else None
         self._attempts = max(1, min(RECONCILE_ATTEMPTS, settings.max_attempts))
         retry = settings.retry_policy()
         self._policy = RetryPolicy(
@@ -199,26 +216,78 @@ class _Asker:
         found: list[TheirTransaction] = []
         page = 1
         while page <= MAX_PAGES:
-            rows, next_page = await self._page(key, page)
+            rows, next_page = await self._ask(
+                functools.partial(self._client.lookup, key, page),
+                functools.partial(policy.list_page_matches, key=key),
+            )
             found += [_their(row) for row in rows]
             if next_page is None:
                 return found
-            if next_page != page + 1:
-                raise PartneroUnavailable(
-                    f"Partnero's list for key {key!r} names page {next_page} after page {page}"
-                )
+            _check_next(f"list for key {key!r}", page, next_page)
             page = next_page
         raise PartneroUnavailable(f"Partnero's list for key {key!r} has over {MAX_PAGES} pages")
 
-    async def _page(self, key: str, page: int) -> tuple[list[dict[str, Any]], int | None]:
+    async def listing_page(self, page: int) -> ListingPage:
+        return await self._ask(
+            functools.partial(self._client.list_page, page, LISTING_PAGE_SIZE),
+            policy.listing_page,
+        )
+
+    async def listing(
+        self, first: ListingPage, progress: Progress | None
+    ) -> dict[str, list[TheirTransaction]]:
+        """Every entry of the ledger, by exact key, from page 1 (`first`, already read) on:
+        the pages meta.last_page names, read concurrently, or, without it, links.next."""
+        pages: dict[int, list[tuple[str, dict[str, Any]]]] = {1: first[0]}
+        last = first[2]
+        if last is None:  # no meta.last_page: follow links.next, one page after the other
+            page, following = 1, first[1]
+            while following is not None:
+                _check_next("listing", page, following)
+                page = following
+                if page > LISTING_MAX_PAGES:
+                    raise PartneroUnavailable(f"Partnero's listing has over {page - 1} pages")
+                pages[page], following, _ = await self.listing_page(page)
+        elif last > LISTING_MAX_PAGES:
+            raise PartneroUnavailable(
+                f"Partnero's listing has {last} pages (over {LISTING_MAX_PAGES})"
+            )
+        else:
+            await self._listing_pages(pages, range(2, last + 1), progress)
+        found: dict[str, list[TheirTransaction]] = {}
+        for number in sorted(pages):
+            for key, row in pages[number]:
+                found.setdefault(key, []).append(_their(row))
+        return found
+
+    async def _listing_pages(
+        self,
+        pages: dict[int, list[tuple[str, dict[str, Any]]]],
+        wanted: range,
+        progress: Progress | None,
+    ) -> None:
+        todo = iter(wanted)
+        total = len(wanted) + 1
+
+        async def worker() -> None:
+            for number in todo:  # shared by the workers: each page is read once
+                pages[number] = (await self.listing_page(number))[0]
+                if progress is not None:
+                    progress(len(pages), total, "pages of the listing")
+
+        await _run_workers(worker, min(self._concurrency, max(1, len(wanted))))
+
+    async def _ask(
+        self, send: Callable[[], Awaitable[Exchange]], read: Callable[[Exchange], _T | None]
+    ) -> _T:
         for attempt in range(1, self._attempts + 1):
             if self._limiter is not None:
                 await self._limiter.acquire()
-            exchange = await self._client.lookup(key, page)
+            exchange = await send()
             self.calls += 1
-            read = policy.list_page_matches(exchange, key)
-            if read is not None:
-                return read
+            answer = read(exchange)
+            if answer is not None:
+                return answer
             if not _retryable(exchange) or attempt == self._attempts:
                 tries = f" ({attempt} attempts)" if attempt > 1 else ""
                 raise PartneroUnavailable(
@@ -234,6 +303,20 @@ class _Asker:
         if wait is not None and wait > delay:
             delay = min(wait, self._policy.max_delay_seconds)
         return delay
+
+
+def _check_next(what: str, page: int, next_page: int) -> None:
+    if next_page != page + 1:
+        raise PartneroUnavailable(f"Partnero's {what} names page {next_page} after page {page}")
+
+
+async def _run_workers(worker: Callable[[], Coroutine[Any, Any, None]], count: int) -> None:
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(count):
+                group.create_task(worker())
+    except* PartneroUnavailable as errors:
+        raise errors.exceptions[0] from None
 
 
 def _retryable(exchange: Exchange) -> bool:
@@ -262,14 +345,29 @@ def _their(row: Mapping[str, Any]) -> TheirTransaction:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Answers:
+    """What Partnero said: `theirs` for every key asked; with the listing, `ledger` every key
+    of Partnero's (else None); the strategy used, the calls made and the estimate."""
+
+    theirs: dict[str, list[TheirTransaction]]
+    ledger: dict[str, list[TheirTransaction]] | None
+    strategy: str
+    calls: int
+    estimate: dict[str, int | None]
+
+
 async def ask_partnero(
     settings: Settings,
     keys: list[str],
     *,
-    progress: Callable[[int, int], None] | None = None,
+    strategy: str = "auto",
+    progress: Progress | None = None,
     client: PartneroClient | None = None,
-) -> tuple[dict[str, list[TheirTransaction]], int]:
-    """(each key's transactions, the calls made); raises PartneroUnavailable."""
+) -> Answers:
+    """Each key's transactions, by `strategy`: "key" (the list filter, one key after the other),
+    "listing" (the whole ledger) or "auto" (page 1 of the listing, then the cheaper by calls:
+    the listing's meta.last_page against one call per key). Raises PartneroUnavailable."""
     if client is None:
         client = PartneroClient(
             settings.partnero_api_url,
@@ -279,6 +377,27 @@ async def ask_partnero(
             verify_tls=not settings.insecure_skip_tls_verify,
         )
     asker = _Asker(client, settings)
+    estimate: dict[str, int | None] = {KEY_FILTER: len(keys), LISTING: None}
+    async with client:
+        first = None
+        if strategy == "listing" or (strategy == "auto" and keys):
+            first = await asker.listing_page(1)
+            estimate[LISTING] = first[2] if first[2] is not None or first[1] else 1
+        pages = estimate[LISTING]
+        chosen = strategy == "listing" or (
+            strategy == "auto" and pages is not None and pages <= len(keys)
+        )
+        if first is not None and chosen:
+            ledger = await asker.listing(first, progress)
+            theirs = {key: ledger.get(key, []) for key in keys}
+            return Answers(theirs, ledger, LISTING, asker.calls, estimate)
+        theirs = await _by_key(asker, keys, settings.concurrency, progress)
+    return Answers(theirs, None, KEY_FILTER, asker.calls, estimate)
+
+
+async def _by_key(
+    asker: _Asker, keys: list[str], concurrency: int, progress: Progress | None
+) -> dict[str, list[TheirTransaction]]:
     found: dict[str, list[TheirTransaction]] = {}
     pending: Iterator[str] = iter(keys)
 
@@ -286,16 +405,10 @@ async def ask_partnero(
         for key in pending:  # one iterator shared by the workers: each key is read once
             found[key] = await asker.transactions(key)
             if progress is not None:
-                progress(len(found), len(keys))
+                progress(len(found), len(keys), "keys")
 
-    async with client:
-        try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(min(settings.concurrency, max(1, len(keys)))):
-                    group.create_task(worker())
-        except* PartneroUnavailable as errors:
-            raise errors.exceptions[0] from None
-    return found, asker.calls
+    await _run_workers(worker, min(concurrency, max(1, len(keys))))
+    return found
 
 
 # ---- 3. the comparison -------------------------------------------------------------------------
@@ -360,14 +473,61 @@ def _summary(theirs: list[TheirTransaction]) -> str:
 
 
 def compare(
-    ours: dict[str, list[OurRow]], theirs: Mapping[str, list[TheirTransaction]]
+    ours: dict[str, list[OurRow]],
+    theirs: Mapping[str, list[TheirTransaction]],
+    strangers: Mapping[str, list[TheirTransaction]] | None = None,
 ) -> tuple[list[KeyFinding], dict[str, int]]:
-    """Every key's findings, in key order, and the counts by class (every class named)."""
+    """Every key's findings, in key order, then the `unknown_here` keys of `strangers` (keys of
+    Partnero's with no row here, the listing only), and the counts by class (every class
+    named)."""
     findings = [f for key, rows in ours.items() for f in classify(key, rows, theirs.get(key))]
+    for key, transactions in sorted((strangers or {}).items()):
+        detail = f"no row here; Partnero: {_summary(transactions)}"
+        findings.append(KeyFinding(key, Finding.UNKNOWN_HERE, detail, (), tuple(transactions)))
     counts = {kind.value: 0 for kind in Finding}
     for f in findings:
         counts[f.finding.value] += 1
     return findings, counts
+
+
+def strangers_in_range(
+    ledger: Mapping[str, list[TheirTransaction]],
+    ours: Mapping[str, list[OurRow]],
+    bounds: tuple[datetime, datetime],
+    keys: tuple[str, ...] = (),
+) -> dict[str, list[TheirTransaction]]:
+    """The keys of Partnero's ledger (narrowed to `keys` when given) not among `ours` with a
+    live transaction whose `created_at` falls in `bounds` (one Partnero does not date, or dates
+    in a form we cannot read, is left out): candidates for `unknown_here`."""
+    wanted = set(keys)
+    found: dict[str, list[TheirTransaction]] = {}
+    for key, transactions in ledger.items():
+        if key in ours or (wanted and key not in wanted):
+            continue
+        if any(t.live and _within(t.created_at, bounds) for t in transactions):
+            found[key] = transactions
+    return found
+
+
+def _within(stamp: str | None, bounds: tuple[datetime, datetime]) -> bool:
+    if stamp is None:
+        return False
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        return False
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)  # Partnero's times are UTC
+    return bounds[0] <= when < bounds[1]
+
+
+def rows_here(engine: sa.Engine, keys: Iterable[str]) -> set[str]:
+    """Which of `keys` have any row here (sale or refund, any time, any status)."""
+    wanted = list(keys)
+    if not wanted:
+        return set()
+    with engine.connect() as conn:
+        return set(conn.execute(_q("keys_here"), {"keys": wanted}).scalars())
 
 
 def reconcile(
@@ -376,22 +536,29 @@ def reconcile(
     bounds: tuple[datetime, datetime],
     keys: tuple[str, ...] = (),
     *,
-    progress: Callable[[int, int], None] | None = None,
+    strategy: str = "auto",
+    progress: Progress | None = None,
 ) -> ReconcileReport:
     """Steps 1 to 3; raises PartneroUnavailable (and the database's errors)."""
     ours = load_keys(engine, *bounds, keys)
     asked = [key for key, rows in ours.items() if settled(rows)]
-    theirs, calls = asyncio.run(ask_partnero(settings, asked, progress=progress))
-    findings, counts = compare(ours, theirs)
+    answers = asyncio.run(ask_partnero(settings, asked, strategy=strategy, progress=progress))
+    strangers = None
+    if answers.ledger is not None:
+        strangers = strangers_in_range(answers.ledger, ours, bounds, keys)
+        for key in rows_here(engine, strangers):
+            del strangers[key]
+    findings, counts = compare(ours, answers.theirs, strangers)
     return ReconcileReport(
         ok=not any(f.finding in DRIFT for f in findings),
         range_from=bounds[0],
         range_to=bounds[1],
         keys_filter=keys,
-        strategy=STRATEGY,
+        strategy=answers.strategy,
+        estimate=answers.estimate,
         keys=len(ours),
         compared=len(asked),
-        calls=calls,
+        calls=answers.calls,
         counts=counts,
         findings=tuple(findings),
         requeue=None,

@@ -32,25 +32,26 @@ EXIT_UNKNOWN = 3
 RECONCILE_EXIT_CODES = """\b
 Exit status:
   0  the books match (rows still in flight or failed are listed, not drift)
-  1  drift: at least one missing, not_reversed, doubled, amount_differs or
-     present_but_skipped key
+  1  drift: at least one missing, not_reversed, doubled, amount_differs,
+     present_but_skipped or unknown_here key
   2  bad option or setting
   3  the database or Partnero could not be asked"""
 
 
-def _progress() -> Callable[[int, int], None] | None:
-    """`asked N of M keys` on stderr, on a terminal only, at most five times a second."""
+def _progress() -> Callable[[int, int, str], None] | None:
+    """`asked N of M keys` (or pages of the listing) on stderr, on a terminal only, at most
+    five times a second."""
     if not sys.stderr.isatty():
         return None
     shown = [0.0]
 
-    def show(done: int, total: int) -> None:
+    def show(done: int, total: int, what: str) -> None:
         now = time.monotonic()
         if done == total or now - shown[0] >= 0.2:
             shown[0] = now
             end = "\n" if done == total else ""
             click.echo(
-                f"\rreconcile: asked Partnero about {done} of {total} keys", err=True, nl=False
+                f"\rreconcile: asked Partnero for {done} of {total} {what}", err=True, nl=False
             )
             click.echo(end, err=True, nl=False)
 
@@ -70,8 +71,9 @@ def render_report(report: _reconcile.ReconcileReport, console: Console) -> None:
     )
     console.print(
         f"{report.keys} keys; {report.compared} compared with Partnero's ledger in "
-        f"{report.calls} calls (GET /v1/transactions?key=..., every page)"
+        f"{report.calls} calls"
     )
+    console.print(_how(report))
     console.print()
     _print_table(
         console,
@@ -117,6 +119,20 @@ def _render_requeue(report: _reconcile.ReconcileReport, console: Console) -> Non
         )
 
 
+def _how(report: _reconcile.ReconcileReport) -> str:
+    """`strategy: listing, 40 pages of GET /v1/transactions?limit=250 (key by key: 9000
+    calls)`, or `strategy: key_filter, GET /v1/transactions?key=K for each of 9000 keys
+    (listing: 400 pages)`."""
+    by_key, listing = report.estimate["key_filter"], report.estimate["listing"]
+    if report.strategy == "listing":
+        return (
+            f"strategy: listing, {listing} pages of GET /v1/transactions?limit=250 "
+            f"(key by key: {by_key} calls)"
+        )
+    other = "" if listing is None else f" (listing: {listing} pages)"
+    return f"strategy: key_filter, GET /v1/transactions?key=K for each of {by_key} keys{other}"
+
+
 def _ops() -> Any:
     """The work, imported when the command runs (not for `--help`): it brings SQLAlchemy."""
     from outbox.ops import reconcile
@@ -152,6 +168,15 @@ def _bounds(since: str | None, start: str | None, end: str | None) -> tuple[Any,
 @click.option("--to", "range_to", metavar="WHEN", help="...and before WHEN [default: now].")
 @click.option("--key", "keys", metavar="KEY", multiple=True, help="Only this key (repeatable).")
 @click.option(
+    "--strategy",
+    type=click.Choice(["auto", "key", "listing"]),
+    default="auto",
+    show_default=True,
+    help="How Partnero is read: key (the list filter, key by key), listing (the whole ledger, "
+    "250 a page; finds unknown_here keys too), auto (page 1 of the listing, then the one of "
+    "fewer calls).",
+)
+@click.option(
     "--requeue-missing",
     is_flag=True,
     help="Put missing sales and not_reversed refunds back to pending (a sale is looked up "
@@ -169,9 +194,9 @@ def _bounds(since: str | None, start: str | None, end: str | None) -> tuple[Any,
 def reconcile_command(**options: Any) -> None:
     """Compare the sales and refunds recorded in a time range, once settled, with the
     transactions Partnero holds for their keys, and name every drift: missing, not_reversed,
-    doubled, amount_differs, present_but_skipped. Keys with a row still pending are in_flight,
-    with a failed row unsettled: listed, not compared. Read-only unless --requeue-missing;
-    nothing is ever changed at Partnero.
+    doubled, amount_differs, present_but_skipped, and with the listing unknown_here. Keys with
+    a row still pending are in_flight, with a failed row unsettled: listed, not compared.
+    Read-only unless --requeue-missing; nothing is ever changed at Partnero.
 
     Partnero is asked with the settings of `outbox run` (OUTBOX_CONCURRENCY,
     OUTBOX_RATE_LIMIT_PER_SECOND, OUTBOX_REQUEST_TIMEOUT_SECONDS, PARTNERO_API_URL, the API key
@@ -192,7 +217,12 @@ def reconcile_command(**options: Any) -> None:
         span = ops.resolve_range(engine, *bounds)
         try:
             report = ops.reconcile(
-                engine, settings, span, keys, progress=None if options["as_json"] else _progress()
+                engine,
+                settings,
+                span,
+                keys,
+                strategy=options["strategy"],
+                progress=None if options["as_json"] else _progress(),
             )
         except ops.PartneroUnavailable as exc:
             fail(str(exc), EXIT_UNKNOWN)

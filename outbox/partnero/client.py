@@ -345,6 +345,14 @@ class PartneroClient:
             max_body=LOOKUP_MAX_BODY_BYTES,
         )
 
+    async def list_page(self, page: int, limit: int = LOOKUP_PAGE_SIZE) -> Exchange:
+        """``GET /v1/transactions?limit=...&page=...``: a page of the whole ledger, no key filter
+        (`outbox reconcile`'s listing; `outbox.policy.listing_page` reads it)."""
+        if page < 1 or not 1 <= limit <= LOOKUP_PAGE_SIZE:
+            raise ValueError(f"page must be >= 1 and limit 1-{LOOKUP_PAGE_SIZE}")
+        path = f"{TRANSACTIONS_PATH}?{urlencode({'limit': limit, 'page': page})}"
+        return await self._call(RequestKind.LOOKUP, "GET", path, max_body=LOOKUP_MAX_BODY_BYTES)
+
     async def ping(self) -> Exchange:
         """``GET /v1/test``: does the API key work? (see `outbox.policy.ping_verdict`)"""
         return await self._call(RequestKind.PING, "GET", PING_PATH)

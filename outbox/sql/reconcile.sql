@@ -26,6 +26,13 @@ JOIN keys k ON k.transaction_key = e.transaction_key
 WHERE e.event_type IN ('sale', 'refund')
 ORDER BY e.transaction_key, e.id
 
+-- name: keys_here
+-- The listing's unknown_here: which of :keys have any sale or refund here, at any time.
+SELECT DISTINCT transaction_key
+FROM outbox.events
+WHERE event_type IN ('sale', 'refund')
+  AND transaction_key = ANY(CAST(:keys AS text[]))
+
 -- name: requeue
 -- --requeue-missing: delivered rows back to pending, due now, with a fresh attempt budget and
 -- lookup_required set: a sale is looked up before it is created again (a concurrent fix is not
