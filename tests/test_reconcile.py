@@ -147,7 +147,7 @@ def test_each_drift_class_is_found_for_exactly_its_keys_and_requeue_repairs(
     assert "s_purged" in human.stdout and "drift: 7 findings" in human.stdout
     said = " ".join(human.stdout.split())
     assert (
-        "in 1 calls strategy: listing, 1 pages of GET /v1/transactions?limit=250 (key by key: 9"
+        "in 1 call strategy: listing, 1 page of GET /v1/transactions?limit=250 (key by key: 9"
         in said
     )
 

@@ -22,6 +22,7 @@ from outbox.cli_common import EXIT_USAGE, fail
 from outbox.ops import model
 from outbox.ops.cli import Col, _emit, _engine, _parse, _print_table, _reason, _state, render_action
 from outbox.service.settings import SettingError, resolve
+from outbox.text import plural
 
 if TYPE_CHECKING:
     from outbox.ops import reconcile as _reconcile
@@ -70,8 +71,8 @@ def render_report(report: _reconcile.ReconcileReport, console: Console) -> None:
         "UTC" + (f", keys {', '.join(report.keys_filter)}" if report.keys_filter else "")
     )
     console.print(
-        f"{report.keys} keys; {report.compared} compared with Partnero's ledger in "
-        f"{report.calls} calls"
+        f"{plural(report.keys, 'key')}; {report.compared} compared with Partnero's ledger in "
+        f"{plural(report.calls, 'call')}"
     )
     console.print(_how(report))
     console.print()
@@ -123,14 +124,15 @@ def _how(report: _reconcile.ReconcileReport) -> str:
     """`strategy: listing, 40 pages of GET /v1/transactions?limit=250 (key by key: 9000
     calls)`, or `strategy: key_filter, GET /v1/transactions?key=K for each of 9000 keys
     (listing: 400 pages)`."""
-    by_key, listing = report.estimate["key_filter"], report.estimate["listing"]
+    by_key, listing = report.estimate["key_filter"] or 0, report.estimate["listing"]
     if report.strategy == "listing":
         return (
-            f"strategy: listing, {listing} pages of GET /v1/transactions?limit=250 "
-            f"(key by key: {by_key} calls)"
+            f"strategy: listing, {plural(listing or 0, 'page')} of GET "
+            f"/v1/transactions?limit=250 (key by key: {plural(by_key, 'call')})"
         )
-    other = "" if listing is None else f" (listing: {listing} pages)"
-    return f"strategy: key_filter, GET /v1/transactions?key=K for each of {by_key} keys{other}"
+    other = "" if listing is None else f" (listing: {plural(listing, 'page')})"
+    keys = plural(by_key, "key")
+    return f"strategy: key_filter, GET /v1/transactions?key=K for each of {keys}{other}"
 
 
 def _ops() -> Any:
