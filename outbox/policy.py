@@ -495,10 +495,10 @@ def _classify_lookup(exchange: Exchange, key: str) -> Decision | _RetryClass:
     request did not reach the list."""
     code = exchange.status_code
     assert code is not None
-    page = _lookup_page(exchange) if partnero_success(exchange) else None
+    page = list_page_matches(exchange, key)
     if page is not None:
-        rows, next_page = page
-        if any(_same_key(row.get("key"), key) for row in rows):
+        matches, next_page = page
+        if matches:
             # Found, even when `deleted_at` is set: our earlier create reached Partnero, and
             # creating the key again would make a second transaction.
             return LookupResult(found=True)
@@ -509,11 +509,14 @@ def _classify_lookup(exchange: Exchange, key: str) -> Decision | _RetryClass:
     return _RetryClass(_status_class(code), lookup_required=True)
 
 
-def _same_key(theirs: object, ours: str) -> bool:
-    """Exactly our key; a key Partnero gives back as a JSON integer counts by its digits."""
+def _key_text(theirs: object) -> str | None:
+    """A row's `key` as text: a string as it is, a JSON integer by its digits; None for
+    anything else (such a row matches no key)."""
     if isinstance(theirs, str):
-        return theirs == ours
-    return isinstance(theirs, int) and not isinstance(theirs, bool) and str(theirs) == ours
+        return theirs
+    if isinstance(theirs, int) and not isinstance(theirs, bool):
+        return str(theirs)
+    return None
 
 
 def _lookup_page(exchange: Exchange) -> tuple[list[dict[str, Any]], int | None] | None:
@@ -552,7 +555,7 @@ def list_page_matches(
     if page is None:
         return None
     rows, next_page = page
-    return [row for row in rows if _same_key(row.get("key"), key)], next_page
+    return [row for row in rows if _key_text(row.get("key")) == key], next_page
 
 
 def listing_page(
@@ -560,20 +563,14 @@ def listing_page(
 ) -> tuple[list[tuple[str, dict[str, Any]]], int | None, int | None] | None:
     """One page of the whole list, ``GET /v1/transactions?limit=...&page=...`` (no key
     filter), for `outbox reconcile`'s listing: (each row with its key as text, by the rule of
-    `_same_key`: a string as is, a JSON integer by its digits, rows with any other key left out;
+    `_key_text`: a string as is, a JSON integer by its digits, rows with any other key left out;
     the next page's number or None on the last page; ``meta.last_page`` when an integer >= 1,
     else None), or None when the answer is not a list page in Partnero's success shape."""
     page = _lookup_page(exchange) if partnero_success(exchange) else None
     if page is None:
         return None
     rows, next_page = page
-    keyed = []
-    for row in rows:
-        key = row.get("key")
-        if isinstance(key, int) and not isinstance(key, bool):
-            key = str(key)
-        if isinstance(key, str):
-            keyed.append((key, row))
+    keyed = [(key, row) for row in rows if (key := _key_text(row.get("key"))) is not None]
     meta = (exchange.json_body or {}).get("meta")
     last = meta.get("last_page") if isinstance(meta, dict) else None
     valid = isinstance(last, int) and not isinstance(last, bool) and last >= 1
