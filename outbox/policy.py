@@ -68,6 +68,7 @@ __all__ = [
     "partnero_message",
     "partnero_success",
     "ping_verdict",
+    "retry_delay",
     "unsent_skip",
 ]
 
@@ -258,7 +259,7 @@ def _settle(
         detail = _cut_with_suffix(text, f" [gave up after {attempt} attempts]")
         return Failed(reason=verdict.reason, detail=detail, lookup_required=verdict.lookup_required)
     return Retry(
-        at=now + timedelta(seconds=_retry_delay(attempt, exchange, policy, rand)),
+        at=now + timedelta(seconds=retry_delay(attempt, exchange, policy, rand)),
         reason=verdict.reason,
         lookup_required=verdict.lookup_required,
         note=note,
@@ -289,7 +290,7 @@ def _unknown_customer(
         if grace_end is not None and now < grace_end:
             why = f" [not known to Partnero after {attempt} attempts]"
         return Skipped(Outcome.CUSTOMER_NOT_FOUND, _cut_with_suffix(detail, why))
-    at = now + timedelta(seconds=_retry_delay(attempt, exchange, policy, rand))
+    at = now + timedelta(seconds=retry_delay(attempt, exchange, policy, rand))
     return Retry(at=min(at, grace_end), reason=Outcome.CUSTOMER_NOT_FOUND)
 
 
@@ -592,7 +593,7 @@ def _status_class(code: int) -> Outcome:
     return Outcome.BAD_RESPONSE
 
 
-def _retry_delay(attempt: int, exchange: Exchange, policy: RetryPolicy, rand: float) -> float:
+def retry_delay(attempt: int, exchange: Exchange, policy: RetryPolicy, rand: float) -> float:
     """The backoff, or Partnero's Retry-After when that is longer.
 
     Retry-After is capped at the policy's max delay: a wild value (a date next year, a typo

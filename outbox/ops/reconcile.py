@@ -297,12 +297,9 @@ class _Asker:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _delay(self, attempt: int, exchange: Exchange) -> float:
-        """The policy's backoff, or Partnero's Retry-After when longer (both capped)."""
-        delay = policy.backoff_delay(attempt, self._policy, random.random())
-        wait = exchange.retry_after_seconds
-        if wait is not None and wait > delay:
-            delay = min(wait, self._policy.max_delay_seconds)
-        return delay
+        """The policy's backoff, or Partnero's Retry-After when longer (both capped), as the
+        daemon waits."""
+        return policy.retry_delay(attempt, exchange, self._policy, random.random())
 
 
 def _check_next(what: str, page: int, next_page: int) -> None:
