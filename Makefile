@@ -44,7 +44,11 @@ $(BENCH_STAMP): pyproject.toml $(STAMP)
 bench: $(BENCH_STAMP) ## benchmarks, side by side with pgqueuer (~12 min; BENCH_ARGS=--quick: < 1 min)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+dist: $(STAMP) ## build the wheel and the sdist into dist/ (partnero_outbox-VERSION-*)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+
 clean: ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache dist
 
-.PHONY: help install test chaos demo lint format bench clean
+.PHONY: help install test chaos demo lint format bench dist clean

@@ -9,8 +9,12 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+# The name on the package index (`outbox` there is an unrelated SMTP client); the import package
+# and the command stay `outbox`.
+DISTRIBUTION = "partnero-outbox"
+
 try:
-    __version__ = version("outbox")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # running from a source tree without an install
     __version__ = "0.0.0"
 

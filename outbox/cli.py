@@ -134,7 +134,9 @@ class LazyGroup(click.Group):
     cls=LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
-@click.version_option(__version__, prog_name="outbox")
+@click.version_option(
+    __version__, prog_name="outbox", message="%(prog)s %(version)s (distribution partnero-outbox)"
+)
 def main() -> None:
     """Deliver sale and refund events from the outbox table to Partnero."""
 

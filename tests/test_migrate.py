@@ -200,7 +200,7 @@ def test_wheel_carries_the_migrations_and_migrates_without_a_checkout(
         check=False,
     )
     assert built.returncode == 0, built.stderr
-    (wheel,) = tmp_path.glob("outbox-*.whl")
+    (wheel,) = tmp_path.glob("partnero_outbox-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "outbox/migrations/0001_outbox_schema.sql" in names
     unpacked = tmp_path / "site"
