@@ -294,7 +294,9 @@ def installed_units(tmp_path: Path) -> list[Path]:
 
 def test_units_pass_systemd_analyze_verify_without_warnings(tmp_path: Path) -> None:
     result = subprocess.run(
-        [systemd_analyze(), "verify", *map(str, installed_units(tmp_path))],
+        # --man=no: the units' Documentation= lines are checked otherwise by running `man`,
+        # which a server (or CI) without man pages fails.
+        [systemd_analyze(), "verify", "--man=no", *map(str, installed_units(tmp_path))],
         capture_output=True,
         text=True,
         timeout=60,
@@ -306,6 +308,7 @@ def test_units_pass_systemd_analyze_verify_without_warnings(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_units_are_rated_2_or_lower_by_systemd_analyze_security(unit: str) -> None:
+    """The offline score (systemd/README.md says how it differs from a live one)."""
     result = subprocess.run(
         [systemd_analyze(), "security", "--offline=true", str(ROOT / "systemd" / unit)],
         capture_output=True,
@@ -316,3 +319,42 @@ def test_units_are_rated_2_or_lower_by_systemd_analyze_security(unit: str) -> No
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert found, result.stdout + result.stderr
     assert float(found.group(1)) <= 2.0
+
+
+def unit_lines(unit: str, key: str) -> list[str]:
+    text = (ROOT / "systemd" / unit).read_text()
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith(f"{key}=")]
+
+
+def test_each_unit_has_its_own_settings_file_and_database_credential() -> None:
+    """The daemon reads its env file itself (so a reload can unset a line) and never holds the
+    schema owner's password, which only the migrate unit loads."""
+    for unit in UNITS:
+        assert unit_lines(unit, "EnvironmentFile") == [], unit
+    assert "OUTBOX_ENV_FILE=/etc/outbox/outbox.env" in unit_lines("outbox.service", "Environment")
+    assert "OUTBOX_ENV_FILE=/etc/outbox/migrate.env" in unit_lines(
+        "outbox-migrate.service", "Environment"
+    )
+    assert unit_lines("outbox.service", "LoadCredential") == [
+        "partnero_api_key:/etc/outbox/partnero_api_key",
+        "pgpass:/etc/outbox/pgpass",
+    ]
+    assert unit_lines("outbox-migrate.service", "LoadCredential") == [
+        "pgpass:/etc/outbox/migrate.pgpass"
+    ]
+
+
+def test_documentation_links_point_where_the_wheel_installs_the_docs() -> None:
+    """The wheel puts the docs under share/doc/partnero-outbox and the units with their README
+    under share/partnero-outbox/systemd (pyproject.toml); installed into /opt/outbox, each
+    Documentation= link names a file that exists."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert '"README.md" = "share/doc/partnero-outbox/README.md"' in pyproject
+    assert '"systemd" = "share/partnero-outbox/systemd"' in pyproject
+    installed = {
+        "file:///opt/outbox/share/doc/partnero-outbox/README.md",
+        "file:///opt/outbox/share/partnero-outbox/systemd/README.md",
+    }
+    for unit in UNITS:
+        links = [url for line in unit_lines(unit, "Documentation") for url in line.split()]
+        assert links and set(links) <= installed, (unit, links)
