@@ -23,7 +23,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
@@ -477,38 +477,33 @@ def _exchange(
     started and finished at `times`."""
     started_at, finished_at = times
     transport_error, error = failure if failure is not None else (None, None)
-    if received.status_code is None:
-        return Exchange(
-            kind=kind,
-            method=method,
-            path=path,
-            transport_error=transport_error,
-            error=error,
-            started_at=started_at,
-            finished_at=finished_at,
-        )
-    # The status line and headers arrived. If the body then failed, the status is kept and the
-    # transport error says the answer is incomplete (never "not sent": it was).
-    if transport_error is not None:
+    if received.status_code is not None and transport_error is not None:
+        # The status line and headers arrived, then the body failed: the status is kept and the
+        # transport error says the answer is incomplete (never "not sent": it was).
         transport_error = TransportError.UNKNOWN_OUTCOME
+    exchange = Exchange(
+        kind=kind,
+        method=method,
+        path=path,
+        transport_error=transport_error,
+        error=error,
+        started_at=started_at,
+        finished_at=finished_at,
+    )
+    if received.status_code is None:
+        return exchange
     data = bytes(received.body[:max_body])
     whole = received.complete and transport_error is None
     json_body = _parse_json_object(data) if whole else None
     message = json_body.get("message") if json_body is not None else None
     excerpt = data[: BODY_EXCERPT_CHARS * 4].decode("utf-8", errors="replace")
-    return Exchange(
-        kind=kind,
-        method=method,
-        path=path,
+    return replace(
+        exchange,
         status_code=received.status_code,
         body_excerpt=excerpt[:BODY_EXCERPT_CHARS],
         message=message[:MESSAGE_MAX_CHARS] if isinstance(message, str) else None,
         json_body=json_body,
         retry_after_seconds=parse_retry_after(received.retry_after, finished_at),
-        transport_error=transport_error,
-        error=error,
-        started_at=started_at,
-        finished_at=finished_at,
     )
 
 
