@@ -91,6 +91,12 @@ BEGIN
             THEN 'amount_below_100_billion'
         WHEN (NEW.amount = round(NEW.amount, 4)) IS FALSE
             THEN 'amount_max_4_decimal_places'
+        WHEN (NEW.payload IS NULL
+              OR jsonb_typeof(NEW.payload) <> 'object'
+              OR NOT NEW.payload ? 'created_at'
+              OR (jsonb_typeof(NEW.payload -> 'created_at') = 'number'
+                  AND (NEW.payload ->> 'created_at') ~ '^[0-9]{1,11}$')) IS FALSE
+            THEN 'created_at_is_unix_seconds'
         WHEN (NEW.currency ~ '^[A-Z]{3}$') IS FALSE
             THEN 'currency_is_iso_4217_code'
         WHEN (length(NEW.customer_key) <= 255) IS FALSE
@@ -163,6 +169,9 @@ BEGIN
         DETAIL = 'See the rule in docs/insert-contract.md: ' || CASE broken
             WHEN 'amount_below_100_billion' THEN 'amount must be a number below 100000000000.'
             WHEN 'amount_max_4_decimal_places' THEN 'amount has at most 4 decimal places.'
+            WHEN 'created_at_is_unix_seconds'
+                THEN 'payload.created_at, if present, is Unix time in whole seconds (an integer, '
+                     'not milliseconds, not a date string).'
             WHEN 'currency_is_iso_4217_code' THEN 'currency is NULL or three capital letters (EUR).'
             WHEN 'customer_key_max_255_characters' THEN 'customer_key has at most 255 characters.'
             WHEN 'customer_key_no_control_characters' THEN 'customer_key has no control characters.'

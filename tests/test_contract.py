@@ -103,6 +103,20 @@ BROKEN_ROWS: list[tuple[str, dict[str, Any]]] = [
     ("payload_does_not_override_customer_key", sale(payload={"customer": {"key": "x"}})),
     ("payload_customer_is_object", sale(payload={"customer": "x"})),
     ("payload_has_no_bulk_transactions", sale(payload={"transactions": []})),
+    ("created_at_is_unix_seconds", sale(payload={"created_at": "2026-11-30T12:00:00Z"})),
+    ("created_at_is_unix_seconds", sale(payload={"created_at": "1764504000"})),  # a string
+    ("created_at_is_unix_seconds", sale(payload={"created_at": 1764504000123})),  # Date.now()
+    ("created_at_is_unix_seconds", sale(payload={"created_at": 1764504000.5})),
+    ("created_at_is_unix_seconds", sale(payload={"created_at": 1764504000.0})),  # not an integer
+    ("created_at_is_unix_seconds", sale(payload={"created_at": -1})),
+    ("created_at_is_unix_seconds", sale(payload={"created_at": None})),
+    ("created_at_is_unix_seconds", sale(payload={"created_at": True})),
+    # PHP's json_encode of a DateTime
+    (
+        "created_at_is_unix_seconds",
+        sale(payload={"created_at": {"date": "2026-11-30 12:00:00.000000", "timezone_type": 3}}),
+    ),
+    ("created_at_is_unix_seconds", refund(payload={"created_at": "yesterday"})),
     ("signup_has_no_amount", signup(amount=Decimal("10.00"))),
     ("signup_has_no_currency", signup(currency="EUR")),
     ("signup_has_no_transaction_key", signup(transaction_key="inv_1001")),
@@ -118,6 +132,10 @@ BROKEN_ROWS: list[tuple[str, dict[str, Any]]] = [
 RULE_DETAILS: dict[str, str] = {
     "amount_below_100_billion": "amount must be a number below 100000000000.",
     "amount_max_4_decimal_places": "amount has at most 4 decimal places.",
+    "created_at_is_unix_seconds": (
+        "payload.created_at, if present, is Unix time in whole seconds (an integer, "
+        "not milliseconds, not a date string)."
+    ),
     "currency_is_iso_4217_code": "currency is NULL or three capital letters (EUR).",
     "customer_key_max_255_characters": "customer_key has at most 255 characters.",
     "customer_key_no_control_characters": "customer_key has no control characters.",
@@ -318,6 +336,10 @@ VALID_ROWS: list[dict[str, Any]] = [
         }
     ),
     sale(payload={}),
+    sale(payload={"created_at": 1764504000}),  # Unix seconds: Partnero backdates the sale
+    sale(payload={"created_at": 0}),
+    sale(payload={"created_at": 99999999999}),
+    sale(payload={"customer": {"created_at": "2026-11-30T12:00:00Z"}}),  # a date string there
     refund(),
     refund(customer_key="cust_1"),
     refund(payload={"reason": "chargeback"}),

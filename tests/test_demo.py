@@ -283,7 +283,7 @@ def test_json_failed_and_blocked(json_run: Result) -> None:
         )
     sale, signup = failed[("sale", invalid.customer)], failed[("signup", lena)]
     assert sale["transaction_key"] == invalid.key
-    assert "created_at" in sale["last_error"]
+    assert "reward" in sale["last_error"]
     assert signup["transaction_key"] is None
     assert "email" in signup["last_error"]
 

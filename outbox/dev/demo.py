@@ -218,8 +218,9 @@ def make_plan(seed: int = 7, sales: int = 40, refunds: int = 8) -> Plan:
         "cus_anna",
         Decimal("19.00"),
         "EUR",
-        # Partnero wants a Unix timestamp here; the fake validates it like Partnero would.
-        {"product_id": "plan_basic", "product_type": "subscription", "created_at": "yesterday"},
+        # Partnero wants a number here; the fake validates it like Partnero would. (A bad
+        # created_at is refused at INSERT since migration 0007; a bad reward is not.)
+        {"product_id": "plan_basic", "product_type": "subscription", "reward": "10%"},
     )
     waiting = Sale(f"INV-{1003 + sales}", MISTYPED.key, Decimal("149.00"), "EUR", plan_pro)
     return Plan(
@@ -1002,7 +1003,7 @@ def _round_2(
     record_sale(engine, waiting)
     progress(
         f"round 2: {len(plan.refunds)} refunds, a sale for {ghost.customer} whose signup was "
-        f"never recorded ({ghost.key}), a sale with a bad created_at ({invalid.key}), each "
+        f"never recorded ({ghost.key}), a sale with a bad reward ({invalid.key}), each "
         f"refunded right away, and {plan.mistyped.key} signing up with the email "
         f"{plan.mistyped.email!r}, then buying ({waiting.key})"
     )
