@@ -175,12 +175,12 @@ def _requeue_then_repair(engine: sa.Engine, database_url: str, fake: FakePartner
     assert recorded.selection["reconcile"]["findings"] == ["missing", "not_reversed"]
     requeued = rows(
         engine,
-        "SELECT transaction_key, event_type, status, lookup_required FROM outbox.events "
-        "WHERE status = 'pending' ORDER BY transaction_key",
+        "SELECT transaction_key, event_type, status, lookup_required, delivered_at, attempts "
+        "FROM outbox.events WHERE status = 'pending' ORDER BY transaction_key",
     )
     assert [tuple(r) for r in requeued] == [
-        ("r_revived", "refund", "pending", True),
-        ("s_purged", "sale", "pending", True),
+        ("r_revived", "refund", "pending", True, None, 0),
+        ("s_purged", "sale", "pending", True, None, 0),
     ]
     in_flight = reconcile_json(database_url, fake.url, "--key", "s_purged")
     assert found(in_flight) == {"in_flight": ["s_purged"]}

@@ -609,10 +609,8 @@ def requeue(
         locked = commands._locked(conn, "lock_events", {"ids": ids})
         rows = [r for r in locked if r.status is Status.DELIVERED]
         changes = [commands._change(r, ChangeKind.RETRY) for r in rows]
-        if changes and not dry_run:
-            conn.execute(_q("requeue"), {"ids": [c.event_id for c in changes]})
-        # Records the action and notifies the daemons; its own retry statement then finds
-        # nothing left to change (it takes failed, discarded and skipped rows only).
+        # A retry, as `outbox retry` records it; its statement (apply_retry) also sets
+        # lookup_required on these delivered rows and clears their delivered_at.
         return commands._commit(
             conn,
             ActionKind.RETRY,

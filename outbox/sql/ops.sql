@@ -213,17 +213,23 @@ ORDER BY r.id
 FOR UPDATE OF r
 
 -- name: apply_retry
--- Back to pending, due now, with a fresh attempt budget (failed, discarded and skipped rows
--- alike). lookup_required is kept: an earlier create may have reached Partnero, and the lookup is
--- what prevents a second commission.
+-- Back to pending, due now, with a fresh attempt budget: the failed, discarded and skipped rows of
+-- `outbox retry` alike, and the delivered rows of `outbox reconcile --requeue-missing` (the
+-- callers choose the rows; `outbox retry` refuses a delivered one). lookup_required is kept: an
+-- earlier create may have reached Partnero, and the lookup is what prevents a second commission.
+-- A delivered row gets it set: its sale is looked up before it is created again (a concurrent fix
+-- is not doubled), its refund's DELETE is sent again (a 404 then reads as reversed).
 UPDATE outbox.events
 SET status = 'pending',
     outcome = NULL,
     attempts = 0,
     next_attempt_at = now(),
+    lookup_required = lookup_required OR status = 'delivered',
     parked = false,
+    delivered_at = NULL,
     updated_at = now()
-WHERE id = ANY(CAST(:ids AS bigint[])) AND status IN ('failed', 'discarded', 'skipped')
+WHERE id = ANY(CAST(:ids AS bigint[]))
+  AND status IN ('failed', 'discarded', 'skipped', 'delivered')
 
 -- name: apply_discard
 -- A person gives up on the rows. A pending row whose lease had expired (its daemon died) may

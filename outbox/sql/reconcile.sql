@@ -32,18 +32,3 @@ SELECT DISTINCT transaction_key
 FROM outbox.events
 WHERE event_type IN ('sale', 'refund')
   AND transaction_key = ANY(CAST(:keys AS text[]))
-
--- name: requeue
--- --requeue-missing: delivered rows back to pending, due now, with a fresh attempt budget and
--- lookup_required set: a sale is looked up before it is created again (a concurrent fix is not
--- doubled), a refund's DELETE is sent again (a 404 then reads as reversed).
-UPDATE outbox.events
-SET status = 'pending',
-    outcome = NULL,
-    attempts = 0,
-    next_attempt_at = now(),
-    lookup_required = true,
-    parked = false,
-    delivered_at = NULL,
-    updated_at = now()
-WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'delivered'
