@@ -23,8 +23,11 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def database_url_from(value: str | None) -> str:
-    """--database-url, else OUTBOX_DATABASE_URL; a missing or malformed one is exit 2."""
-    url = value or os.environ.get("OUTBOX_DATABASE_URL")
+    """--database-url, else OUTBOX_DATABASE_URL from the file OUTBOX_ENV_FILE names, else from
+    the environment: the order `outbox run` reads its settings in, so that the migrate unit and
+    an operator can share the daemon's way of configuring. A missing or malformed one, or an
+    unreadable env file, is exit 2."""
+    url = value or _from_env_file("OUTBOX_DATABASE_URL") or os.environ.get("OUTBOX_DATABASE_URL")
     if not url:
         fail("invalid setting OUTBOX_DATABASE_URL (--database-url): is required", EXIT_USAGE)
     try:
@@ -32,3 +35,15 @@ def database_url_from(value: str | None) -> str:
     except db.DatabaseUrlError as exc:
         fail(f"invalid setting OUTBOX_DATABASE_URL (--database-url): {exc}", EXIT_USAGE)
     return url
+
+
+def _from_env_file(name: str) -> str | None:
+    path = os.environ.get("OUTBOX_ENV_FILE")
+    if not path:
+        return None
+    from outbox.service.settings import SettingError, read_env_file
+
+    try:
+        return read_env_file(path).get(name) or None
+    except SettingError as exc:
+        fail(str(exc), EXIT_USAGE)

@@ -15,14 +15,16 @@ from datetime import datetime
 from importlib import resources
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 
 _FILE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 # A fixed 64-bit key for pg_advisory_lock: "outbox.db.migrate" folded into a bigint.
 LOCK_KEY = int.from_bytes(hashlib.sha256(b"outbox.db.migrate").digest()[:8], "big", signed=True)
 
+# The schema itself is created only when it is missing (CREATE SCHEMA IF NOT EXISTS still needs
+# CREATE on the database), so that an owner without that right can migrate an existing schema.
 _BOOTSTRAP = """
-CREATE SCHEMA IF NOT EXISTS outbox;
 CREATE TABLE IF NOT EXISTS outbox.schema_migrations (
     version    text        PRIMARY KEY,
     name       text        NOT NULL,
@@ -95,8 +97,11 @@ def _applied(conn: sa.Connection) -> dict[str, tuple[str, str, datetime]]:
 
 def status(engine: sa.Engine, directory: Path | None = None) -> list[MigrationState]:
     known = {m.version: m for m in available(directory)}
-    with engine.connect() as conn:
-        applied = _applied(conn)
+    try:
+        with engine.connect() as conn:
+            applied = _applied(conn)
+    except sa.exc.ProgrammingError as exc:
+        raise _privilege_error(engine, exc, "read outbox.schema_migrations") from None
     states = []
     for version in sorted(set(known) | set(applied)):
         migration = known.get(version)
@@ -136,15 +141,39 @@ def _refuse_mismatch(states: list[MigrationState]) -> None:
             raise MigrationError(message.format(names=names))
 
 
+class MigrationPrivilegeError(MigrationError):
+    """The connected role may not do what the pending migrations need."""
+
+
 def migrate(engine: sa.Engine, directory: Path | None = None) -> list[Migration]:
-    """Apply every pending migration; return those this call applied."""
-    migrations = available(directory)
+    """Apply every pending migration; return those this call applied.
+
+    With nothing pending it only reads outbox.schema_migrations: no lock, no CREATE, so any role
+    that may read that table (the daemon's included) can run it. Otherwise it needs the schema
+    owner (or, on a database without the schema, a role with CREATE on the database); another
+    role gets MigrationPrivilegeError naming the one it needs, not a traceback.
+    """
+    states = status(engine, directory)
+    _refuse_mismatch(states)
+    if not any(s.state == "pending" for s in states):
+        return []
+    try:
+        return _apply_pending(engine, available(directory), directory)
+    except sa.exc.ProgrammingError as exc:
+        raise _privilege_error(engine, exc, "apply migrations") from None
+
+
+def _apply_pending(
+    engine: sa.Engine, migrations: list[Migration], directory: Path | None
+) -> list[Migration]:
     done: list[Migration] = []
     with engine.connect() as conn:
         conn.execute(sa.text("SELECT pg_advisory_lock(:key)"), {"key": LOCK_KEY})
         conn.commit()
         try:
             with conn.begin():
+                if conn.execute(sa.text("SELECT to_regnamespace('outbox')")).scalar() is None:
+                    conn.exec_driver_sql("CREATE SCHEMA outbox")
                 conn.exec_driver_sql(_BOOTSTRAP)
             _refuse_mismatch(status(engine, directory))
             with conn.begin():
@@ -167,6 +196,31 @@ def migrate(engine: sa.Engine, directory: Path | None = None) -> list[Migration]
             conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
             conn.commit()
     return done
+
+
+_WHO = """
+SELECT current_user AS role,
+       current_database() AS database,
+       (SELECT nspowner::regrole::text FROM pg_catalog.pg_namespace
+         WHERE nspname = 'outbox') AS owner
+"""
+
+
+def _privilege_error(engine: sa.Engine, exc: sa.exc.ProgrammingError, doing: str) -> MigrationError:
+    """42501 (insufficient_privilege) as one line naming the role that is needed; any other
+    programming error is not ours to explain and goes up as it is."""
+    orig = exc.orig
+    if not isinstance(orig, psycopg.errors.InsufficientPrivilege):
+        raise exc
+    with engine.connect() as conn:
+        who = conn.execute(sa.text(_WHO)).one()
+    needed = (
+        f"run it as {who.owner}, the owner of schema outbox"
+        if who.owner
+        else f"run it as a role with CREATE on database {who.database} (it will own schema outbox)"
+    )
+    reason = orig.diag.message_primary or str(orig)
+    return MigrationPrivilegeError(f"role {who.role} may not {doing} ({reason}); {needed}")
 
 
 def check_current(engine: sa.Engine, directory: Path | None = None) -> None:
