@@ -2,12 +2,15 @@
 --
 -- Run it as the role that ran `outbox migrate` (the owner of the outbox schema), in the shop's
 -- database, after every `outbox migrate`: it is idempotent, and grants made on a table survive
--- its later ALTERs. Roles belong to the whole PostgreSQL cluster, grants to one database.
+-- its later ALTERs. Roles belong to the whole PostgreSQL cluster, grants to one database. Only
+-- the owner may grant on the schema's objects; only an administrator may create roles (see the
+-- DO block below).
 --
 --     psql "$OWNER_URL" -v ON_ERROR_STOP=1 -f outbox/sql/roles.sql
 --
 -- Both roles are NOLOGIN groups. Give each program a login role of its own and make it a
--- member, so that passwords and connection limits stay per program:
+-- member, so that passwords and connection limits stay per program (an administrator does
+-- this):
 --
 --     CREATE ROLE shop_app LOGIN PASSWORD '...' IN ROLE outbox_app;
 --     CREATE ROLE partnero_sync LOGIN PASSWORD '...' IN ROLE outbox_daemon;
@@ -33,19 +36,44 @@
 -- Operators (`outbox status | failed | show | retry | discard | prune`) and `outbox migrate` run
 -- as the schema owner; neither role here is meant for them.
 
+-- The two groups are created here when the caller may create roles. The schema owner usually
+-- may not (CREATEROLE is an administrator's right): then an administrator creates them first,
+-- with the two CREATE ROLE statements the error names, and the owner runs this file again.
 DO $$
+DECLARE
+    missing text[] := ARRAY(SELECT name
+                              FROM unnest(ARRAY['outbox_app', 'outbox_daemon'])
+                                   WITH ORDINALITY AS wanted(name, position)
+                             WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_roles
+                                               WHERE rolname = name)
+                             ORDER BY position);
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_app') THEN
-        CREATE ROLE outbox_app NOLOGIN;
+    IF cardinality(missing) = 0 THEN
+        RETURN;
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'outbox_daemon') THEN
+    IF NOT (SELECT rolsuper OR rolcreaterole FROM pg_catalog.pg_roles
+            WHERE rolname = current_user) THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'insufficient_privilege',
+            MESSAGE = format('role(s) %s do not exist and role %s may not create roles',
+                             array_to_string(missing, ', '), current_user),
+            HINT = format('Have an administrator (a superuser or a role with CREATEROLE) run: %s '
+                          'Then run this file again as the owner of schema outbox.',
+                          (SELECT string_agg(format('CREATE ROLE %I NOLOGIN;', name), ' ')
+                             FROM unnest(missing) AS name));
+    END IF;
+    -- (COMMENT ON ROLE, too, needs CREATEROLE: so only where the role is created here.)
+    IF 'outbox_app' = ANY (missing) THEN
+        CREATE ROLE outbox_app NOLOGIN;
+        COMMENT ON ROLE outbox_app IS 'outbox: applications; may only INSERT into outbox.events';
+    END IF;
+    IF 'outbox_daemon' = ANY (missing) THEN
         CREATE ROLE outbox_daemon NOLOGIN;
+        COMMENT ON ROLE outbox_daemon IS 'outbox: the outbox run daemon; exactly what it needs';
     END IF;
 END
 $$;
 
-COMMENT ON ROLE outbox_app IS 'outbox: applications; may only INSERT into outbox.events';
-COMMENT ON ROLE outbox_daemon IS 'outbox: the outbox run daemon; exactly what it needs';
 
 -- Start from nothing (a table-level REVOKE also takes back column grants), so that running this
 -- again after a change removes what is no longer granted.
