@@ -10,11 +10,14 @@
 
 The row commits or rolls back with the caller's transaction; nothing here commits. The database
 enforces the insert contract, so a broken row raises sqlalchemy.exc.IntegrityError naming the rule.
+A payload that is not a JSON object (a list, a string, a datetime or Decimal inside) raises
+TypeError naming where, before anything is sent to the database.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -42,7 +45,69 @@ Executor = Session | sa.Connection
 Amount = Decimal | int | str
 
 
-def _insert(executor: Executor, values: dict[str, Any]) -> int:
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def _json_problem(value: object, path: str) -> str | None:
+    """Where `value` stops being JSON (a dict with str keys, a list, str, number, bool, None), as
+    a sentence naming the path; None when it is JSON all the way down."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has the key {key!r}, not a string"
+            problem = _json_problem(item, f"{path}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{index}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, _JSON_SCALARS):
+        return None
+    hint = ""
+    if isinstance(value, datetime):
+        hint = " (Partnero takes created_at as Unix seconds: int(value.timestamp()))"
+    elif isinstance(value, Decimal):
+        hint = " (write it as a string or a number)"
+    return f"{path} is a {type(value).__name__}, which JSON has no type for{hint}"
+
+
+def _payload(payload: object) -> dict[str, Any] | None:
+    """The payload as a plain dict, or a TypeError that says what is wrong with it, before the
+    database or the JSON encoder gives a less readable one."""
+    if payload is None:
+        return None
+    if not isinstance(payload, Mapping):
+        raise TypeError(
+            f"payload must be a JSON object (a dict) or None, not {type(payload).__name__}"
+        )
+    problem = _json_problem(payload, "payload")
+    if problem:
+        raise TypeError(problem)
+    return dict(payload)
+
+
+def _insert(
+    executor: Executor,
+    event_type: str,
+    *,
+    transaction_key: str | None = None,
+    customer_key: str | None = None,
+    amount: Decimal | None = None,
+    currency: str | None = None,
+    payload: Mapping[str, Any] | None = None,
+) -> int:
+    values = {
+        "event_type": event_type,
+        "transaction_key": transaction_key,
+        "customer_key": customer_key,
+        "amount": amount,
+        "currency": currency,
+        "payload": _payload(payload),
+    }
     statement = sa.insert(events).values(**values).returning(events.c.id)
     event_id = executor.execute(statement).scalar_one()
     return int(event_id)
@@ -62,14 +127,12 @@ def record_sale(
         raise TypeError("amount must be a Decimal, int or str, not float (money loses cents)")
     return _insert(
         executor,
-        {
-            "event_type": "sale",
-            "transaction_key": transaction_key,
-            "customer_key": customer_key,
-            "amount": Decimal(amount),
-            "currency": currency,
-            "payload": dict(payload) if payload is not None else None,
-        },
+        "sale",
+        transaction_key=transaction_key,
+        customer_key=customer_key,
+        amount=Decimal(amount),
+        currency=currency,
+        payload=payload,
     )
 
 
@@ -83,12 +146,10 @@ def record_refund(
     """Add a refund (reverses the whole sale with this key) in the caller's transaction."""
     return _insert(
         executor,
-        {
-            "event_type": "refund",
-            "transaction_key": transaction_key,
-            "customer_key": customer_key,
-            "payload": dict(payload) if payload is not None else None,
-        },
+        "refund",
+        transaction_key=transaction_key,
+        customer_key=customer_key,
+        payload=payload,
     )
 
 
@@ -103,12 +164,9 @@ def record_signup(
     signup: without a partner reference the daemon settles it without a call. `partner_key` is
     the partnero_partner cookie's value, sent as payload.partner.key when not None; a payload
     that names the partner itself (`partner`: key, id or email) leaves it None."""
-    values = dict(payload or {})
+    values = dict(_payload(payload) or {})
     if partner_key is not None:
         if values.get("partner") is not None:
             raise ValueError("give the partner as partner_key or as payload['partner'], not both")
         values["partner"] = {"key": partner_key}
-    return _insert(
-        executor,
-        {"event_type": "signup", "customer_key": customer_key, "payload": values},
-    )
+    return _insert(executor, "signup", customer_key=customer_key, payload=values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -443,6 +444,40 @@ def test_python_helper_joins_the_callers_transaction(engine: sa.Engine) -> None:
     with pytest.raises(TypeError, match="float"), engine.begin() as conn:
         outbox.record_sale(conn, transaction_key="inv_f", customer_key="c", amount=1.1)  # type: ignore[arg-type]
     assert count_events(engine) == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ([{"product_id": "p1"}], r"^payload must be a JSON object \(a dict\) or None, not list$"),
+        ('{"product_id": "p1"}', r"^payload must be a JSON object \(a dict\) or None, not str$"),
+        (
+            {"created_at": datetime(2026, 11, 30, tzinfo=UTC)},
+            r"^payload\['created_at'\] is a datetime, which JSON has no type for "
+            r"\(Partnero takes created_at as Unix seconds: int\(value.timestamp\(\)\)\)$",
+        ),
+        (
+            {"products": [{"product_price": Decimal("9.99")}]},
+            r"^payload\['products'\]\[0\]\['product_price'\] is a Decimal",
+        ),
+        ({"options": {1: "x"}}, r"^payload\['options'\] has the key 1, not a string$"),
+    ],
+    ids=["list", "json-text", "datetime", "decimal-deep", "int-key"],
+)
+def test_python_helpers_refuse_a_payload_that_is_not_a_json_object(
+    engine: sa.Engine, payload: Any, message: str
+) -> None:
+    """A clear TypeError that says where, before anything reaches the database."""
+    for call in (
+        lambda c: outbox.record_sale(
+            c, transaction_key="inv_p", customer_key="c", amount=1, payload=payload
+        ),
+        lambda c: outbox.record_refund(c, transaction_key="inv_p", payload=payload),
+        lambda c: outbox.record_signup(c, customer_key="c", payload=payload),
+    ):
+        with pytest.raises(TypeError, match=message), engine.begin() as conn:
+            call(conn)
+    assert count_events(engine) == 0
 
 
 def test_python_signup_helper(engine: sa.Engine) -> None:

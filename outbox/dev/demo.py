@@ -633,13 +633,20 @@ def _skipped_summary(events: JSONDict, calls: Mapping[Any, Any]) -> JSONDict:
     }
 
 
+def _row_identity(r: sa.RowMapping) -> JSONDict:
+    """The fields every failed or blocked row in the report starts with."""
+    return {
+        "id": int(r["id"]),
+        "event_type": r["event_type"],
+        "transaction_key": r["transaction_key"],
+        "customer_key": r["customer_key"],
+    }
+
+
 def _failed_rows(engine: sa.Engine) -> list[JSONDict]:
     return [
         {
-            "id": int(r["id"]),
-            "event_type": r["event_type"],
-            "transaction_key": r["transaction_key"],
-            "customer_key": r["customer_key"],
+            **_row_identity(r),
             "outcome": r["outcome"],
             "attempts": int(r["attempts"]),
             "last_status_code": r["last_status_code"],
@@ -652,10 +659,7 @@ def _failed_rows(engine: sa.Engine) -> list[JSONDict]:
 def _blocked_rows(engine: sa.Engine) -> list[JSONDict]:
     return [
         {
-            "id": int(r["id"]),
-            "event_type": r["event_type"],
-            "transaction_key": r["transaction_key"],
-            "customer_key": r["customer_key"],
+            **_row_identity(r),
             "waiting_for": {
                 "id": int(r["blocked_by_id"]),
                 "event_type": r["blocked_by_type"],
