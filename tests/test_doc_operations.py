@@ -1,0 +1,83 @@
+"""Every block of docs/operations.md and README.md is run, or says why not (issue 14).
+
+A `console` block is a transcript: its commands run for real against a database in the state
+the transcript shows, built by the scenario in tests/doc_operations/scenario.py, and what they
+print is compared with the document (tests/doc_operations/runner.py says how: exit status, every
+word with the numbers normalised, JSON by keys and types). A `sql` or `python` block runs as
+written. A `text` block is output or a listing: nothing to run. Any other block must carry
+`<!-- doc-test skip="why" -->` and say "not run" where a reader sees it. A block the scenario
+does not run fails here, so a transcript added to a document cannot go unchecked.
+
+When a doc and the code disagree and the code is right: OUTBOX_DOC_REWRITE=1 with this file
+rewrites the transcripts with what the commands print now; read the diff before committing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from outbox.dev import pgtemp
+from tests.doc_blocks import ROOT, Block, blocks
+from tests.doc_operations import runner as docrun
+from tests.doc_operations import scenario
+from tests.helpers import psql_binary
+
+DOCS = [ROOT / "docs" / "operations.md", ROOT / "README.md"]
+RUN = {"console", "sql", "python"}
+NOT_RUN = {"text"}  # what a command printed, or a listing
+BLOCKS = [block for doc in DOCS for block in blocks(doc)]
+
+
+@pytest.fixture(scope="module")
+def runs(
+    databases: pgtemp.DatabaseFactory, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, docrun.Ran]:
+    workdir = tmp_path_factory.mktemp("doc_operations")
+    bindir = workdir / "bin"
+    bindir.mkdir()
+    (bindir / "psql").symlink_to(psql_binary())
+    runner = docrun.Runner(BLOCKS, workdir, bindir)
+    scenario.session_a(runner, databases)
+    scenario.session_b(runner, databases)
+    scenario.session_r(runner, databases)
+    scenario.readme(runner, databases)
+    if docrun.REWRITE:
+        for doc in DOCS:
+            docrun.rewrite(
+                doc, [r for r in runner.ran.values() if r.block.path == doc and r.commands]
+            )
+    return runner.ran
+
+
+def visible_near(block: Block, words: str) -> bool:
+    """The words are in the prose just before or after the block."""
+    lines = Path(block.path).read_text(encoding="utf-8").splitlines()
+    end = block.line + len(block.text.splitlines())
+    around = lines[max(0, block.line - 8) : block.line - 1] + lines[end + 1 : end + 8]
+    return words in " ".join(" ".join(around).split()).lower()
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.where)
+def test_every_block_runs_or_says_why_not(block: Block, request: pytest.FixtureRequest) -> None:
+    if block.skip:
+        assert block.skip.strip(), f"{block.where}: an empty skip reason"
+        assert visible_near(block, "not run"), f"{block.where}: say 'not run' (and why) on the page"
+        return
+    assert block.lang in RUN | NOT_RUN, (
+        f"{block.where}: a block of language {block.lang!r}: give it one of "
+        f"{sorted(RUN | NOT_RUN)}, or a doc-test skip with the reason"
+    )
+    if block.lang in NOT_RUN:
+        return
+    runs: dict[str, docrun.Ran] = request.getfixturevalue("runs")
+    assert block.where in runs, f"{block.where}: the scenario does not run this block"
+    if docrun.REWRITE:
+        pytest.skip("transcripts rewritten: run again to compare")
+    problems = [
+        f"$ {command.line}\n{problem}"
+        for command in runs[block.where].commands
+        for problem in docrun.compare(command)
+    ]
+    assert not problems, f"{block.where}:\n" + "\n\n".join(problems)
