@@ -81,3 +81,44 @@ def test_every_block_runs_or_says_why_not(block: Block, request: pytest.FixtureR
         for problem in docrun.compare(command)
     ]
     assert not problems, f"{block.where}:\n" + "\n\n".join(problems)
+
+
+def _command(line: str, documented: str, printed: str, code: int = 0) -> docrun.Command:
+    (command,) = docrun.parse_transcript(f"$ {line}\n{documented}")
+    command.output, command.exit_code = printed, code
+    return command
+
+
+def test_the_comparison_ignores_what_varies_and_sees_the_rest() -> None:
+    documented = (
+        "id  type  key       age  reason\n"
+        "52  sale  INV-1042   3s  HTTP 422: The given data wa…\n"
+        "recorded  2026-11-21 16:53:50 UTC (9s ago) by vm:17396\n"
+        "[exit 1]"
+    )
+    printed = (
+        "id  type  key       age    reason\n"
+        "7   sale  INV-1042  1m01s  HTTP 422: The given…\n"
+        "recorded  2026-11-30 09:01:02 UTC (1m01s ago)\nby vm:4\n"
+    )
+    assert docrun.compare(_command("outbox failed", documented, printed, 1)) == []
+    assert docrun.compare(_command("outbox failed", documented, printed, 0)) == [
+        "exit 0, the doc says 1"
+    ]
+    renamed = printed.replace("reason", "why")
+    assert docrun.compare(_command("outbox failed", documented, renamed, 1))
+    moved = printed.replace("sale  INV-1042", "INV-1042  sale")
+    assert docrun.compare(_command("outbox failed", documented, moved, 1))
+
+
+def test_json_is_compared_by_keys_in_order_and_types() -> None:
+    documented = '{"ok": false, "count": 2, "at": "2026-11-21T16:54:14.058334+00:00", "rows": []}'
+    same = '{"ok": false, "count": 7, "at": "2026-11-30T01:02:03.000001+00:00", "rows": []}'
+    assert docrun.compare(_command("outbox x --json", documented, same)) == []
+    for printed in [
+        '{"ok": false, "count": 2, "at": "2026-11-21T16:54:14+00:00"}',  # a key missing
+        '{"ok": false, "at": "2026-11-21T16:54:14+00:00", "count": 2, "rows": []}',  # order
+        '{"ok": false, "count": "2", "at": "2026-11-21T16:54:14+00:00", "rows": []}',  # type
+        '{"ok": true, "count": 2, "at": "2026-11-21T16:54:14+00:00", "rows": []}',  # a boolean
+    ]:
+        assert docrun.compare(_command("outbox x --json", documented, printed)), printed

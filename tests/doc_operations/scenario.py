@@ -362,6 +362,7 @@ def _case_4(
 def _doorbell_held(engine: sa.Engine) -> Callable[[], bool]:
     sql = (
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
         "AND (classid::bigint << 32 | objid::bigint) = -778825528700430751"
     )
     return lambda: bool(scalar(engine, sql))
