@@ -14,6 +14,7 @@ rewrites the transcripts with what the commands print now; read the diff before 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,8 @@ def runs(
     bindir = workdir / "bin"
     bindir.mkdir()
     (bindir / "psql").symlink_to(psql_binary())
+    (bindir / "outbox").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m outbox.cli "$@"\n')
+    (bindir / "outbox").chmod(0o755)
     runner = docrun.Runner(BLOCKS, workdir, bindir)
     scenario.session_a(runner, databases)
     scenario.session_b(runner, databases)
@@ -122,3 +125,22 @@ def test_json_is_compared_by_keys_in_order_and_types() -> None:
         '{"ok": true, "count": 2, "at": "2026-11-21T16:54:14+00:00", "rows": []}',  # a boolean
     ]:
         assert docrun.compare(_command("outbox x --json", documented, printed)), printed
+
+
+def test_the_modules_the_readme_lists_exist() -> None:
+    """README.md's module listing: each path it names (a top-level path, or a file under the
+    directory above it) is in the repository."""
+    (listing,) = [b for b in blocks(ROOT / "README.md") if b.lang == "text"]
+    folder, missing = ROOT, []
+    for line in listing.text.splitlines():
+        if not line.strip() or len(line) - len(line.lstrip()) > 4:
+            continue  # a description's second line
+        name = line.split()[0]
+        if not line.startswith(" "):
+            path = ROOT / name
+            folder = path if name.endswith("/") else folder
+        else:
+            path = folder / name
+        if not path.exists():
+            missing.append(name)
+    assert not missing, f"{listing.where}: no such file or directory: {missing}"

@@ -2,12 +2,13 @@
 
 A `console` block is a transcript: `$ COMMAND` lines, each followed by what it printed and, when
 it did not exit 0, `[exit N]`. `Runner.transcript` runs each command for real (an `outbox ...`
-command in this process through click's runner, anything else in bash) and records what it
-printed; `compare` then checks a recorded run against the document. Ids, times, ages, durations
-and process ids differ from run to run, so both sides are normalised first (`tokens`): what stays
-is every word, in order, with the numbers replaced, and the exit status. `--json` output is
-compared by shape: the same keys in the same order at every level, the same types, the same
-strings once normalised, the same booleans.
+command in this process through click's runner, anything else in bash; a block marked
+`process=1` runs `outbox` as a process of its own, where the process boundary matters) and
+records what it printed; `compare` then checks a recorded run against the document. Ids, times,
+ages, durations and process ids differ from run to run, so both sides are normalised first
+(`tokens`): what stays is every word, in order, with the numbers replaced, and the exit status.
+`--json` output is compared by shape: the same keys in the same order at every level, the same
+types, the same strings once normalised, the same booleans.
 
 With OUTBOX_DOC_REWRITE=1 the documents are rewritten with what the commands printed, so a doc
 that disagrees with the code can be brought up to date in one run (then read the diff: a change
@@ -87,6 +88,9 @@ _RULES = [
 ]
 
 
+_RULE = re.compile(r"^[-+─]+$")
+
+
 def _cut_cells(line: str) -> str:
     """A table cell cut to its column (`…`) keeps only its first word: where the cut falls
     depends on the widths of the other columns, which depend on the ages printed."""
@@ -99,6 +103,9 @@ def normal_lines(text: str) -> list[str]:
         text = text.replace(f"@{_HOST}", "@vm").replace(f"{_HOST}:", "vm:")
     lines = []
     for line in text.splitlines():
+        if _RULE.match(line):  # a table's rule: its width is the columns'
+            lines.append("<rule>")
+            continue
         line = _cut_cells(line)
         for pattern, replacement in _RULES:
             line = pattern.sub(replacement, line)
@@ -226,12 +233,13 @@ class Runner:
         block = self.block(block_id)
         assert block.lang == "console", f"{block.where}: {block_id} is not a console block"
         pending = dict(before or {})
+        process = block.directives.get("process") == "1"  # `outbox` as a process of its own
         ran = Ran(block, parse_transcript(block.text))
         for index, command in enumerate(ran.commands):
             due = [p for p in pending if p == index or (isinstance(p, str) and p in command.line)]
             for piece in due:
                 pending.pop(piece)()
-            command.exit_code, command.output = self.run(command.line)
+            command.exit_code, command.output = self.run(command.line, process)
         assert not pending, f"{block.where}: no command holds {list(pending)}"
         self.ran[block.where] = ran
         return ran
@@ -241,13 +249,13 @@ class Runner:
         self.ran[block.where] = Ran(block)
         return block
 
-    def run(self, line: str) -> tuple[int, str]:
+    def run(self, line: str, process: bool = False) -> tuple[int, str]:
         words = shlex.split(line)
         assignments = {}
         while words and _ASSIGNMENT.match(words[0]):
             name, _, value = words.pop(0).partition("=")
             assignments[name] = value
-        if words[:1] == ["outbox"] and not {"|", "&&", ";", ">"} & set(words):
+        if words[:1] == ["outbox"] and not process and not {"|", "&&", ";", ">"} & set(words):
             result = CliRunner().invoke(
                 main, words[1:], env={**self.env, **assignments}, catch_exceptions=False
             )

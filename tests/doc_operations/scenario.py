@@ -148,6 +148,9 @@ def session_a(runner: Runner, databases: Any) -> None:
             _pia(runner, url, engine)
         all_older_than(engine, 1)
         runner.transcript("a-prune")
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("LOCK TABLE outbox.events"))
+            runner.transcript("a-timeout")
         psql_file(url, runner.mark_run("indexes-sql").text)
 
 
