@@ -90,6 +90,11 @@ LAZY_COMMANDS: dict[str, tuple[str, str, str]] = {
         "roles_sql_command",
         "Print the SQL creating the least-privilege roles for applications and the daemon.",
     ),
+    "web": (
+        "outbox.web.cli",
+        "web_command",
+        "Serve the web page support and finance staff use (hash-password: a users-file line).",
+    ),
     "demo": (
         "outbox.dev.demo",
         "demo_command",
