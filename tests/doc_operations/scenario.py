@@ -253,12 +253,19 @@ def _ghost(engine: sa.Engine) -> None:
                 ),
                 {"n": n, "a": after, "d": decision, "body": NOT_FOUND},
             )
+
+
+def _bad_payload(engine: sa.Engine) -> None:
+    """Event 52: a sale whose payload Partnero refuses (422), recorded once the rows before it
+    are settled, so that its call is the last one."""
+    with engine.begin() as conn:
         conn.execute(
             sa.text(
                 "SELECT outbox.record_sale('INV-1042', 'cus_anna', 19.00, 'EUR', CAST(:p AS jsonb))"
             ),
             {"p": json.dumps({"product_id": "plan_basic", "reward": "20%"})},
         )
+    settled(engine, 52, status="failed")()
 
 
 @contextmanager
@@ -297,8 +304,9 @@ def session_b(runner: Runner, databases: Any) -> None:
         _background(engine)
         _ghost(engine)
         with daemon_process(url, fake.url, runner.workdir) as proc:
-            settled(engine, *range(1, 9), 52)()
+            settled(engine, *range(1, 9))()
             parked(engine, 51)()
+            _bad_payload(engine)
             _cases_1_2(runner, engine)
             _case_3(runner, engine, fake)
             _case_4(runner, engine, fake, proc)
