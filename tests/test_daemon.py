@@ -413,10 +413,7 @@ def test_validation_error_fails_at_once_and_alone(
 ) -> None:
     with engine.begin() as conn:
         conn.execute(
-            sa.text(
-                "SELECT outbox.record_sale("
-                "'inv_bad', 'c', 10, NULL, '{\"created_at\": \"yesterday\"}')"
-            )
+            sa.text("SELECT outbox.record_sale('inv_bad', 'c', 10, NULL, '{\"reward\": \"10%\"}')")
         )
     insert_sales(engine, ["inv_good"])
     with DaemonThread(make_settings(database_url, fake.url)):
@@ -428,7 +425,7 @@ def test_validation_error_fails_at_once_and_alone(
         1,
         422,
     )
-    assert "created_at" in bad.last_error
+    assert "reward" in bad.last_error
     assert event(engine, "inv_good").status == "delivered"
 
 
