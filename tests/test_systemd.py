@@ -358,3 +358,14 @@ def test_documentation_links_point_where_the_wheel_installs_the_docs() -> None:
     for unit in UNITS:
         links = [url for line in unit_lines(unit, "Documentation") for url in line.split()]
         assert links and set(links) <= installed, (unit, links)
+
+
+def test_every_runbook_block_is_one_the_runbook_script_checks() -> None:
+    """`make runbook` runs every `sh` block of systemd/README.md in a booted container and
+    checks each step; a block it does not know fails here, without a container."""
+    from tests.runbook.steps import STEPS, runbook_blocks
+
+    page = runbook_blocks()
+    assert [block.id for block in page] == list(STEPS)
+    assert [block.id for block in page if block.directives.get("where") == "host"] == ["build"]
+    assert all(block.skip is None for block in page)
