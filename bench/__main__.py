@@ -17,6 +17,7 @@ from typing import Any
 
 from bench import harness, report, scenarios
 from bench.reconcile import reconcile
+from bench.web import web
 
 ALL = (
     "throughput",
@@ -28,6 +29,7 @@ ALL = (
     "backlog",
     "peers",
     "reconcile",
+    "web",
 )
 
 
@@ -50,6 +52,7 @@ class Sizes:
     naive: int
     reconcile_listing: tuple[int, ...]  # settled sales reconciled with --strategy listing
     reconcile_key: tuple[int, ...]  # ... and with --strategy key (one call per key)
+    web_history: int  # delivered rows under the pages of `outbox web`
 
 
 FULL = Sizes(
@@ -70,6 +73,7 @@ FULL = Sizes(
     naive=5_000,
     reconcile_listing=(10_000, 100_000),
     reconcile_key=(10_000, 30_000),
+    web_history=1_000_000,
 )
 QUICK = Sizes(
     drain=2_000,
@@ -89,6 +93,7 @@ QUICK = Sizes(
     naive=300,
     reconcile_listing=(2_000,),
     reconcile_key=(2_000,),
+    web_history=20_000,
 )
 
 
@@ -228,6 +233,8 @@ def main() -> None:
             wanted = {"listing": sizes.reconcile_listing, "key": sizes.reconcile_key}
             runs = tuple(args.reconcile_runs or ("default", "c64", "rate200"))
             step(results, "reconcile", "reconcile", reconcile, pg, fake, wanted, runs)
+        if "web" in only:
+            step(results, "web", "web", web, pg, sizes.web_history)
     finally:
         fake.close()
         pg.close()

@@ -318,6 +318,7 @@ def render(r: dict[str, Any]) -> str:
         lines += _table(["inclusive", "%"], prof["inclusive_pct"][:15])
 
     lines += _reconcile(r.get("reconcile"))
+    lines += _web(r.get("web"), targets)
     if targets:
         lines += ["## Targets", ""]
         lines += _table(
@@ -343,3 +344,17 @@ def _reconcile(runs: dict[str, Any] | None) -> list[str]:
     head = ["sales", "strategy", "run", "calls", "s", "calls/s", "busiest 1 s"]
     head += ["reconcile CPU s", "fake CPU s"]
     return ["## outbox reconcile --since 30d --json", "", *_table(head, rows)]
+
+
+def _web(run: dict[str, Any] | None, targets: list[list[Any]]) -> list[str]:
+    """The web step: one row per page; the overview's target is 200 ms."""
+    if not run:
+        return []
+    rows = [[name, f"`{page['path']}`", page["median_ms"], page["p95_ms"], _n(page["bytes"])]
+            for name, page in run["pages"].items()]  # fmt: skip
+    overview = run["pages"]["overview"]["median_ms"]
+    targets.append(["overview under 200 ms", f"{overview} ms", overview < 200])
+    title = (
+        f"## outbox web, {_n(run['rows'])} rows in outbox.events ({run['rounds']} requests each)"
+    )
+    return [title, "", *_table(["page", "path", "median ms", "p95 ms", "bytes"], rows)]
