@@ -4,6 +4,7 @@ failed | show --json` prints (outbox.ops.cli.to_json of the same results)."""
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import Any
 
@@ -70,9 +71,10 @@ async def stylesheet(request: web.Request) -> web.Response:
 @routes.get("/")
 async def overview(request: web.Request) -> web.Response:
     store = request.app[STORE]
-    report = await store.status(request.app[CONFIG].max_pending_age)
-    picture = chart.build(await store.activity())
-    return render(request, "overview.html", report=report, chart=picture)
+    report, activity = await asyncio.gather(
+        store.status(request.app[CONFIG].max_pending_age), store.activity()
+    )
+    return render(request, "overview.html", report=report, chart=chart.build(activity))
 
 
 @routes.get("/api/status")
