@@ -111,7 +111,12 @@ class Container:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.pid = self._init_pid()
+        self.pid = 0
+        try:
+            self.pid = self._init_pid()
+        except BaseException:
+            self.stop()
+            raise
 
     def _init_pid(self, timeout: float = 30) -> int:
         """The container's PID 1, as the host sees it: systemd-nspawn's child."""
@@ -123,8 +128,11 @@ class Container:
                 ["pgrep", "-P", str(self.nspawn.pid)], capture_output=True, text=True, check=False
             ).stdout.split()
             for pid in found:  # an intermediate child first, then systemd once it exec'd
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
-                    return int(pid)
+                try:
+                    if Path(f"/proc/{pid}/comm").read_text().strip() == "systemd":
+                        return int(pid)
+                except FileNotFoundError:  # that intermediate child, gone meanwhile
+                    continue
             time.sleep(0.1)
         raise RuntimeError(f"no container init after {timeout} s: {self.console()}")
 
@@ -192,7 +200,10 @@ class Container:
         """Power the container off (killed if it does not stop within a minute), unmount the
         overlay and delete it."""
         if self.nspawn.poll() is None:
-            self.exec("systemctl poweroff --no-block", timeout=30)
+            if self.pid:
+                self.exec("systemctl poweroff --no-block", timeout=30)
+            else:
+                self.nspawn.terminate()  # its init asked to halt, as on SIGTERM
             try:
                 self.nspawn.wait(timeout=60)
             except subprocess.TimeoutExpired:

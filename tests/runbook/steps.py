@@ -170,6 +170,10 @@ def after_start(run: Run) -> None:
     assert shown["StatusText"].startswith("backlog"), shown  # READY came with a status line
     assert "OUTBOX_DATABASE_URL" not in shown["Environment"], "settings belong in the file"
     run.main_pid = shown["MainPID"]
+    # outbox.service pulled outbox-migrate in again: with nothing pending it succeeds.
+    finished = run.box.out("journalctl -q -o cat -u outbox-migrate | grep -c '^Finished' || true")
+    assert finished == "2", f"outbox-migrate finished {finished} times, not 2 (step 7, step 8)"
+    assert run.unit("outbox-migrate", "Result")["Result"] == "success"
     user = run.box.out(f"ps -o user= -p {run.main_pid}")
     assert user == "outbox", f"the daemon runs as {user!r}"
     key = run.deliver_one()
