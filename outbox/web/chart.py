@@ -13,6 +13,9 @@ from outbox.web.store import SERIES, Activity
 WIDTH = 1520  # the viewBox; the page scales it to its width
 HEIGHT = 300
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 16, 252  # the plot area
+# A failure is drawn at least this wide (viewBox units; a minute is about 1), so that one failed
+# call among thousands of deliveries still shows.
+FAILED_MIN_WIDTH = 4.0
 COLOURS = {"delivered": "#2e7d32", "skipped": "#9e9e9e", "retry": "#f9a825", "failed": "#c62828"}
 LABELS = {
     "delivered": "delivered",
@@ -20,6 +23,8 @@ LABELS = {
     "retry": "retried (tried again later)",
     "failed": "failed (needs a person)",
 }
+
+_WORDS = {"delivered": "delivered", "skipped": "skipped", "retry": "retried", "failed": "failed"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +89,10 @@ def build(activity: Activity) -> Chart:
             count = activity.counts[series][m]
             if count:
                 height = count * scale
+                width = max(slot, FAILED_MIN_WIDTH) if series == "failed" else slot
+                x = min(LEFT + m * slot, WIDTH - RIGHT - width)
                 # From the bottom left corner: up, right, down, closed.
-                paths[series].append(
-                    f"M{LEFT + m * slot:.2f} {y:.2f}v-{height:.2f}h{slot:.2f}v{height:.2f}z"
-                )
+                paths[series].append(f"M{x:.2f} {y:.2f}v-{height:.2f}h{width:.2f}v{height:.2f}z")
                 y -= height
     legend = tuple(Legend(s, LABELS[s], COLOURS[s], sum(activity.counts[s])) for s in SERIES)
     return Chart(
@@ -120,7 +125,7 @@ def _x_ticks(activity: Activity, slot: float) -> tuple[Tick, ...]:
 
 
 def _summary(legend: tuple[Legend, ...], peak: int) -> str:
-    parts = ", ".join(f"{item.total:,} {item.series}" for item in legend)
+    parts = ", ".join(f"{item.total:,} {_WORDS[item.series]}" for item in legend)
     return (
         f"HTTP calls to Partnero per minute over the last 24 hours: {parts}; "
         f"at most {peak:,} in one minute"
