@@ -121,6 +121,7 @@ def test_a_proxy_header_from_an_untrusted_peer_is_refused(
         response = httpx.get(base + path, headers={"X-Remote-User": "olga"})
         assert response.status_code == 401, path
         assert "problems" not in response.text
+        assert "untrusted address" in response.text
     before = snapshot(shared[0])
     ids = shared[1]
     response = httpx.post(

@@ -104,6 +104,9 @@ def render(request: web.Request, name: str, *, status: int = 200, **context: Any
 
 
 def error_page(request: web.Request, status: int, message: str) -> web.Response:
+    """One line saying what went wrong: a page, or `{"error": ...}` under /api/."""
+    if request.path.startswith("/api/"):
+        return web.json_response({"error": message}, status=status)
     return render(request, "error.html", status=status, message=message)
 
 

@@ -122,7 +122,7 @@ def hash_password_command(name: str | None, role: str) -> None:
     from outbox.web import auth
 
     if sys.stdin.isatty():
-        password = click.prompt("password", hide_input=True, confirmation_prompt=True)
+        password = click.prompt("password", hide_input=True, confirmation_prompt=True, err=True)
     else:
         password = sys.stdin.readline().rstrip("\r\n")
     try:

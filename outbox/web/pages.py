@@ -23,10 +23,6 @@ log = structlog.get_logger("outbox.web")
 routes = web.RouteTableDef()
 
 
-def _api(request: web.Request) -> bool:
-    return request.path.startswith("/api/")
-
-
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A bad filter is 400, an unknown row 404, an action refused 409, the database away 503:
@@ -40,8 +36,6 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except sa.exc.DBAPIError as exc:
         log.error("outbox.web.database_error", path=request.path, error=first_line(exc.orig))
         status, message = 503, "the database could not be asked; try again in a moment"
-    if _api(request):
-        return web.json_response({"error": message}, status=status)
     return error_page(request, status, message)
 
 

@@ -38,6 +38,10 @@ routes = web.RouteTableDef()
 PUBLIC = frozenset({"/login", "/healthz", "/static/app.css"})
 
 
+class Refused(Exception):
+    """A request whose credential is not one to accept: 401."""
+
+
 def _refuse(request: web.Request, message: str) -> web.Response:
     config = request.app[CONFIG]
     response = error_page(request, 401, message)
@@ -54,7 +58,7 @@ def _proxy_user(request: web.Request, config: WebConfig) -> auth.User | None:
         return None
     if request.remote not in config.proxy.trusted:
         log.warning("outbox.web.untrusted_proxy_header", peer=request.remote)
-        raise web.HTTPUnauthorized(text="the proxy header came from an untrusted address")
+        raise Refused("the proxy header came from an untrusted address")
     if not name:
         return None
     role = auth.Role.OPERATOR if name in config.proxy.operators else auth.Role.VIEWER
@@ -109,7 +113,10 @@ async def _identify(request: web.Request, config: WebConfig) -> None:
 @web.middleware
 async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     config = request.app[CONFIG]
-    await _identify(request, config)
+    try:
+        await _identify(request, config)
+    except Refused as exc:
+        return _refuse(request, str(exc))
     if request.path not in PUBLIC and request[USER] is None:
         if request.method == "GET" and not request.path.startswith("/api/"):
             if config.proxy is not None:
