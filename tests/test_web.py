@@ -30,7 +30,8 @@ def _add_row(engine: sa.Engine, key: str, customer: str, body: str) -> int:
     """A failed sale with one attempt whose answer is `body`."""
     with engine.begin() as conn:
         event_id = conn.execute(
-            sa.text("SELECT outbox.record_sale(:k, :c, 10, 'EUR')"), {"k": key, "c": customer}
+            sa.text("SELECT outbox.record_sale(:k, :c, 10, 'EUR', CAST(:p AS jsonb))"),
+            {"k": key, "c": customer, "p": json.dumps({"note": body})},
         ).scalar_one()
         conn.execute(
             sa.text(
@@ -348,6 +349,15 @@ def test_a_key_made_of_markup_is_text_everywhere(alice: Browser, ids: dict[str, 
     api = httpx.get(alice.client.base_url.join(f"/api/rows/{ids['xss']}"), auth=basic())
     assert api.headers["content-type"].startswith("application/json")
     assert api.json()["event"]["transaction_key"] == XSS
+    assert api.json()["event"]["payload"] == {"note": f'{{"message": "{XSS}"}}'}
+    # An action whose reason is markup: the row's history and the action's record.
+    done = alice.post("/actions/retry", {"ids": str(ids["xss"]), "reason": XSS})
+    assert done.status_code == 303
+    history = alice.get(done.headers["location"]).text
+    (record_link,) = re.findall(r'href="(/actions/\d+)"', history)
+    for page in (history, alice.get(record_link).text):
+        assert XSS not in page and "<img" not in page
+        assert f"reason: {escaped}" in page or f"<dd>{escaped}</dd>" in page
 
 
 def test_keys_with_slash_question_mark_hash_and_spaces_round_trip_through_links(

@@ -19,7 +19,7 @@ from click.testing import CliRunner, Result
 from outbox import db
 from outbox.cli import main
 from outbox.dev import pgtemp
-from outbox.web import auth
+from outbox.web import auth, session
 from outbox.web.app import ProxyAuth
 from tests.daemon_helpers import wait_until
 from tests.test_ops_seed import seed, snapshot
@@ -71,6 +71,22 @@ def test_a_session_cookie_is_signed_expires_and_can_be_revoked() -> None:
     assert signer.read("garbage", now=1001.0) is None
     signer.revoke(session)
     assert signer.read(cookie, now=1001.0) is None
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("/rows?key=a%2Fb", "/rows?key=a%2Fb"),
+        ("https://evil.example/", "/"),
+        ("//evil.example/", "/"),
+        ("/\\evil.example/", "/"),
+        ("/\t/evil.example/", "/"),
+        ("/ /evil.example/", "/"),
+        ("", "/"),
+    ],
+)
+def test_after_login_only_a_path_on_this_site(target: str, expected: str) -> None:
+    assert session._next(target) == expected
 
 
 # ---- the proxy header mode -----------------------------------------------------------------

@@ -152,8 +152,11 @@ def _set_cookie(response: web.StreamResponse, config: WebConfig, session: auth.S
 
 
 def _next(target: str | None) -> str:
-    """Where to go after login: a path on this site only."""
+    """Where to go after login: a path on this site only (no `//host`, no backslash, nothing
+    a browser would strip or reinterpret: printable ASCII without spaces)."""
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    if not all(33 <= ord(c) < 127 for c in target):
         return "/"
     return target
 
