@@ -561,3 +561,12 @@ CREATE INDEX IF NOT EXISTS events_parked_key_idx
 CREATE INDEX IF NOT EXISTS events_settled_idx
     ON outbox.events ((coalesce(delivered_at, updated_at)))
     WHERE status IN ('delivered', 'skipped', 'discarded');
+
+-- ---- 0008: the overview's indexes ---------------------------------------------------------
+
+-- What needs a person, counted without reading the delivered rows (`outbox web`'s overview).
+CREATE INDEX IF NOT EXISTS events_undelivered_idx ON outbox.events
+    (event_type, status, outcome) INCLUDE (created_at, updated_at)
+    WHERE status <> 'delivered';
+-- The overview's chart: the last 24 hours of calls.
+CREATE INDEX IF NOT EXISTS attempts_started_at_idx ON outbox.attempts (started_at);

@@ -283,3 +283,54 @@ def test_the_operator_commands_do_not_import_the_command_line_back() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_attention_is_status_without_the_delivered_counts(engine: sa.Engine) -> None:
+    """The overview's report (ops.attention) says what `outbox status` says about what needs a
+    person, from the rows that are not delivered: same problems, same groups, same last
+    delivery, same pending rows, leases and last call."""
+    import dataclasses
+    from datetime import timedelta
+    from typing import Any
+
+    from outbox.domain import Status
+    from outbox.ops import commands
+
+    seed(engine)
+    limit = timedelta(minutes=15)
+    full = commands.status(engine, limit)
+    short = commands.attention(engine, limit)
+    assert (short.ok, short.problems) == (full.ok, full.problems)
+
+    # (Ages are measured from each call's own now(): equal up to the time between the calls.)
+    def timeless(rows: Any) -> list[Any]:
+        return [dataclasses.replace(row, oldest_age_seconds=0) for row in rows]
+
+    assert timeless(short.undelivered) == timeless(
+        c for c in full.counts if c.status is not Status.DELIVERED
+    )
+    assert short.total(Status.FAILED) == full.totals.failed == 9
+    assert short.total(Status.SKIPPED) == full.totals.skipped
+    assert short.last_delivered_at == full.last_delivered_at
+    assert short.pending.events == full.pending.events
+    assert short.pending.oldest_created_at == full.pending.oldest_created_at
+    assert [lease.owner for lease in short.leases] == [lease.owner for lease in full.leases]
+    assert (short.last_attempt is None) == (full.last_attempt is None)
+
+
+def test_the_undelivered_summary_can_be_read_from_its_index(engine: sa.Engine) -> None:
+    """events_undelivered_idx (0008) serves the overview's summary: its predicate and columns
+    fit the query, so the planner can answer it from the index without the table's full scan
+    (on a small table it prefers the scan; discouraged from it, it must be able to use this)."""
+    from outbox.db import queries
+
+    seed(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                sa.text("EXPLAIN " + queries.get("undelivered_summary", "ops.sql"))
+            )
+        )
+    assert "events_undelivered_idx" in plan, plan

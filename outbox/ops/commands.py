@@ -39,6 +39,7 @@ from outbox.ops.model import (
     ActionKind,
     ActionResult,
     Attempt,
+    AttentionReport,
     BlockedBy,
     Change,
     ChangeKind,
@@ -153,43 +154,81 @@ def status(engine: sa.Engine, max_pending_age: timedelta) -> StatusReport:
     refused with 401/403 (the daemons pause sending until the API key works)."""
     with _snapshot(engine) as conn:
         counts = tuple(_from_row(CountRow, r) for r in _rows(conn, "summary"))
-        (overview,) = _rows(conn, "pending_overview")
-        leases = tuple(_from_row(Lease, r) for r in _rows(conn, "leases"))
-        last = next((_from_row(LastAttempt, r) for r in _rows(conn, "last_attempt")), None)
+        pending, leases, last = _live(conn)
     per_status = Counter[Status]()
     for row in counts:
         per_status[row.status] += row.events
     totals = Totals(**{s.value: per_status[s] for s in Status})
     delivered_at = [r.last_delivered_at for r in counts if r.last_delivered_at is not None]
     last_delivered = max(delivered_at) if delivered_at else None
-    checked_at: datetime = overview["checked_at"]
-    pending = _from_row(PendingOverview, overview)
     limit = max_pending_age.total_seconds()
-    problems = _attention(totals, pending, last, limit)
+    problems = _attention(totals.failed, pending, last, limit)
     return StatusReport(
         ok=not problems,
         problems=problems,
-        checked_at=checked_at,
+        checked_at=pending.checked_at,
         max_pending_age_seconds=limit,
         totals=totals,
         counts=counts,
-        pending=pending,
+        pending=pending.overview,
         last_delivered_at=last_delivered,
-        last_delivery_age_seconds=(
-            (checked_at - last_delivered).total_seconds() if last_delivered else None
-        ),
+        last_delivery_age_seconds=_age(pending.checked_at, last_delivered),
         leases=leases,
         last_attempt=last,
     )
 
 
+def attention(engine: sa.Engine, max_pending_age: timedelta) -> AttentionReport:
+    """`status` without the delivered rows' counts (the whole table's scan): the same problems,
+    from the rows that are not delivered (events_undelivered_idx) and the live state."""
+    with _snapshot(engine) as conn:
+        undelivered = tuple(_from_row(CountRow, r) for r in _rows(conn, "undelivered_summary"))
+        last_delivered = next((r["last_delivered_at"] for r in _rows(conn, "last_delivered")), None)
+        pending, leases, last = _live(conn)
+    failed = sum(row.events for row in undelivered if row.status is Status.FAILED)
+    limit = max_pending_age.total_seconds()
+    problems = _attention(failed, pending, last, limit)
+    return AttentionReport(
+        ok=not problems,
+        problems=problems,
+        checked_at=pending.checked_at,
+        max_pending_age_seconds=limit,
+        undelivered=undelivered,
+        pending=pending.overview,
+        last_delivered_at=last_delivered,
+        last_delivery_age_seconds=_age(pending.checked_at, last_delivered),
+        leases=leases,
+        last_attempt=last,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    overview: PendingOverview
+    checked_at: datetime
+
+
+def _live(conn: sa.Connection) -> tuple[_Pending, tuple[Lease, ...], LastAttempt | None]:
+    """The pending rows, the leases and the last call: what status and attention share."""
+    (overview,) = _rows(conn, "pending_overview")
+    pending = _Pending(_from_row(PendingOverview, overview), overview["checked_at"])
+    leases = tuple(_from_row(Lease, r) for r in _rows(conn, "leases"))
+    last = next((_from_row(LastAttempt, r) for r in _rows(conn, "last_attempt")), None)
+    return pending, leases, last
+
+
+def _age(now: datetime, then: datetime | None) -> float | None:
+    return (now - then).total_seconds() if then else None
+
+
 def _attention(
-    totals: Totals, pending: PendingOverview, last: LastAttempt | None, limit: float
+    failed: int, live: _Pending, last: LastAttempt | None, limit: float
 ) -> tuple[str, ...]:
     """What needs a person, one line each (`outbox status` exits 1 when there is any)."""
     problems: list[str] = []
-    if totals.failed:
-        problems.append(plural(totals.failed, "failed row"))
+    pending = live.overview
+    if failed:
+        problems.append(plural(failed, "failed row"))
     if pending.blocked:
         problems.append(
             f"{plural(pending.blocked, 'row')} blocked behind a failed or discarded row"

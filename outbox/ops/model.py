@@ -320,6 +320,27 @@ class StatusReport:
 
 
 @dataclass(frozen=True, slots=True)
+class AttentionReport:
+    """What needs a person, and whether the daemons keep up: `outbox status` without the counts
+    of delivered rows, which take a scan of the whole table (`outbox web`'s overview, which a
+    person opens first and often). The problems are `outbox status`'s, worded the same."""
+
+    ok: bool
+    problems: tuple[str, ...]
+    checked_at: datetime
+    max_pending_age_seconds: float
+    undelivered: tuple[CountRow, ...]  # pending, failed, discarded and skipped, as in `counts`
+    pending: PendingOverview
+    last_delivered_at: datetime | None
+    last_delivery_age_seconds: float | None
+    leases: tuple[Lease, ...]
+    last_attempt: LastAttempt | None
+
+    def total(self, status: Status) -> int:
+        return sum(row.events for row in self.undelivered if row.status is status)
+
+
+@dataclass(frozen=True, slots=True)
 class BlockedBy:
     """The failed or discarded row a blocked row waits for (for a sale, maybe a failed signup
     of its customer)."""

@@ -79,6 +79,27 @@ ORDER BY array_position(ARRAY['signup', 'sale', 'refund'], event_type),
          array_position(ARRAY['pending', 'failed', 'discarded', 'delivered', 'skipped'], status),
          outcome NULLS FIRST
 
+-- name: undelivered_summary
+-- The overview (`outbox web`): the summary's groups that are not delivered, read from
+-- events_undelivered_idx alone (0008) instead of the whole table. Same columns as `summary`.
+SELECT event_type, status, outcome, count(*) AS events,
+       min(created_at) AS oldest_created_at, NULL::timestamptz AS last_delivered_at,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
+FROM outbox.events
+WHERE status <> 'delivered'
+GROUP BY event_type, status, outcome
+ORDER BY array_position(ARRAY['signup', 'sale', 'refund'], event_type),
+         array_position(ARRAY['pending', 'failed', 'discarded', 'delivered', 'skipped'], status),
+         outcome NULLS FIRST
+
+-- name: last_delivered
+-- The overview: when the last row was delivered (events_settled_idx, newest first).
+SELECT coalesce(delivered_at, updated_at) AS last_delivered_at
+FROM outbox.events
+WHERE status IN ('delivered', 'skipped', 'discarded') AND status = 'delivered'
+ORDER BY coalesce(delivered_at, updated_at) DESC
+LIMIT 1
+
 -- name: pending_overview
 -- `outbox status`: pending rows, those in flight (a live lease), those blocked behind a failed
 -- or discarded row, the oldest pending row, and the oldest one that is not blocked (the
