@@ -271,7 +271,12 @@ def test_the_rows_page_pages_newest_first(alice: Browser, database_url: str) -> 
 def test_a_row_shows_what_outbox_show_says_every_call_and_every_action(
     alice: Browser, ids: dict[str, int]
 ) -> None:
+    for name in ("invalid", "rejected", "network", "timeout", "server", "rate", "bad", "forbidden"):
+        page = alice.get(f"/rows/{ids[name]}").text
+        assert '<p class="means">' in page, name
+    assert "Correct the data at the source" in alice.get(f"/rows/{ids['invalid']}").text
     skipped = alice.get(f"/rows/{ids['unknown']}").text
+    assert '<p class="means">' not in skipped
     assert "Partnero does not know this customer (never referred)" in skipped
     assert "answer 1 for inv_unknown" in skipped  # the answer excerpt
     blocked = alice.get(f"/rows/{ids['dropped_refund']}").text
@@ -514,3 +519,10 @@ def test_an_action_on_several_rows_lands_on_its_record(
     assert "payload fixed" in record.text and "alice" in record.text
     assert f'href="/rows/{ids["invalid"]}"' in record.text
     assert f'href="/rows/{ids["bad"]}"' in record.text
+
+
+def test_every_reason_a_row_may_fail_with_has_a_plain_sentence() -> None:
+    from outbox.ops.model import FAILED_OUTCOMES
+    from outbox.web.present import FAILED_MEANS
+
+    assert set(FAILED_MEANS) == set(FAILED_OUTCOMES)

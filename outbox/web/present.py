@@ -45,6 +45,40 @@ def event_pairs(event: model.EventDetail) -> list[tuple[str, str]]:
     return ops_cli._event_pairs(event, full_payload=False)
 
 
+# What a failed row's reason class means, for people who do not read HTTP (docs/operations.md,
+# "Reading the output"); the page shows it above `outbox show`'s own lines.
+FAILED_MEANS = {
+    Outcome.VALIDATION_ERROR: "Partnero refused the row's data (HTTP 422): sent again as it is, "
+    "it fails again. Correct the data at the source, then retry it, or discard it.",
+    Outcome.REJECTED: "Partnero refused the row (HTTP 400) for a reason sending it again cannot "
+    "fix: its answer below says which. Fix the cause, then retry it, or discard it.",
+    Outcome.FORBIDDEN: "Partnero denied this action for this transaction or account (HTTP 403), "
+    "while the API key works. Ask Partnero why, then retry it, or discard it.",
+    Outcome.NETWORK_ERROR: "Partnero could not be reached on any attempt until the attempts ran "
+    "out. Retry it once Partnero can be reached.",
+    Outcome.TIMEOUT: "Partnero did not answer in time on any attempt until the attempts ran out. "
+    "Retrying is safe: a sale that may have reached Partnero is looked up before it is created "
+    "again.",
+    Outcome.SERVER_ERROR: "Partnero answered with server errors (5xx) until the attempts ran out. "
+    "Retry it once Partnero works again.",
+    Outcome.RATE_LIMITED: "Partnero kept answering 'too many requests' (429) until the attempts "
+    "ran out. Retry it later.",
+    Outcome.BAD_RESPONSE: "The answers were not Partnero's own (a proxy's page, an unexpected "
+    "body) until the attempts ran out. Check the Partnero API address and Partnero's status, "
+    "then retry it.",
+    Outcome.CUSTOMER_NOT_FOUND: "Partnero did not know the customer (a row that failed before "
+    "the outbox learned to skip such sales). Retry it if the customer now exists at Partnero, "
+    "or discard it.",
+}
+
+
+def means(event: model.EventDetail) -> str | None:
+    """A failed row's reason in plain words (None for any other row)."""
+    if event.status is not Status.FAILED or event.outcome is None:
+        return None
+    return FAILED_MEANS.get(event.outcome)
+
+
 def status_pairs(report: model.StatusReport) -> list[tuple[str, str]]:
     """`outbox status`'s lines under the table (pending, last delivery, leases, last call)."""
     return ops_cli._status_pairs(report)
@@ -101,6 +135,7 @@ GLOBALS = {
     "state": state,
     "rows_url": rows_url,
     "event_pairs": event_pairs,
+    "means": means,
     "status_pairs": status_pairs,
     "counts_by_status": counts_by_status,
     "Status": Status,
