@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,18 @@ def delivered_keys(lines: list[dict[str, Any]]) -> list[str]:
     return [line["key"] for line in lines if line["event"] == "outbox.delivery.delivered"]
 
 
+def wait_ready(proc: subprocess.Popen[str], sock: NotifySocket, timeout: float = 30) -> None:
+    """READY=1 from the daemon; fail at once, with its stderr, if it exits instead."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        fields = sock.receive(timeout=0.2)
+        if fields is not None and fields.get("READY") == "1":
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"outbox run exited {proc.returncode}: {proc.communicate()[1]}")
+    raise AssertionError(f"no READY=1 within {timeout} s")
+
+
 def run_edit_and_reload(
     engine: sa.Engine,
     env: dict[str, str],
@@ -60,13 +74,13 @@ def run_edit_and_reload(
     env["NOTIFY_SOCKET"] = notify_socket.path
     proc = start_cli_daemon(env)
     try:
-        notify_socket.wait_for("READY", "1")
+        wait_ready(proc, notify_socket)
         insert_sales(engine, ["inv_before"])
         wait_until(lambda: settled(engine, 1), what="inv_before to be delivered")
         env_file.write_text(new_text)
         proc.send_signal(signal.SIGHUP)
         notify_socket.wait_for("RELOADING", "1")
-        notify_socket.wait_for("READY", "1")
+        wait_ready(proc, notify_socket)
         insert_sales(engine, ["inv_after"])
         wait_until(lambda: settled(engine, 2), what="inv_after to be delivered")
     finally:
