@@ -33,7 +33,8 @@ from tests.daemon_helpers import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-UNITS = ["outbox.service", "outbox-migrate.service"]
+# Every unit file the wheel ships (share/partnero-outbox/systemd/).
+UNITS = sorted(path.name for path in (ROOT / "systemd").glob("*.service"))
 
 
 class NotifySocket:
@@ -328,7 +329,7 @@ def unit_lines(unit: str, key: str) -> list[str]:
 
 def test_each_unit_has_its_own_settings_file_and_database_credential() -> None:
     """The daemon reads its env file itself (so a reload can unset a line) and never holds the
-    schema owner's password, which only the migrate unit loads."""
+    schema owner's password, which the migrate unit loads."""
     for unit in UNITS:
         assert unit_lines(unit, "EnvironmentFile") == [], unit
     assert "OUTBOX_ENV_FILE=/etc/outbox/outbox.env" in unit_lines("outbox.service", "Environment")
@@ -351,13 +352,20 @@ def test_documentation_links_point_where_the_wheel_installs_the_docs() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"README.md" = "share/doc/partnero-outbox/README.md"' in pyproject
     assert '"systemd" = "share/partnero-outbox/systemd"' in pyproject
-    installed = {
-        "file:///opt/outbox/share/doc/partnero-outbox/README.md",
-        "file:///opt/outbox/share/partnero-outbox/systemd/README.md",
+    shipped = {
+        "file:///opt/outbox/share/doc/partnero-outbox/": ROOT,
+        "file:///opt/outbox/share/partnero-outbox/systemd/": ROOT / "systemd",
     }
     for unit in UNITS:
         links = [url for line in unit_lines(unit, "Documentation") for url in line.split()]
-        assert links and set(links) <= installed, (unit, links)
+        assert links, unit
+        for url in links:
+            found = [
+                source / url.removeprefix(prefix)
+                for prefix, source in shipped.items()
+                if url.startswith(prefix)
+            ]
+            assert found and found[0].is_file(), (unit, url)
 
 
 def test_every_runbook_block_is_one_the_runbook_script_checks() -> None:
