@@ -301,6 +301,8 @@ def _still(value: Any) -> Any:
         return {k: _still(v) for k, v in value.items() if k not in _MOVING}
     if isinstance(value, list):
         return [_still(v) for v in value]
+    if isinstance(value, str):  # `the oldest pending row has waited 20m01s (...)`
+        return re.sub(r"waited \S+", "waited (a while)", value)
     return value
 
 
