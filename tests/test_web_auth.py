@@ -15,6 +15,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner, Result
+from structlog.testing import capture_logs
 
 from outbox import db
 from outbox.cli import main
@@ -23,7 +24,7 @@ from outbox.web import auth, session
 from outbox.web.app import ProxyAuth
 from tests.daemon_helpers import wait_until
 from tests.test_ops_seed import seed, snapshot
-from tests.web.server import SECRET, Browser, WebServer, config, csrf_of
+from tests.web.server import PASSWORDS, SECRET, Browser, WebServer, config, csrf_of
 
 # ---- hashes, the users file, cookies -------------------------------------------------------
 
@@ -178,6 +179,26 @@ def test_behind_the_proxy_actions_need_the_csrf_token_of_that_user(
     with engine.connect() as conn:
         actor = conn.execute(sa.text("SELECT actor FROM outbox.operator_actions")).scalar_one()
     assert actor == "olga"
+
+
+def test_without_the_database_pages_say_so_with_503_and_no_password() -> None:
+    url = "postgresql://web:hunter2-secret@127.0.0.1:1/shop"
+    with capture_logs() as logs, WebServer(url, [config()]) as down:
+        browser = Browser(down.url())
+        health = browser.get("/healthz")
+        browser.login("alice")
+        page = browser.get("/")
+        api = httpx.get(
+            down.url() + "/api/status", auth=httpx.BasicAuth("alice", PASSWORDS["alice"])
+        )
+        browser.close()
+    assert health.status_code == 503
+    assert page.status_code == 503 and "the database could not be asked" in page.text
+    assert api.status_code == 503
+    assert api.json() == {"error": "the database could not be asked; try again in a moment"}
+    assert any(e["event"] == "outbox.web.database_error" for e in logs)
+    for text in (health.text, page.text, api.text, repr(logs)):
+        assert "hunter2-secret" not in text
 
 
 # ---- the command ---------------------------------------------------------------------------

@@ -33,8 +33,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         status, message = 400, str(exc)
     except model.OpsError as exc:
         status, message = (404 if request.method == "GET" else 409), str(exc)
-    except sa.exc.DBAPIError as exc:
-        log.error("outbox.web.database_error", path=request.path, error=first_line(exc.orig))
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        log.error("outbox.web.database_error", path=request.path, error=first_line(cause))
         status, message = 503, "the database could not be asked; try again in a moment"
     return error_page(request, status, message)
 
