@@ -399,6 +399,7 @@ def test_every_answer_carries_the_security_headers(
             if name != "Cache-Control":  # the stylesheet may be cached
                 assert answer.headers.get(name) == value, (answer.url, name)
     assert answers[3].headers["content-type"].startswith("text/css")
+    assert {a.headers["server"] for a in answers} == {"outbox"}
 
 
 def test_no_secret_in_pages_headers_or_logs(server: WebServer, ids: dict[str, int]) -> None:

@@ -113,6 +113,7 @@ def error_page(request: web.Request, status: int, message: str) -> web.Response:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    response.headers["Server"] = "outbox"  # not aiohttp's and Python's versions
 
 
 @web.middleware

@@ -26,6 +26,7 @@ from outbox.web.store import Store, create_engine
 
 log = structlog.get_logger("outbox.web")
 THREADS = 4
+SHUTDOWN_SECONDS = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +93,13 @@ def open_store(url: str) -> Store:
 @contextlib.asynccontextmanager
 async def serving(config: WebConfig, store: Store, host: str, port: int) -> AsyncIterator[int]:
     """The application listening on host:port (0: any free port); yields the port."""
-    runner = web.AppRunner(create_app(config, store), access_log=None, handle_signals=False)
+    # On SIGTERM, requests under way get SHUTDOWN_SECONDS to finish (the unit allows 30 s).
+    runner = web.AppRunner(
+        create_app(config, store),
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=SHUTDOWN_SECONDS,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
