@@ -478,8 +478,13 @@ def test_retry_by_filter_previews_the_filtered_rows(
     assert _changes(preview.text) == [(c["event_id"], c["change"]) for c in dry["changes"]]
     refused = alice.post("/actions/retry/preview", {"status": "blocked"})
     assert refused.status_code == 400 and "retry takes failed rows" in refused.text
-    nothing = alice.post("/actions/retry/preview", {})
-    assert nothing.status_code == 400
+    for nothing in ({}, {"status": "skipped"}, {"status": ""}):
+        refused = alice.post("/actions/retry/preview", nothing)
+        assert refused.status_code == 400 and "say which rows" in refused.text, nothing
+    skipped = alice.post("/actions/retry/preview", {"status": "skipped", "type": "sale"})
+    dry = cli_json("retry", "--status", "skipped", "--type", "sale", "--dry-run",
+                   database_url=database_url)  # fmt: skip
+    assert _changes(skipped.text) == [(c["event_id"], c["change"]) for c in dry["changes"]]
     assert snapshot(engine) == before
 
 

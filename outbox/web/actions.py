@@ -10,6 +10,7 @@ previewed."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import structlog
@@ -52,15 +53,17 @@ async def _selected(request: web.Request, kind: str, form: MultiMapping[Any]) ->
         return given
     fields = _fields(form)
     filters = forms.filters(fields)
-    if not filters.given() and filters.status is None:
-        raise forms.FormError("say which rows: tick rows, or give a filter")
+    if not filters.given():  # as the CLI, which asks for --all (status skipped alone too)
+        raise forms.FormError(
+            "say which rows: tick them, or filter them (outcome, HTTP status, since, key, ...)"
+        )
     if kind == "retry" and filters.state is model.ProblemState.BLOCKED:
         raise forms.FormError(
             "status blocked: retry takes failed rows; the rows blocked behind them are woken "
             "with them"
         )
     if kind == "retry" and filters.status is None:
-        filters = model.Filters(**{**_as_dict(filters), "state": model.ProblemState.FAILED})
+        filters = dataclasses.replace(filters, state=model.ProblemState.FAILED)
     page = await request.app[STORE].failed(filters, limit=MAX_ROWS, page=1)
     if page.total > MAX_ROWS:
         raise forms.FormError(
@@ -68,10 +71,6 @@ async def _selected(request: web.Request, kind: str, form: MultiMapping[Any]) ->
             "narrow it (or use the CLI)"
         )
     return tuple(sorted(row.id for row in page.rows))
-
-
-def _as_dict(filters: model.Filters) -> dict[str, Any]:
-    return {name: getattr(filters, name) for name in model.Filters.__dataclass_fields__}
 
 
 async def _run(
