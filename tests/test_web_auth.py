@@ -4,11 +4,13 @@ bad settings; and the command itself, started as a process, serving until SIGTER
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -20,7 +22,7 @@ from structlog.testing import capture_logs
 from outbox import db
 from outbox.cli import main
 from outbox.dev import pgtemp
-from outbox.web import auth, session
+from outbox.web import auth, server, session
 from outbox.web.app import ProxyAuth
 from tests.daemon_helpers import wait_until
 from tests.test_ops_seed import seed, snapshot
@@ -88,6 +90,34 @@ def test_a_session_cookie_is_signed_expires_and_can_be_revoked() -> None:
 )
 def test_after_login_only_a_path_on_this_site(target: str, expected: str) -> None:
     assert session._next(target) == expected
+
+
+def _settings(**given: object) -> server.Settings:
+    defaults: dict[str, object] = {
+        "host": "127.0.0.1", "port": 0, "database_url": "postgresql://x@127.0.0.1/x",
+        "users_file": None, "secret_file": None, "cookie_secure": False, "proxy_header": None,
+        "trusted_proxies": frozenset(), "proxy_operators": frozenset(),
+        "max_pending_age": timedelta(minutes=15),
+    }  # fmt: skip
+    return server.Settings(**{**defaults, **given})  # type: ignore[arg-type]
+
+
+def test_the_users_and_the_secret_come_from_systemd_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("OUTBOX_WEB_USERS_FILE", "OUTBOX_WEB_SECRET_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    (tmp_path / "web_users").write_text(f"alice:viewer:{auth.hash_password('pw')}\n")
+    config_, generated = server.config_from(_settings())
+    assert list(config_.accounts) == ["alice"] and generated  # no web_secret: a random one
+    (tmp_path / "web_secret").write_text("z" * 40 + "\n")
+    config_, generated = server.config_from(_settings())
+    assert config_.signer.secret == b"z" * 40 and not generated
+    # An explicit option wins over the credential.
+    other = tmp_path / "other"
+    other.write_text(f"bob:operator:{auth.hash_password('pw')}\n")
+    assert list(server.config_from(_settings(users_file=str(other)))[0].accounts) == ["bob"]
 
 
 # ---- the proxy header mode -----------------------------------------------------------------
@@ -199,6 +229,28 @@ def test_without_the_database_pages_say_so_with_503_and_no_password() -> None:
     assert any(e["event"] == "outbox.web.database_error" for e in logs)
     for text in (health.text, page.text, api.text, repr(logs)):
         assert "hunter2-secret" not in text
+
+
+def test_cookie_secure_marks_the_session_cookie(
+    shared: tuple[sa.Engine, dict[str, int], str],
+) -> None:
+    with WebServer(shared[2], [dataclasses.replace(config(), cookie_secure=True)]) as running:
+        login_page = httpx.get(running.url() + "/login")
+        # (a client keeps a Secure cookie for HTTPS: hand it back by hand over plain HTTP)
+        anonymous = login_page.cookies["outbox_session"]
+        signed = httpx.post(
+            running.url() + "/login",
+            data={
+                "username": "alice",
+                "password": PASSWORDS["alice"],
+                "csrf": csrf_of(login_page.text),
+            },
+            headers={"Cookie": f"outbox_session={anonymous}"},
+        )
+    assert signed.status_code == 303
+    for response in (login_page, signed):
+        cookie = response.headers["set-cookie"]
+        assert "; Secure" in cookie and "HttpOnly" in cookie and "SameSite=Strict" in cookie
 
 
 # ---- the command ---------------------------------------------------------------------------
