@@ -154,6 +154,10 @@ def url_as(url: str, user: str, password: str | None = None) -> str:
     return db.libpq_url(parsed.render_as_string(hide_password=False))
 
 
+# The role names the page uses; each run renames them with a suffix of its own.
+ROLES = ("shop_app", "outbox_app", "outbox_daemon", "outbox_operator")
+
+
 @dataclass
 class Page:
     """The database the page's blocks run against, and the names they use there."""
@@ -169,12 +173,13 @@ class Page:
 
     def localize(self, text: str) -> str:
         """The page's text with this run's role names."""
-        for role in ("outbox_app", "outbox_daemon", "shop_app"):
+        for role in ROLES:
             text = re.sub(rf"\b{role}\b", self.name(role), text)
         return text.replace(
             "outbox roles-sql",
             f"outbox roles-sql --app-role {self.name('outbox_app')} "
-            f"--daemon-role {self.name('outbox_daemon')}",
+            f"--daemon-role {self.name('outbox_daemon')} "
+            f"--operator-role {self.name('outbox_operator')}",
         )
 
     @property
@@ -288,7 +293,7 @@ def page(
             yield page
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
-            for role in ("shop_app", "outbox_app", "outbox_daemon"):
+            for role in ROLES:
                 name = page.name(role)
                 if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone():
                     conn.execute(f"DROP OWNED BY {name}")

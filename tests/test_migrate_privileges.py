@@ -67,8 +67,9 @@ def test_nothing_pending_needs_only_the_daemons_rights(
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     app_group, daemon_group = f"outbox_app_{suffix}", f"outbox_daemon_{suffix}"
+    operator_group = f"outbox_operator_{suffix}"
     script = tmp_path / "roles.sql"
-    script.write_text(roles_sql(app_group, daemon_group))
+    script.write_text(roles_sql(app_group, daemon_group, operator_group))
     try:
         assert psql(database_url, f"\\i {script}").returncode == 0
         daemon_url = make_role(database_url, "IN ROLE", daemon_group)
@@ -78,7 +79,7 @@ def test_nothing_pending_needs_only_the_daemons_rights(
         assert (code, output) == (0, "nothing to apply: the schema is up to date\n")
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
-            for group in (app_group, daemon_group):
+            for group in (app_group, daemon_group, operator_group):
                 conn.execute(f"DROP OWNED BY {group}")
                 conn.execute(f"DROP ROLE {group}")
 
@@ -169,15 +170,17 @@ def test_roles_sql_by_an_owner_who_may_not_create_roles_names_the_statements(
     owner_url = make_role(database_url)
     suffix = uuid.uuid4().hex[:8]
     app_group, daemon_group = f"outbox_app_{suffix}", f"outbox_daemon_{suffix}"
-    result = psql(owner_url, roles_sql(app_group, daemon_group))
+    operator_group = f"outbox_operator_{suffix}"
+    result = psql(owner_url, roles_sql(app_group, daemon_group, operator_group))
     assert result.returncode != 0
     owner = sa.make_url(owner_url).username
     assert (
-        f"ERROR:  role(s) {app_group}, {daemon_group} do not exist and role {owner} may not "
-        "create roles"
+        f"ERROR:  role(s) {app_group}, {daemon_group}, {operator_group} do not exist and role "
+        f"{owner} may not create roles"
     ) in result.stderr
     assert (
         f"HINT:  Have an administrator (a superuser or a role with CREATEROLE) run: "
         f"CREATE ROLE {app_group} NOLOGIN; CREATE ROLE {daemon_group} NOLOGIN; "
+        f"CREATE ROLE {operator_group} NOLOGIN; "
         "Then run this file again as the owner of schema outbox."
     ) in result.stderr

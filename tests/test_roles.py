@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
@@ -39,6 +40,7 @@ class Roles:
     app_url: str
     daemon_url: str
     owner_url: str
+    operator_url: str
 
 
 def login_url(url: str, user: str, password: str) -> str:
@@ -50,10 +52,12 @@ def login_url(url: str, user: str, password: str) -> str:
 def roles(database_url: str, tmp_path: Path) -> Iterator[Roles]:
     suffix = uuid.uuid4().hex[:8]
     app_group, daemon_group = f"outbox_app_{suffix}", f"outbox_daemon_{suffix}"
+    operator_group = f"outbox_operator_{suffix}"
     app_login, daemon_login = f"shop_app_{suffix}", f"outbox_run_{suffix}"
+    operator_login = f"outbox_web_{suffix}"
     script = tmp_path / "roles.sql"
-    script.write_text(roles_sql(app_group, daemon_group))
-    created = [app_login, daemon_login, app_group, daemon_group]
+    script.write_text(roles_sql(app_group, daemon_group, operator_group))
+    created = [app_login, daemon_login, operator_login, app_group, daemon_group, operator_group]
     try:
         for _ in range(2):  # idempotent: a second run changes nothing and fails nothing
             result = psql(database_url, f"\\i {script}")
@@ -62,6 +66,7 @@ def roles(database_url: str, tmp_path: Path) -> Iterator[Roles]:
             for login, group, password in (
                 (app_login, app_group, f"app-pw-{suffix}"),
                 (daemon_login, daemon_group, f"run-pw-{suffix}"),
+                (operator_login, operator_group, f"web-pw-{suffix}"),
             ):
                 conn.execute(f"CREATE ROLE {login} LOGIN PASSWORD '{password}' IN ROLE {group}")
         yield Roles(
@@ -70,6 +75,7 @@ def roles(database_url: str, tmp_path: Path) -> Iterator[Roles]:
             login_url(database_url, app_login, f"app-pw-{suffix}"),
             login_url(database_url, daemon_login, f"run-pw-{suffix}"),
             database_url,
+            login_url(database_url, operator_login, f"web-pw-{suffix}"),
         )
     finally:
         with psycopg.connect(database_url, autocommit=True) as conn:
@@ -298,13 +304,64 @@ def test_roles_sql_command_prints_the_sql_with_chosen_names() -> None:
     from outbox.cli import main
 
     runner = CliRunner()
-    result = runner.invoke(main, ["roles-sql", "--app-role", "shop", "--daemon-role", "sync"])
+    chosen = ["--app-role", "shop", "--daemon-role", "sync", "--operator-role", "support"]
+    result = runner.invoke(main, ["roles-sql", *chosen])
     assert result.exit_code == 0, result.output
     assert "GRANT INSERT (event_type" in result.output and "TO shop;" in result.output
+    assert "TO support;" in result.output
     statements = [line for line in result.output.splitlines() if not line.startswith("--")]
-    assert not [line for line in statements if "outbox_app" in line or "outbox_daemon" in line]
-    assert result.output == roles_sql("shop", "sync")
+    defaults = ("outbox_app", "outbox_daemon", "outbox_operator")
+    assert not [line for line in statements if any(name in line for name in defaults)]
+    assert result.output == roles_sql("shop", "sync", "support")
+    # A chosen name that is another role's default is not renamed twice.
+    swapped = roles_sql("outbox_daemon", "outbox_app", "outbox_operator")
+    assert "GRANT INSERT ON outbox.attempts TO outbox_app;" in swapped
     bad = runner.invoke(main, ["roles-sql", "--app-role", "x; DROP TABLE y"])
     assert bad.exit_code == 2 and "not a plain role name" in bad.output
     same = runner.invoke(main, ["roles-sql", "--app-role", "a", "--daemon-role", "a"])
     assert same.exit_code == 2 and "must differ" in same.output
+
+
+def test_operators_and_the_web_page_work_under_the_operator_role(
+    roles: Roles, database_url: str
+) -> None:
+    """outbox_operator has what `outbox status | failed | show | retry | discard` and `outbox
+    web` need, so that the page (the most exposed piece) never holds the schema owner's
+    password; it may not insert or delete events, prune, or change the schema."""
+    from tests.test_ops_seed import cli, seed
+    from tests.web.server import PASSWORDS, WebServer, config
+
+    owner = db.create_engine(database_url, poolclass=sa.NullPool)
+    try:
+        ids = seed(owner)
+    finally:
+        owner.dispose()
+    url = roles.operator_url
+    assert cli("status", database_url=url).exit_code == 1  # failed rows: attention needed
+    assert cli("failed", "--json", database_url=url).exit_code == 0
+    assert cli("show", str(ids["rejected"]), database_url=url).exit_code == 0
+    retried = cli("retry", str(ids["rejected"]), "--reason", "fixed", database_url=url)
+    assert retried.exit_code == 0, retried.output
+    discarded = cli("discard", str(ids["invalid"]), "--reason", "test", database_url=url)
+    assert discarded.exit_code == 0, discarded.output
+    pruned = cli("prune", "--older-than", "1d", "--reason", "r", database_url=url)
+    assert pruned.exit_code == 1
+    assert pruned.stderr.startswith("outbox: database error: permission denied for table")
+
+    with WebServer(url, [config()]) as web:
+        assert httpx.get(web.url() + "/healthz").status_code == 200
+        api = httpx.get(web.url() + "/api/status", auth=("alice", PASSWORDS["alice"]))
+        assert api.status_code == 200, api.text
+
+    for sql in (
+        "INSERT INTO outbox.events (event_type, transaction_key, customer_key, amount) "
+        "VALUES ('sale', 'x', 'c', 1)",
+        "DELETE FROM outbox.events",
+        "DELETE FROM outbox.attempts",
+        "INSERT INTO outbox.attempts (event_id, attempt, started_at, finished_at, method, path, "
+        "decision, daemon) VALUES (1, 1, now(), now(), 'POST', '/', 'x', 'x')",
+        "UPDATE outbox.operator_actions SET reason = 'x'",
+        "ALTER TABLE outbox.events ADD COLUMN x int",
+        "CREATE TABLE outbox.x (id int)",
+    ):
+        assert refused(url, sql), sql

@@ -1,4 +1,5 @@
--- outbox: two least-privilege roles, one for applications and one for the daemon.
+-- outbox: three least-privilege roles: for applications, for the daemon, and for the people
+-- (and `outbox web`) who look at rows and retry or discard them.
 --
 -- Run it as the role that ran `outbox migrate` (the owner of the outbox schema), in the shop's
 -- database, after every `outbox migrate`: it is idempotent, and grants made on a table survive
@@ -8,14 +9,16 @@
 --
 --     psql "$OWNER_URL" -v ON_ERROR_STOP=1 -f outbox/sql/roles.sql
 --
--- Both roles are NOLOGIN groups. Give each program a login role of its own and make it a
--- member, so that passwords and connection limits stay per program (an administrator does
--- this):
+-- The roles are NOLOGIN groups. Give each program (and each person) a login role of its own and
+-- make it a member, so that passwords and connection limits stay per program (an administrator
+-- does this):
 --
 --     CREATE ROLE shop_app LOGIN PASSWORD '...' IN ROLE outbox_app;
 --     CREATE ROLE partnero_sync LOGIN PASSWORD '...' IN ROLE outbox_daemon;
+--     CREATE ROLE outbox_web LOGIN PASSWORD '...' IN ROLE outbox_operator;
 --
--- To use other names, replace outbox_app and outbox_daemon throughout this file.
+-- To use other names, replace outbox_app, outbox_daemon and outbox_operator throughout this
+-- file (`outbox roles-sql --app-role ... --daemon-role ... --operator-role ...` does).
 --
 -- outbox_app: may only add events. INSERT on the six contract columns, SELECT on `id` only
 -- (for `INSERT ... RETURNING id`, which outbox.record_sale/record_refund/record_signup and the
@@ -33,16 +36,20 @@
 -- not execute it cannot claim; PUBLIC may, unless a DBA revoked that). LISTEN and pg_notify need
 -- no privilege. It cannot INSERT or DELETE events, read or change attempts, or create anything.
 --
--- Operators (`outbox status | failed | show | retry | discard | prune`) and `outbox migrate` run
--- as the schema owner; neither role here is meant for them.
+-- outbox_operator: what `outbox status | failed | show | retry | discard | reconcile` and
+-- `outbox web` do. SELECT on every outbox table and view, UPDATE on outbox.events (retry and
+-- discard change status, attempts and due time; the bookkeeping trigger still guards every
+-- change), INSERT on the two operator-action tables (who did what, and why), EXECUTE on
+-- outbox.goes_before (the views' per-key order). It cannot INSERT or DELETE events or attempts,
+-- change the schema, or prune: `outbox prune` and `outbox migrate` run as the schema owner.
 
--- The two groups are created here when the caller may create roles. The schema owner usually
+-- The three groups are created here when the caller may create roles. The schema owner usually
 -- may not (CREATEROLE is an administrator's right): then an administrator creates them first,
 -- with the two CREATE ROLE statements the error names, and the owner runs this file again.
 DO $$
 DECLARE
     missing text[] := ARRAY(SELECT name
-                              FROM unnest(ARRAY['outbox_app', 'outbox_daemon'])
+                              FROM unnest(ARRAY['outbox_app', 'outbox_daemon', 'outbox_operator'])
                                    WITH ORDINALITY AS wanted(name, position)
                              WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_roles
                                                WHERE rolname = name)
@@ -71,15 +78,19 @@ BEGIN
         CREATE ROLE outbox_daemon NOLOGIN;
         COMMENT ON ROLE outbox_daemon IS 'outbox: the outbox run daemon; exactly what it needs';
     END IF;
+    IF 'outbox_operator' = ANY (missing) THEN
+        CREATE ROLE outbox_operator NOLOGIN;
+        COMMENT ON ROLE outbox_operator IS 'outbox: operators and outbox web; read, retry, discard';
+    END IF;
 END
 $$;
 
 
 -- Start from nothing (a table-level REVOKE also takes back column grants), so that running this
 -- again after a change removes what is no longer granted.
-REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM outbox_app, outbox_daemon;
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM outbox_app, outbox_daemon;
-REVOKE ALL ON SCHEMA outbox FROM outbox_app, outbox_daemon;
+REVOKE ALL ON ALL TABLES IN SCHEMA outbox FROM outbox_app, outbox_daemon, outbox_operator;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA outbox FROM outbox_app, outbox_daemon, outbox_operator;
+REVOKE ALL ON SCHEMA outbox FROM outbox_app, outbox_daemon, outbox_operator;
 
 -- Applications.
 GRANT USAGE ON SCHEMA outbox TO outbox_app;
@@ -99,3 +110,13 @@ GRANT SELECT ON outbox.schema_migrations TO outbox_daemon;
 GRANT EXECUTE ON FUNCTION outbox.arm_doorbell(integer), outbox.disarm_doorbell(),
                           outbox.goes_before(text, bigint, text, bigint)
     TO outbox_daemon;
+
+-- Operators and `outbox web`.
+GRANT USAGE ON SCHEMA outbox TO outbox_operator;
+GRANT SELECT, UPDATE ON outbox.events TO outbox_operator;
+GRANT SELECT ON outbox.attempts, outbox.schema_migrations, outbox.delivery_summary,
+                outbox.failed_deliveries, outbox.blocked_deliveries
+    TO outbox_operator;
+GRANT SELECT, INSERT ON outbox.operator_actions, outbox.operator_action_events
+    TO outbox_operator;
+GRANT EXECUTE ON FUNCTION outbox.goes_before(text, bigint, text, bigint) TO outbox_operator;
