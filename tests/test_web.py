@@ -516,6 +516,40 @@ def test_discard_with_its_refunds_choice_previews_then_records(
     assert again.status_code == 409 and "discarded already" in again.text
 
 
+def _forms(page: str) -> list[dict[str, str]]:
+    """The action forms of a row's page: where each posts, its fields and its button."""
+    found = []
+    forms = re.findall(r'<form method="post" action="(/actions/[^"]+)">(.*?)</form>', page, re.S)
+    for action, body in forms:
+        fields = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)">', body))
+        (label,) = re.findall(r"<button[^>]*>([^<]+)</button>", body)
+        found.append({"action": action, "label": label, **fields})
+    return found
+
+
+def test_a_row_behind_a_discarded_sale_offers_what_outbox_show_says(
+    alice: Browser, database_url: str, ids: dict[str, int]
+) -> None:
+    sale, refund = ids["dropped"], ids["dropped_refund"]
+    offered = _forms(alice.get(f"/rows/{refund}").text)
+    assert [(f["action"], f["ids"], f.get("refunds")) for f in offered] == [
+        ("/actions/discard/preview", str(sale), "release"),
+        ("/actions/discard/preview", str(refund), None),
+    ]
+    release = {k: v for k, v in offered[0].items() if k in ("ids", "refunds")}
+    preview = alice.post("/actions/discard/preview", release)
+    dry = cli_json("discard", str(sale), "--refunds", "release", "--dry-run",
+                   database_url=database_url)  # fmt: skip
+    assert _changes(preview.text) == [(c["event_id"], c["change"]) for c in dry["changes"]]
+    assert _changes(preview.text) == [(refund, "release")]
+    on_the_sale = _forms(alice.get(f"/rows/{sale}").text)
+    assert [(f["action"], f.get("refunds")) for f in on_the_sale] == [
+        ("/actions/retry/preview", None),
+        ("/actions/discard/preview", "release"),
+        ("/actions/discard/preview", "discard"),
+    ]
+
+
 def test_an_action_on_several_rows_lands_on_its_record(
     alice: Browser, engine: sa.Engine, ids: dict[str, int]
 ) -> None:
