@@ -453,8 +453,16 @@ def test_retry_preview_shows_exactly_the_rows_then_retry_records_the_user_and_re
     assert missing_reason.status_code == 400
     assert snapshot(engine) == before
 
-    done = alice.post("/actions/retry", {"ids": str(ids["network"]), "reason": "net fixed"})
+    with capture_logs() as logs:
+        done = alice.post("/actions/retry", {"ids": str(ids["network"]), "reason": "net fixed"})
     assert (done.status_code, done.headers["location"]) == (303, f"/rows/{ids['network']}")
+    (logged,) = [e for e in logs if e["event"] == "outbox.web.action"]
+    assert (logged["action"], logged["user"], logged["events"], logged["count"]) == (
+        "retry",
+        "alice",
+        [ids["network"]],
+        1,
+    )
     (row,) = rows(engine, "SELECT status, attempts FROM outbox.events WHERE id = :i",
                   i=ids["network"])  # fmt: skip
     assert tuple(row) == ("pending", 0)
