@@ -76,7 +76,9 @@ async def _basic_user(request: web.Request, config: WebConfig) -> auth.User | No
     except (binascii.Error, UnicodeDecodeError):
         return None
     account = config.accounts.get(name)
-    if account is None:
+    if account is None:  # hashed all the same: the answer's time does not tell who exists
+        await asyncio.to_thread(auth.verify_password, password, _unknown_user_hash())
+        log.info("outbox.web.login_refused", user=name[:64], via="basic")
         return None
     cache = request.app[BASIC_CACHE]
     key = config.signer.password_key(name, password)
