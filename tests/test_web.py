@@ -238,6 +238,23 @@ def test_the_overview_says_what_needs_attention_with_counts_links_and_a_chart(
     assert "failed (needs a person)" in html
 
 
+def test_the_overview_counts_what_is_not_delivered_and_status_counts_every_row(
+    alice: Browser, database_url: str
+) -> None:
+    """The overview reads no delivered row (ops.attention); /status is `outbox status` whole."""
+    status = cli_json("status", database_url=database_url)
+    groups = [
+        (c["event_type"], c["status"], c["outcome"] or "-", c["events"]) for c in status["counts"]
+    ]
+    row = '<tr><td>{}</td><td>{}</td><td>{}</td>\n      <td class="num">{}</td>'
+    overview, every = alice.get("/").text, alice.get("/status").text
+    for group in groups:
+        assert (row.format(*group) in overview) == (group[1] != "delivered"), group
+        assert row.format(*group) in every, group
+    assert 'href="/status"' in overview
+    assert f'<span class="number">{status["totals"]["skipped"]}</span> skipped' in overview
+
+
 def test_the_rows_page_filters_like_outbox_failed_and_links_each_row(
     alice: Browser, database_url: str, ids: dict[str, int]
 ) -> None:

@@ -436,7 +436,7 @@ def render_status(report: model.StatusReport, console: Console) -> None:
     _print_pairs(console, _status_pairs(report))
 
 
-def _status_pairs(report: model.StatusReport) -> list[tuple[str, str]]:
+def _status_pairs(report: model.StatusReport | model.AttentionReport) -> list[tuple[str, str]]:
     pending = report.pending
     details = f"{pending.in_flight} in flight, {pending.blocked} blocked"
     line = f"{plural(pending.events, 'row')} ({details})"

@@ -15,6 +15,9 @@ Routes and form fields (a browser test is written against these; keep them stabl
     GET  /                       overview: headline (all is well / attention needed), counts
                                  linking to /rows?status=failed|blocked|skipped, pending,
                                  sending paused or not, the chart (inline SVG), the status lines
+                                 and the groups that are not delivered (ops.attention: it reads
+                                 no delivered row, so it stays quick on a large table)
+    GET  /status                 every row by type, status and outcome (`outbox status`)
     GET  /rows                   failed and blocked rows, newest first. Query: status
                                  (failed|blocked|skipped), outcome, http_status, since, until
                                  (30m, 2h, 7d or an ISO time), key, customer, type

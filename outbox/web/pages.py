@@ -65,11 +65,20 @@ async def stylesheet(request: web.Request) -> web.Response:
 
 @routes.get("/")
 async def overview(request: web.Request) -> web.Response:
+    """What needs a person (ops.attention: `outbox status`'s problems without counting the
+    delivered rows, which would read the whole table) and the chart."""
     store = request.app[STORE]
     report, activity = await asyncio.gather(
-        store.status(request.app[CONFIG].max_pending_age), store.activity()
+        store.attention(request.app[CONFIG].max_pending_age), store.activity()
     )
     return render(request, "overview.html", report=report, chart=chart.build(activity))
+
+
+@routes.get("/status")
+async def status(request: web.Request) -> web.Response:
+    """Every row by type, status and outcome, delivered included: `outbox status` itself."""
+    report = await request.app[STORE].status(request.app[CONFIG].max_pending_age)
+    return render(request, "status.html", report=report)
 
 
 @routes.get("/api/status")

@@ -79,7 +79,7 @@ def means(event: model.EventDetail) -> str | None:
     return FAILED_MEANS.get(event.outcome)
 
 
-def status_pairs(report: model.StatusReport) -> list[tuple[str, str]]:
+def status_pairs(report: model.StatusReport | model.AttentionReport) -> list[tuple[str, str]]:
     """`outbox status`'s lines under the table (pending, last delivery, leases, last call)."""
     return ops_cli._status_pairs(report)
 
@@ -110,11 +110,11 @@ def event_name(event: model.EventDetail) -> str:
     return (event.customer_key if event.transaction_key is None else event.transaction_key) or ""
 
 
-def counts_by_status(report: model.StatusReport) -> dict[str, int]:
+def counts_by_status(report: model.AttentionReport) -> dict[str, int]:
     return {
-        "failed": report.totals.failed,
+        "failed": report.total(Status.FAILED),
         "blocked": report.pending.blocked,
-        "skipped": report.totals.skipped,
+        "skipped": report.total(Status.SKIPPED),
     }
 
 

@@ -92,6 +92,9 @@ class Store:
     async def status(self, max_pending_age: timedelta) -> model.StatusReport:
         return await self.run(commands.status, max_pending_age)
 
+    async def attention(self, max_pending_age: timedelta) -> model.AttentionReport:
+        return await self.run(commands.attention, max_pending_age)
+
     async def failed(self, filters: model.Filters, *, limit: int, page: int) -> model.FailedPage:
         return await self.run(commands.failed, filters, limit=limit, page=page)
 
