@@ -16,8 +16,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install outbox with its dev tools
 
+# Two worker processes (pytest-xdist), each test file whole on one of them (its module-scoped
+# servers start once): most tests wait on PostgreSQL or HTTP, so two halve the wall time on a
+# two-core machine. PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP) ## run the test suite (embedded Postgres, or OUTBOX_TEST_DATABASE_URL)
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 chaos: $(STAMP) ## the full chaos run: kill -9, a Postgres restart, a Partnero outage (~1 min)
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
