@@ -1,4 +1,4 @@
-"""Shared fixtures: a real PostgreSQL for every test.
+"""Shared fixtures: a real PostgreSQL for every test, and the fake Partnero.
 
 OUTBOX_TEST_DATABASE_URL (a server where we may create databases) when set; otherwise a
 throwaway embedded server started once per run. The schema is migrated once into a template
@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from outbox import db
 from outbox.dev import pgtemp
+from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from tests.daemon_helpers import API_KEY
+from tests.helpers import NotifySocket
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +61,19 @@ def engine(database_url: str) -> Iterator[sa.Engine]:
     eng = db.create_engine(database_url, poolclass=sa.NullPool)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePartneroThread]:
+    """The fake Partnero on loopback, taking the tests' API key, every create a new transaction
+    (no dedupe). A module that needs another configuration defines its own `fake`."""
+    with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as server:
+        yield server
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
+    """The systemd side of sd_notify, for a daemon started with NOTIFY_SOCKET set to its path."""
+    sock = NotifySocket(tmp_path)
+    yield sock
+    sock.close()

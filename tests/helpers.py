@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any, Self
 
@@ -110,3 +112,34 @@ def notifications(conn: psycopg.Connection[Any]) -> list[str]:
             return seen
         seen.append(note.payload)
     raise AssertionError("the sentinel notification never came")
+
+
+class NotifySocket:
+    """The systemd side of sd_notify: a datagram socket that collects what the daemon says."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = str(directory / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def receive(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(4096)
+        except TimeoutError:
+            return None
+        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append((time.monotonic(), fields))
+        return fields
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 30) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            fields = self.receive(left)
+            if fields is not None and key in fields and (value is None or fields[key] == value):
+                return fields
+        raise AssertionError(f"no {key}={value or '*'} within {timeout} s: {self.messages[-5:]}")
+
+    def close(self) -> None:
+        self.sock.close()

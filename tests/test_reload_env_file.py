@@ -9,16 +9,13 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 
-from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakePartneroThread
 from tests.daemon_helpers import (
-    API_KEY,
     env_for,
     insert_sales,
     settled,
@@ -26,20 +23,7 @@ from tests.daemon_helpers import (
     stop_cli_daemon,
     wait_until,
 )
-from tests.test_systemd import NotifySocket
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePartneroThread]:
-    with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as server:
-        yield server
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path)
-    yield sock
-    sock.close()
+from tests.helpers import NotifySocket
 
 
 def json_lines(stderr: str) -> list[dict[str, Any]]:

@@ -6,16 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from outbox.db import migrate
-from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakePartneroThread
 from outbox.service.settings import SPECS
 from tests.daemon_helpers import (
-    API_KEY,
     env_for,
     insert_sales,
     rows,
@@ -26,12 +24,6 @@ from tests.daemon_helpers import (
     stop_cli_daemon,
     wait_until,
 )
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePartneroThread]:
-    with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as server:
-        yield server
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

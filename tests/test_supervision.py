@@ -21,9 +21,8 @@ from outbox.delivery.monitor import Monitor, Watchdog
 from outbox.delivery.rescuer import Rescuer
 from outbox.delivery.store import Store
 from outbox.delivery.supervisor import restart_delay
-from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakePartneroThread
 from tests.daemon_helpers import (
-    API_KEY,
     DaemonThread,
     insert_sales,
     make_settings,
@@ -31,12 +30,6 @@ from tests.daemon_helpers import (
     statuses,
     wait_until,
 )
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePartneroThread]:
-    with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as server:
-        yield server
 
 
 @pytest.fixture

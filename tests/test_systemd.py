@@ -12,14 +12,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy as sa
 
-from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread
+from outbox.dev.fake_partnero import FakePartneroThread
 from tests.daemon_helpers import (
     API_KEY,
     DaemonThread,
@@ -31,54 +30,11 @@ from tests.daemon_helpers import (
     stop_cli_daemon,
     wait_until,
 )
+from tests.helpers import NotifySocket
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every unit file the wheel ships (share/partnero-outbox/systemd/).
 UNITS = sorted(path.name for path in (ROOT / "systemd").glob("*.service"))
-
-
-class NotifySocket:
-    """The systemd side of sd_notify: a datagram socket that collects what the daemon says."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = str(directory / "notify.sock")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[tuple[float, dict[str, str]]] = []
-
-    def receive(self, timeout: float) -> dict[str, str] | None:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return None
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        self.messages.append((time.monotonic(), fields))
-        return fields
-
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 30) -> dict[str, str]:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            fields = self.receive(left)
-            if fields is not None and key in fields and (value is None or fields[key] == value):
-                return fields
-        raise AssertionError(f"no {key}={value or '*'} within {timeout} s: {self.messages[-5:]}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
-    sock = NotifySocket(tmp_path)
-    yield sock
-    sock.close()
-
-
-@pytest.fixture
-def fake() -> Iterator[FakePartneroThread]:
-    with FakePartneroThread(FakeConfig(api_key=API_KEY, dedupe=False)) as server:
-        yield server
 
 
 def test_ready_status_watchdog_stopping_and_a_wedged_loop(
