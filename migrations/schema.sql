@@ -564,9 +564,10 @@ CREATE INDEX IF NOT EXISTS events_settled_idx
 
 -- ---- 0008: the overview's indexes ---------------------------------------------------------
 
--- What needs a person, counted without reading the delivered rows (`outbox web`'s overview).
-CREATE INDEX IF NOT EXISTS events_undelivered_idx ON outbox.events
-    (event_type, status, outcome) INCLUDE (created_at, updated_at)
-    WHERE status <> 'delivered';
+-- What needs a person, counted without reading the delivered rows (`outbox web`'s overview,
+-- with events_pending_due_idx for the pending ones).
+CREATE INDEX IF NOT EXISTS events_not_delivered_idx ON outbox.events
+    (event_type, status, outcome) INCLUDE (created_at)
+    WHERE status IN ('failed', 'discarded', 'skipped');
 -- The overview's chart: the last 24 hours of calls.
 CREATE INDEX IF NOT EXISTS attempts_started_at_idx ON outbox.attempts (started_at);

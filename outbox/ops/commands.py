@@ -180,7 +180,7 @@ def status(engine: sa.Engine, max_pending_age: timedelta) -> StatusReport:
 
 def attention(engine: sa.Engine, max_pending_age: timedelta) -> AttentionReport:
     """`status` without the delivered rows' counts (the whole table's scan): the same problems,
-    from the rows that are not delivered (events_undelivered_idx) and the live state."""
+    from the rows that are not delivered (two partial indexes) and the live state."""
     with _snapshot(engine) as conn:
         undelivered = tuple(_from_row(CountRow, r) for r in _rows(conn, "undelivered_summary"))
         last_delivered = next((r["last_delivered_at"] for r in _rows(conn, "last_delivered")), None)

@@ -80,13 +80,17 @@ ORDER BY array_position(ARRAY['signup', 'sale', 'refund'], event_type),
          outcome NULLS FIRST
 
 -- name: undelivered_summary
--- The overview (`outbox web`): the summary's groups that are not delivered, read from
--- events_undelivered_idx alone (0008) instead of the whole table. Same columns as `summary`.
+-- The overview (`outbox web`): the summary's groups that are not delivered, read from the two
+-- partial indexes that hold those rows (events_pending_due_idx; events_not_delivered_idx, 0008)
+-- instead of the whole table. Same columns as `summary`.
 SELECT event_type, status, outcome, count(*) AS events,
        min(created_at) AS oldest_created_at, NULL::timestamptz AS last_delivered_at,
        extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds
-FROM outbox.events
-WHERE status <> 'delivered'
+FROM (SELECT event_type, status, outcome, created_at
+      FROM outbox.events WHERE status = 'pending'
+      UNION ALL
+      SELECT event_type, status, outcome, created_at
+      FROM outbox.events WHERE status IN ('failed', 'discarded', 'skipped')) AS e
 GROUP BY event_type, status, outcome
 ORDER BY array_position(ARRAY['signup', 'sale', 'refund'], event_type),
          array_position(ARRAY['pending', 'failed', 'discarded', 'delivered', 'skipped'], status),
