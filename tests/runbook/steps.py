@@ -27,7 +27,15 @@ from tests.runbook.container import APP_PASSWORD, Container
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "systemd" / "README.md"
-SECRETS = ["OWNER-PASSWORD", "DAEMON-PASSWORD", "YOUR-PARTNERO-API-KEY", "NEW-PARTNERO-API-KEY"]
+SECRETS = [
+    "OWNER-PASSWORD",
+    "DAEMON-PASSWORD",
+    "YOUR-PARTNERO-API-KEY",
+    "NEW-PARTNERO-API-KEY",
+    "WEB-PASSWORD",
+    "ALICE-PASSWORD",
+]
+WEB = "http://127.0.0.1:8090"  # the container shares the host's network
 OWNER = "OUTBOX_ENV_FILE=/etc/outbox/migrate.env PGPASSFILE=/etc/outbox/migrate.pgpass"
 UPGRADE_MIGRATION = "runbook_upgrade"
 
@@ -68,7 +76,7 @@ class Run:
         return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def all_journal_lines(self) -> str:
-        return self.box.out("journalctl -q -o cat -u outbox -u outbox-migrate")
+        return self.box.out("journalctl -q -o cat -u outbox -u outbox-migrate -u outbox-web")
 
     # ---- on the host -------------------------------------------------------------------------
 
@@ -223,6 +231,43 @@ def after_rotate_key(run: Run) -> None:
     run.deliver_one()
 
 
+def after_web(run: Run) -> None:
+    shown = run.unit("outbox-web", "ActiveState", "SubState", "MainPID")
+    assert (shown["ActiveState"], shown["SubState"]) == ("active", "running"), shown
+    user = run.box.out(f"ps -o user= -p {shown['MainPID']}")
+    assert user == "outbox", f"outbox web runs as {user!r}"
+    wait_for_page(f"{WEB}/healthz")
+    assert httpx.get(f"{WEB}/api/status").status_code == 401  # nothing without signing in
+    answer = httpx.get(f"{WEB}/api/status", auth=("alice", "ALICE-PASSWORD"), timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["totals"]["delivered"] == run.sales, answer.json()["totals"]
+    logins = run.sql(
+        "SELECT string_agg(DISTINCT usename, ',' ORDER BY usename) FROM pg_stat_activity "
+        "WHERE datname = 'shop' AND pid <> pg_backend_pid()"
+    )
+    assert logins == "outbox_web,partnero_sync", f"logged in to shop: {logins}"
+    said = run.box.out("systemd-analyze security outbox-web.service | tail -n 1")
+    score = re.search(r"exposure level for \S+: (\d+\.\d+)", said)
+    assert score and float(score.group(1)) <= 2.0, said
+    run.notes.append(
+        f"outbox web answered as outbox_web (an outbox_operator member); live exposure "
+        f"{score.group(1)}"
+    )
+
+
+def wait_for_page(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, timeout=2).text == "ok":
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{url} did not answer ok within {timeout} s")
+        time.sleep(0.1)
+
+
 def before_upgrade(run: Run) -> None:
     wheel = upgrade_wheel()
     run.box.out("rm ./partnero_outbox-*.whl")
@@ -239,6 +284,8 @@ def after_upgrade(run: Run) -> None:
     shown = run.unit("outbox", "ActiveState", "MainPID")
     assert shown["ActiveState"] == "active" and shown["MainPID"] != run.main_pid, shown
     run.deliver_one()
+    assert run.unit("outbox-web", "ActiveState")["ActiveState"] == "active"
+    wait_for_page(f"{WEB}/healthz")  # restarted on the new version, on the migrated schema
     run.notes.append(f"upgraded to {run.version}: migration {line.split()[0]} applied")
 
 
@@ -250,8 +297,10 @@ def after_uninstall(run: Run) -> None:
         "getent passwd outbox || true"
     )
     assert left == "", f"left after uninstall: {left}"
-    logins = run.sql("SELECT count(*) FROM pg_stat_activity WHERE usename = 'partnero_sync'")
-    assert logins == "0", f"{logins} connections of partnero_sync left"
+    logins = run.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename IN ('partnero_sync', 'outbox_web')"
+    )
+    assert logins == "0", f"{logins} connections of partnero_sync or outbox_web left"
 
 
 def after_drop_database(run: Run) -> None:
@@ -287,6 +336,7 @@ STEPS: dict[str, Step] = {
     "reload-set": Step(after_reload_set),
     "reload-unset": Step(after_reload_unset),
     "rotate-key": Step(after_rotate_key, before_rotate_key),
+    "web": Step(after_web),
     "upgrade": Step(after_upgrade, before_upgrade),
     "uninstall": Step(after_uninstall, check_no_secrets),
     "drop-database": Step(after_drop_database),
