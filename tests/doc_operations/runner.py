@@ -259,7 +259,7 @@ class Runner:
             result = CliRunner().invoke(
                 main, words[1:], env={**self.env, **assignments}, catch_exceptions=False
             )
-            return result.exit_code, result.output
+            return result.exit_code, _without_daemon_lines(result.output)
         env = {k: v for k, v in {**os.environ, **self.env}.items() if v is not None}
         env["PATH"] = f"{self.bindir}:{env['PATH']}"
         done = subprocess.run(
@@ -273,6 +273,21 @@ class Runner:
             check=False,
         )
         return done.returncode, done.stdout
+
+
+# A daemon running in this process (a scenario's DaemonThread) logs to whatever sys.stdout is at
+# that moment, and while CliRunner runs a command that is the command's captured output: a retry
+# wakes the daemon, which may deliver the row before the command returns. Such lines are never
+# part of an operator command's own output.
+_DAEMON_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[\s*\w+\s*\] "
+    r"outbox\.(delivery|daemon|listener|partnero|claimer|writer|rescuer|monitor)\."
+)
+
+
+def _without_daemon_lines(output: str) -> str:
+    kept = [line for line in output.splitlines(keepends=True) if not _DAEMON_LINE.match(line)]
+    return "".join(kept)
 
 
 # ---- rewriting ---------------------------------------------------------------------------------
