@@ -148,7 +148,10 @@ def test_an_unknown_customer_is_retried_within_the_grace_then_skipped(
         "SELECT max(a.started_at), min(e.created_at) FROM outbox.attempts a "
         "JOIN outbox.events e ON e.id = a.event_id",
     )[0]
-    assert (last_call - created).total_seconds() >= 1.0  # the last try at the grace's end
+    # The last try at the grace's end. started_at is the daemon's clock (the host's plus the
+    # offset it measured from the database), created_at the database's: they agree to within
+    # that measurement (a round trip; 0.2 ms short was seen in CI).
+    assert (last_call - created).total_seconds() >= 1.0 - 0.05
     assert scalar(engine, "SELECT count(*) FROM outbox.events WHERE status = 'failed'") == 0
 
 
