@@ -62,6 +62,8 @@ class PoolerProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        await asyncio.sleep(0)  # let the closed transports' callbacks close their sockets
 
     async def _open_server(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self._host.startswith("/"):
@@ -69,13 +71,18 @@ class PoolerProxy:
         return await asyncio.open_connection(self._host, self._port)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._pool_size is None:
-            await self._forward(reader, writer)
-            return
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._pool_size)
-        async with self._slots:  # the queue of a pool with no free server connection
-            await self._forward(reader, writer)
+        try:
+            if self._pool_size is None:
+                await self._forward(reader, writer)
+                return
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self._pool_size)
+            async with self._slots:  # the queue of a pool with no free server connection
+                await self._forward(reader, writer)
+        finally:
+            # Also when the proxy stops while the client still queues for a slot (or its server
+            # connection fails): no client socket may outlive the proxy's loop.
+            writer.close()
 
     async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server_reader, server_writer = await self._open_server()
