@@ -5,7 +5,6 @@ every key URL-encoded as a query parameter (keys may hold `/`, `?`, `#`, spaces)
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
@@ -14,17 +13,11 @@ from outbox.ops import cli as ops_cli
 from outbox.ops import model
 from outbox.text import format_duration, one_line, plural
 
-
-def when(value: datetime | None) -> str:
-    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def ago(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{format_duration(seconds)} ago"
-
-
-def state(status: Status | str, outcome: Outcome | str | None) -> str:
-    return f"{status}: {outcome}" if outcome else str(status)
+# A time as the CLI prints it (UTC), an age ("3m ago"), a status with its outcome
+# ("failed: rejected"): the CLI's own helpers, so a page and `outbox show` write them alike.
+when = ops_cli._when
+ago = ops_cli._ago
+state = ops_cli._state
 
 
 def key_url(key: str) -> str:
