@@ -135,6 +135,31 @@ def test_without_a_credential_pages_redirect_to_login_and_the_rest_is_401(
     assert snapshot(engine) == before
 
 
+def test_an_unknown_name_costs_a_password_hash_like_a_known_one(
+    server: WebServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signing in (by the form or HTTP Basic) with a name no one has still runs scrypt, so the
+    answer's time does not say which names exist."""
+    from outbox.web import auth
+
+    checked: list[str] = []
+    real = auth.verify_password
+
+    def counting(password: str, stored: str) -> bool:
+        checked.append(stored)
+        return real(password, stored)
+
+    monkeypatch.setattr(auth, "verify_password", counting)
+    browser = Browser(server.url())
+    try:
+        assert browser.login("nobody", "x").status_code == 401
+    finally:
+        browser.close()
+    basic = httpx.get(server.url() + "/api/status", auth=("nobody", "x"), timeout=30)
+    assert basic.status_code == 401
+    assert len(checked) == 2 and all(stored.startswith("scrypt$") for stored in checked)
+
+
 def test_login_logout_and_a_wrong_password(server: WebServer) -> None:
     browser = Browser(server.url())
     try:

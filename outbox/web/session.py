@@ -76,21 +76,18 @@ async def _basic_user(request: web.Request, config: WebConfig) -> auth.User | No
     except (binascii.Error, UnicodeDecodeError):
         return None
     account = config.accounts.get(name)
-    if account is None:  # hashed all the same: the answer's time does not tell who exists
-        await asyncio.to_thread(auth.verify_password, password, _unknown_user_hash())
-        log.info("outbox.web.login_refused", user=name[:64], via="basic")
-        return None
     cache = request.app[BASIC_CACHE]
     key = config.signer.password_key(name, password)
-    if key not in cache:
-        ok = await asyncio.to_thread(auth.verify_password, password, account.password_hash)
-        if not ok:
-            log.info("outbox.web.login_refused", user=name, via="basic")
-            return None
-        if len(cache) > 1000:
-            cache.clear()
-        cache[key] = True
-    return account.user
+    if account is not None and key in cache:
+        return account.user
+    user = await _checked(account, password)
+    if user is None:
+        log.info("outbox.web.login_refused", user=name[:64], via="basic")
+        return None
+    if len(cache) > 1000:
+        cache.clear()
+    cache[key] = True
+    return user
 
 
 async def _identify(request: web.Request, config: WebConfig) -> None:
@@ -168,6 +165,15 @@ def _unknown_user_hash() -> str:
     return auth.hash_password(secrets.token_urlsafe(16))
 
 
+async def _checked(account: auth.Account | None, password: str) -> auth.User | None:
+    """The account's user if the password is its (checked off the event loop: scrypt is slow
+    on purpose). An unknown name is hashed all the same, so the answer's time does not say
+    which names exist."""
+    stored = account.password_hash if account else _unknown_user_hash()
+    ok = await asyncio.to_thread(auth.verify_password, password, stored)
+    return account.user if account is not None and ok else None
+
+
 @routes.get("/login")
 async def login_form(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
@@ -191,11 +197,8 @@ async def login(request: web.Request) -> web.StreamResponse:
         raise web.HTTPSeeOther("/")
     form = await request.post()
     name, password = str(form.get("username", "")), str(form.get("password", ""))
-    account = config.accounts.get(name)
-    # Hash even for an unknown name, so the answer's time does not say which names exist.
-    stored = account.password_hash if account else _unknown_user_hash()
-    ok = await asyncio.to_thread(auth.verify_password, password, stored)
-    if account is None or not ok:
+    user = await _checked(config.accounts.get(name), password)
+    if user is None:
         log.info("outbox.web.login_refused", user=name[:64], via="form")
         return render(
             request, "login.html", status=401, next=_next(str(form.get("next", ""))), failed=True
@@ -203,8 +206,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     old = request.get(SESSION)
     if old is not None:
         config.signer.revoke(old)
-    session = config.signer.new_session(account.user.name)
-    log.info("outbox.web.login", user=account.user.name, role=account.user.role.value)
+    session = config.signer.new_session(user.name)
+    log.info("outbox.web.login", user=user.name, role=user.role.value)
     response = web.HTTPSeeOther(_next(str(form.get("next", ""))))
     _set_cookie(response, config, session)
     raise response
