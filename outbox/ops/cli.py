@@ -126,12 +126,6 @@ def _parse(option: str, parse: Callable[[str], Any], value: str | None) -> Any:
         fail(f"{option}: {exc}", EXIT_USAGE)
 
 
-def _positive_int(value: str) -> int:
-    if not (value.strip().isascii() and value.strip().isdigit()) or int(value) < 1:
-        raise ValueError(f"{value!r} is not a whole number of at least 1")
-    return int(value)
-
-
 def _one_of(*choices: E) -> Callable[[str], E]:
     """A parser for one of these enum members, by value."""
     by_value = {c.value: c for c in choices}
@@ -585,8 +579,8 @@ def failed_command(
     no one (`outbox retry --status skipped` takes them back).
     """
     filters = _filters(options)
-    per_page = _parse("--limit", _positive_int, limit)
-    page_no = _parse("--page", _positive_int, page)
+    per_page = _parse("--limit", model.parse_positive_int, limit)
+    page_no = _parse("--page", model.parse_positive_int, page)
     with _engine(database_url) as engine:
         found = _ops().failed(engine, filters, limit=per_page, page=page_no)
     _emit(found, as_json, render_failed)
@@ -1053,7 +1047,7 @@ def prune_command(
     if older_than is None:
         fail("--older-than is required, e.g. --older-than 30d", EXIT_USAGE)
     age: timedelta = _parse("--older-than", model.parse_duration, older_than)
-    size: int = _parse("--batch-size", _positive_int, batch_size)
+    size: int = _parse("--batch-size", model.parse_positive_int, batch_size)
     who = actor or model.default_actor()
     with _engine(database_url) as engine:
         result = _ops().prune(

@@ -144,6 +144,13 @@ def parse_ids(text: str) -> list[int]:
     return sorted(set(ids))
 
 
+def parse_positive_int(text: str) -> int:
+    """A whole number of at least 1 (--limit, --page, --batch-size; the page's limit and page)."""
+    if not (text.strip().isascii() and text.strip().isdigit()) or int(text) < 1:
+        raise ValueError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def parse_status_code(text: str | None) -> int | None:
     if text is None:
         return None

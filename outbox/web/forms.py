@@ -77,12 +77,10 @@ def filter_query(form: Mapping[str, str], **extra: object) -> str:
 
 
 def positive(form: Mapping[str, str], name: str, default: int, maximum: int | None = None) -> int:
-    text = _given(form, name)
-    if text is None:
+    value = _parsed(name, _given(form, name), model.parse_positive_int)
+    if value is None:
         return default
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise FormError(f"{name}: {text!r} is not a whole number of at least 1")
-    return min(int(text), maximum) if maximum else int(text)
+    return min(value, maximum) if maximum else value
 
 
 def event_id(text: str) -> int:
