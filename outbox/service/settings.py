@@ -428,18 +428,23 @@ def load(
     return Settings(**values)
 
 
+def systemd_credential(name: str, environ: Mapping[str, str]) -> Path | None:
+    """The file of the systemd credential `name` (LoadCredential=), if the unit loaded one:
+    $CREDENTIALS_DIRECTORY/name."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    path = Path(directory) / name if directory else None
+    return path if path is not None and path.exists() else None
+
+
 def read_api_key(api_key_file: str | None, environ: Mapping[str, str]) -> str:
     """The key from --api-key-file, the systemd credential, or PARTNERO_API_KEY, in that order."""
     source: str
     if api_key_file:
         source = "OUTBOX_API_KEY_FILE (--api-key-file)"
         key = _read_key_file(Path(api_key_file), source)
-    elif (
-        environ.get("CREDENTIALS_DIRECTORY")
-        and (Path(environ["CREDENTIALS_DIRECTORY"]) / "partnero_api_key").exists()
-    ):
+    elif (credential := systemd_credential("partnero_api_key", environ)) is not None:
         source = "systemd credential partnero_api_key"
-        key = _read_key_file(Path(environ["CREDENTIALS_DIRECTORY"]) / "partnero_api_key", source)
+        key = _read_key_file(credential, source)
     else:
         source = "PARTNERO_API_KEY"
         key = environ.get("PARTNERO_API_KEY", "").strip()

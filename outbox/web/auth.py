@@ -13,7 +13,6 @@ import base64
 import enum
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import time
@@ -134,18 +133,6 @@ def read_file(path: Path, what: str) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
         raise AuthError(f"cannot read the {what} {path}: {exc.strerror}") from None
-
-
-def credential_path(explicit: str | None, env: str, credential: str) -> Path | None:
-    """A file named by an option or env var, else the systemd credential of that name."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get(env):
-        return Path(os.environ[env])
-    directory = os.environ.get("CREDENTIALS_DIRECTORY")
-    if directory and (Path(directory) / credential).exists():
-        return Path(directory) / credential
-    return None
 
 
 def load_secret(path: Path | None) -> tuple[bytes, bool]:

@@ -11,6 +11,7 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import sqlalchemy as sa
 import structlog
@@ -19,6 +20,7 @@ from aiohttp import web
 from outbox import db
 from outbox.cli_common import EXIT_ERROR, EXIT_USAGE, fail
 from outbox.db import deadline, migrate
+from outbox.service.settings import systemd_credential
 from outbox.text import first_line
 from outbox.web import auth
 from outbox.web.app import ProxyAuth, WebConfig, create_app
@@ -43,11 +45,17 @@ class Settings:
     max_pending_age: timedelta
 
 
+def _file(explicit: str | None, env: str, credential: str) -> Path | None:
+    """A file named by an option or environment variable, else the systemd credential."""
+    named = explicit or os.environ.get(env)
+    return Path(named) if named else systemd_credential(credential, os.environ)
+
+
 def config_from(settings: Settings) -> tuple[WebConfig, bool]:
     """The application's settings, and whether the session secret was generated; AuthError
     says what is wrong with a file."""
     secret, generated = auth.load_secret(
-        auth.credential_path(settings.secret_file, "OUTBOX_WEB_SECRET_FILE", "web_secret")
+        _file(settings.secret_file, "OUTBOX_WEB_SECRET_FILE", "web_secret")
     )
     proxy = None
     accounts: dict[str, auth.Account] = {}
@@ -56,7 +64,7 @@ def config_from(settings: Settings) -> tuple[WebConfig, bool]:
             raise auth.AuthError("--trust-proxy-header needs --trusted-proxy (the proxy's address)")
         proxy = ProxyAuth(settings.proxy_header, settings.trusted_proxies, settings.proxy_operators)
     else:
-        path = auth.credential_path(settings.users_file, "OUTBOX_WEB_USERS_FILE", "web_users")
+        path = _file(settings.users_file, "OUTBOX_WEB_USERS_FILE", "web_users")
         if path is None:
             raise auth.AuthError(
                 "no users: set OUTBOX_WEB_USERS_FILE (or --users-file, or the systemd credential "
