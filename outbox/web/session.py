@@ -53,9 +53,10 @@ def _refuse(request: web.Request, message: str) -> web.Response:
 def _proxy_user(request: web.Request, config: WebConfig) -> auth.User | None:
     """The user a trusted proxy names; a request naming one from any other peer is refused."""
     assert config.proxy is not None
-    name = request.headers.get(config.proxy.header, "").strip()
-    if request.headers.get(config.proxy.header) is None:
+    named = request.headers.get(config.proxy.header)
+    if named is None:
         return None
+    name = named.strip()
     if request.remote not in config.proxy.trusted:
         log.warning("outbox.web.untrusted_proxy_header", peer=request.remote)
         raise Refused("the proxy header came from an untrusted address")
