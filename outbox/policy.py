@@ -32,23 +32,25 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from outbox.domain import (
+from outbox.decisions import (
     Decision,
     Delivered,
-    Event,
-    EventType,
-    Exchange,
     Failed,
     Forbidden,
     LookupNextPage,
     LookupResult,
-    Outcome,
     Pause,
+    Retry,
+    Skipped,
+)
+from outbox.domain import (
+    Event,
+    EventType,
+    Exchange,
+    Outcome,
     PingVerdict,
     RequestKind,
-    Retry,
     RetryPolicy,
-    Skipped,
     TransportError,
 )
 from outbox.text import cut, format_duration, one_line

@@ -463,7 +463,7 @@ def test_lost_lease_result_is_not_applied(
     """A result written after the row was claimed again by someone else changes nothing."""
     import asyncio
 
-    from outbox.delivery.store import Claimed, Completion, Store
+    from outbox.delivery.store import Claimed, Completion, RowState, Store
     from outbox.domain import Outcome, Status
 
     insert_sales(engine, ["inv_lease"])
@@ -487,13 +487,15 @@ def test_lost_lease_result_is_not_applied(
             return Completion(
                 event_id=claimed.event.id,
                 token=claimed.token,
-                status=Status.DELIVERED,
-                outcome=Outcome.CREATED,
-                reason=None,
+                state=RowState(
+                    Status.DELIVERED,
+                    Outcome.CREATED,
+                    reason=None,
+                    next_attempt_at=claimed.lease_expires_at,
+                    lookup_required=False,
+                    last_error=None,
+                ),
                 attempts=1,
-                next_attempt_at=claimed.lease_expires_at,
-                lookup_required=False,
-                last_error=None,
                 last_status_code=201,
             )
 

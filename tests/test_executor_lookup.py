@@ -90,7 +90,7 @@ async def deliver(
 
 
 def records(completion: Completion) -> list[tuple[int, str, str]]:
-    return [(r.attempt, r.method, r.decision) for r in completion.attempt_records]
+    return [(r.attempt, r.exchange.method, r.decision) for r in completion.attempt_records]
 
 
 async def test_the_pages_of_one_lookup_are_one_attempt(
@@ -103,7 +103,7 @@ async def test_the_pages_of_one_lookup_are_one_attempt(
         (2, "GET", "lookup:absent"),
         (2, "POST", "delivered:created"),
     ]
-    assert (done.status, done.outcome, done.attempts) == ("delivered", "created", 2)
+    assert (done.state.status, done.state.outcome, done.attempts) == ("delivered", "created", 2)
     assert [t["key"] for t in fake.ledger()].count("K") == 1
 
 
@@ -115,19 +115,25 @@ async def test_a_lookup_the_lease_cannot_hold_is_retried_then_fails_and_never_cr
     for free (that would loop forever): a retry, and at the last attempt a failure."""
     retried = await deliver(client, sale("K", attempts=0), max_attempts=2, step=25.0)
     assert records(retried) == [(1, "GET", "lookup:next_page:2"), (1, "GET", "lookup:next_page:3")]
-    assert (retried.status, retried.attempts, retried.lookup_required) == ("pending", 1, True)
-    assert retried.last_error is not None and retried.last_error.startswith("bad_response: ")
+    assert (retried.state.status, retried.attempts, retried.state.lookup_required) == (
+        "pending",
+        1,
+        True,
+    )
+    assert retried.state.last_error is not None and retried.state.last_error.startswith(
+        "bad_response: "
+    )
     failed = await deliver(client, sale("K", attempts=1), max_attempts=2, step=25.0)
-    assert (failed.status, failed.outcome, failed.lookup_required) == (
+    assert (failed.state.status, failed.state.outcome, failed.state.lookup_required) == (
         "failed",
         "bad_response",
         True,
     )
-    assert failed.last_error is not None
-    assert failed.last_error.startswith(
+    assert failed.state.last_error is not None
+    assert failed.state.last_error.startswith(
         "the lookup read 2 pages and the lease ran short before the rest: HTTP 200"
     )
-    assert failed.last_error.endswith("[gave up after 2 attempts]")
+    assert failed.state.last_error.endswith("[gave up after 2 attempts]")
     assert "K" not in [t["key"] for t in fake.ledger()]
 
 
@@ -143,7 +149,7 @@ async def test_a_403_after_a_lookup_keeps_the_row_flagged(
         (1, "POST", "forbidden:check_key"),
         (1, "GET", "failed:forbidden"),
     ]
-    assert (done.status, done.outcome, done.attempts, done.lookup_required) == (
+    assert (done.state.status, done.state.outcome, done.attempts, done.state.lookup_required) == (
         "failed",
         "forbidden",
         1,

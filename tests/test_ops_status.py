@@ -8,7 +8,7 @@ from datetime import datetime
 
 import sqlalchemy as sa
 
-from outbox.domain import DecisionKind, DecisionLabel, decision_label, parse_decision_label
+from outbox.decisions import DecisionKind, DecisionLabel, decision_label, parse_decision_label
 from tests.daemon_helpers import insert_sales
 from tests.test_ops_seed import cli, cli_json, run_outbox, seed
 

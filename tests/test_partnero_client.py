@@ -16,18 +16,14 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 
+from outbox.decisions import Delivered, Failed, LookupNextPage, LookupResult, Retry
 from outbox.domain import (
-    Delivered,
     Event,
     EventType,
     Exchange,
-    Failed,
-    LookupNextPage,
-    LookupResult,
     Outcome,
     PingVerdict,
     RequestKind,
-    Retry,
     RetryPolicy,
     TransportError,
 )

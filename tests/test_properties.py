@@ -31,11 +31,12 @@ from hypothesis import strategies as st
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
+from outbox.decisions import LookupResult
 from outbox.delivery.executor import Executor, Gate
 from outbox.delivery.store import Store
 from outbox.dev import pgtemp
 from outbox.dev.fake_partnero import FakeConfig, FakePartneroThread, _validate_create
-from outbox.domain import Event, EventType, LookupResult, RetryPolicy
+from outbox.domain import Event, EventType, RetryPolicy
 from outbox.partnero import ApiKey, PartneroClient, build_create_body
 from outbox.policy import decide
 from tests.daemon_helpers import API_KEY

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 
 import structlog
 
@@ -49,49 +49,43 @@ class ClaimRound:
     claimed: int  # rows it got, each now delivered by its own task
 
 
+@dataclass(eq=False, repr=False)
 class Claimer:
-    def __init__(
-        self,
-        ctx: Context,
-        *,
-        store: Store,
-        executor: Executor,
-        writer: Writer,
-        gate: Gate,
-        key_check: KeyCheck,
-        wake: asyncio.Event,
-    ) -> None:
-        self._ctx = ctx
-        self._store = store
-        self._executor = executor
-        self._writer = writer
-        self._gate = gate
-        self._key_check = key_check
-        self._wake = wake
-        self._slot_free = asyncio.Event()
-        self.slots = Slots(ctx.settings().concurrency)
-        # Every claimed row has a task; a task holds one of the slots while its call runs.
-        self.tasks: dict[asyncio.Task[None], Claimed] = {}
-        self._doorbell: int | None = None  # the claim connection's generation it is armed on
-        self._full_claims = 0
-        self._held_back = False  # waiting for the writer (logged once per episode)
+    ctx: Context
+    _: KW_ONLY
+    store: Store
+    executor: Executor
+    writer: Writer
+    gate: Gate
+    key_check: KeyCheck
+    wake: asyncio.Event  # set when there may be work: a notification, a write, a rescue
+    slots: Slots = field(init=False)
+    # Every claimed row has a task; a task holds one of the slots while its call runs.
+    tasks: dict[asyncio.Task[None], Claimed] = field(init=False, default_factory=dict)
+    _slot_free: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _doorbell: int | None = field(init=False, default=None)  # the generation it is armed on
+    _full_claims: int = field(init=False, default=0)
+    _held_back: bool = field(init=False, default=False)  # waiting for the writer (logged once)
+
+    def __post_init__(self) -> None:
+        self.slots = Slots(self.ctx.settings().concurrency)
 
     def _prefetch(self) -> int:
         """Rows claimed ahead of free slots: enough that slots freed during a claim's round
         trip find work waiting, and few enough that a queued row does not wait long."""
-        s = self._ctx.settings()
+        s = self.ctx.settings()
         return min(s.batch_size, s.concurrency)
 
     def _claim_room(self) -> int:
         """How many rows the next claim may take: the free slots plus the prefetch, minus the
         rows already claimed."""
-        return self._ctx.settings().concurrency + self._prefetch() - len(self.tasks)
+        return self.ctx.settings().concurrency + self._prefetch() - len(self.tasks)
 
     async def run(self) -> None:
-        while not self._ctx.stopping.is_set():
-            self._ctx.health.tick()
-            if self._gate.paused:
-                await self._key_check.wait_and_check()
+        while not self.ctx.stopping.is_set():
+            self.ctx.health.tick()
+            if self.gate.paused:
+                await self.key_check.wait_and_check()
                 continue
             # Claim again once the room is at least half the prefetch (or a whole slot when
             # nothing is queued ahead), so that claims stay batches while rows keep flowing.
@@ -99,33 +93,33 @@ class Claimer:
                 continue
             if self._claim_room() < max(1, self._prefetch() // 2):
                 self._slot_free.clear()
-                self._ctx.health.tick(waiting=1.0)
-                await wait_any(self._slot_free, self._ctx.stopping, timeout=1.0)
+                self.ctx.health.tick(waiting=1.0)
+                await wait_any(self._slot_free, self.ctx.stopping, timeout=1.0)
                 continue
             try:
                 await self.run_once()
             except DB_ERRORS as exc:
-                self._ctx.health.database_ok = False
-                self._ctx.health.last_error = f"database: {first_line(exc)}"
+                self.ctx.health.database_ok = False
+                self.ctx.health.last_error = f"database: {first_line(exc)}"
                 log.warning("outbox.claimer.db_error", error=first_line(exc))
-                self._ctx.health.tick(waiting=1.0)
-                await wait_any(self._ctx.stopping, timeout=1.0)
+                self.ctx.health.tick(waiting=1.0)
+                await wait_any(self.ctx.stopping, timeout=1.0)
 
     async def _wait_for_writer(self) -> bool:
         """Back-pressure: while the writer is behind, wait (up to a second) for it to write a
         batch instead of claiming. True when it waited."""
-        s = self._ctx.settings()
+        s = self.ctx.settings()
         limit = WRITER_MAX_BATCHES * max(s.batch_size, s.concurrency)
-        why = self._writer.behind(limit, s.lease_seconds * WRITER_MAX_LEASE_FRACTION)
+        why = self.writer.behind(limit, s.lease_seconds * WRITER_MAX_LEASE_FRACTION)
         if why is None:
             self._held_back = False
             return False
         if not self._held_back:
             log.info("outbox.claimer.held_back", reason=why, note="waiting for the writer")
             self._held_back = True
-        self._writer.progressed.clear()
-        self._ctx.health.tick(waiting=1.0)
-        await wait_any(self._writer.progressed, self._ctx.stopping, timeout=1.0)
+        self.writer.progressed.clear()
+        self.ctx.health.tick(waiting=1.0)
+        await wait_any(self.writer.progressed, self.ctx.stopping, timeout=1.0)
         return True
 
     async def run_once(self) -> ClaimRound:
@@ -140,25 +134,25 @@ class Claimer:
         elif round_.asked > 0:
             self._full_claims += 1
             if self._full_claims >= DISARM_AFTER_FULL_CLAIMS and self._doorbell_armed():
-                await self._store.disarm_doorbell()
+                await self.store.disarm_doorbell()
                 self._doorbell = None
         return round_
 
     async def claim_once(self) -> ClaimRound:
-        s = self._ctx.settings()
+        s = self.ctx.settings()
         asked = min(self._claim_room(), s.batch_size)
         if asked <= 0:
             return ClaimRound(0, 0)
-        self._wake.clear()
+        self.wake.clear()
         started = time.monotonic()
-        result = await self._store.claim(
+        result = await self.store.claim(
             owner=s.owner,
             limit=asked,
             lease_seconds=s.lease_seconds,
             recheck_seconds=s.blocked_recheck_seconds,
             orphan_grace_seconds=s.orphan_refund_grace_seconds,
         )
-        self._ctx.health.database_ok = True
+        self.ctx.health.database_ok = True
         deadline = started + s.lease_seconds
         for claimed in result.claimed:
             task = asyncio.create_task(self._deliver(claimed, deadline))
@@ -170,23 +164,23 @@ class Claimer:
         try:
             await self.slots.acquire()  # a row claimed ahead waits here for a free slot
             try:
-                if self._ctx.stopping.is_set():
+                if self.ctx.stopping.is_set():
                     # Claimed ahead and never started: give it back, do not start a call now.
-                    completion = self._executor.cut_short(claimed)
+                    completion = self.executor.cut_short(claimed)
                 else:
-                    completion = await self._executor.process(claimed, deadline)
+                    completion = await self.executor.process(claimed, deadline)
             finally:
                 self.slots.release()
         except asyncio.CancelledError:
-            self._writer.put(self._executor.cut_short(claimed))
+            self.writer.put(self.executor.cut_short(claimed))
             raise
         except Exception as exc:  # a bug must not lose the row or stop the daemon
             log.exception("outbox.delivery.crashed", event_id=claimed.event.id)
-            self._ctx.health.last_error = f"internal error: {type(exc).__name__}"
-            completion = self._executor.cut_short(claimed)
-        if completion.last_error and completion.status is not Status.DELIVERED:
-            self._ctx.health.last_error = completion.last_error
-        self._writer.put(completion)
+            self.ctx.health.last_error = f"internal error: {type(exc).__name__}"
+            completion = self.executor.cut_short(claimed)
+        if completion.state.last_error and completion.state.status is not Status.DELIVERED:
+            self.ctx.health.last_error = completion.state.last_error
+        self.writer.put(completion)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self.tasks.pop(task, None)
@@ -194,16 +188,16 @@ class Claimer:
 
     async def _idle_wait(self) -> None:
         """Sleep until a NOTIFY, the next due row, or the poll interval, whichever is first."""
-        timeout = self._ctx.settings().poll_interval_seconds
+        timeout = self.ctx.settings().poll_interval_seconds
         with contextlib.suppress(*DB_ERRORS):
-            due = await self._store.next_due()
+            due = await self.store.next_due()
             if due is not None:
-                timeout = min(timeout, max(0.05, (due - self._ctx.clock()).total_seconds()))
-        self._ctx.health.tick(waiting=timeout)
-        await wait_any(self._wake, self._ctx.stopping, timeout=timeout)
+                timeout = min(timeout, max(0.05, (due - self.ctx.clock()).total_seconds()))
+        self.ctx.health.tick(waiting=timeout)
+        await wait_any(self.wake, self.ctx.stopping, timeout=timeout)
 
     def _doorbell_armed(self) -> bool:
-        return self._doorbell is not None and self._doorbell == self._store.generation
+        return self._doorbell is not None and self._doorbell == self.store.generation
 
     async def _arm_doorbell(self) -> bool:
         """Arm the doorbell before sleeping. True: claim once more first; False: sleep now.
@@ -212,8 +206,8 @@ class Claimer:
         sees its rows; later INSERTs ring. 'busy': such a transaction was still open after the
         wait: claim what is visible and try again. 'taken': another daemon holds the doorbell,
         INSERTs ring already, and its disarming NOTIFYs too."""
-        wait = self._ctx.settings().doorbell_wait_seconds
-        state, generation = await self._store.arm_doorbell(wait)
+        wait = self.ctx.settings().doorbell_wait_seconds
+        state, generation = await self.store.arm_doorbell(wait)
         if state == "armed":
             self._doorbell = generation
         return state != "taken"

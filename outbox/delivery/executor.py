@@ -24,29 +24,11 @@ from typing import Any, Protocol
 
 import structlog
 
-from outbox import policy
+from outbox import decisions, policy
 from outbox.delivery.access import AccessCheck
 from outbox.delivery.gate import Gate
-from outbox.delivery.store import AttemptRecord, Claimed, Completion
-from outbox.domain import (
-    Decision,
-    Delivered,
-    Event,
-    EventType,
-    Exchange,
-    Failed,
-    Forbidden,
-    LookupNextPage,
-    LookupResult,
-    Outcome,
-    Pause,
-    RequestKind,
-    Retry,
-    RetryPolicy,
-    Skipped,
-    Status,
-    label_of,
-)
+from outbox.delivery.store import AttemptRecord, Claimed, Completion, RowState
+from outbox.domain import Event, EventType, Exchange, Outcome, RequestKind, RetryPolicy, Status
 from outbox.text import utcnow
 
 log = structlog.get_logger("outbox.delivery")
@@ -143,7 +125,7 @@ class Executor:
                 return looked_up
             found, answer = looked_up
             if found:
-                return self._finish(claimed, progress, answer, Delivered(Outcome.CREATED))
+                return self._finish(claimed, progress, answer, decisions.Delivered(Outcome.CREATED))
             progress.lookup_required = False  # Partnero does not have it: create it now
             after_lookup = True
         else:
@@ -177,9 +159,9 @@ class Executor:
                 exchange = last
             else:
                 decision = await self._decide(claimed.event, progress, exchange, counted=page == 1)
-                if isinstance(decision, LookupResult):
+                if isinstance(decision, decisions.LookupResult):
                     return decision.found, exchange
-                if not isinstance(decision, LookupNextPage):
+                if not isinstance(decision, decisions.LookupNextPage):
                     return self._finish(claimed, progress, exchange, decision)
                 unsettled = _unsettled_why(page, decision.page)
                 if unsettled is None:
@@ -243,7 +225,7 @@ class Executor:
 
     async def _decide(
         self, event: Event, progress: _Progress, exchange: Exchange, *, counted: bool = True
-    ) -> Decision:
+    ) -> decisions.Decision:
         """The policy's decision on one exchange, recorded. `counted`: the exchange starts a new
         attempt (False: a further page of a lookup, part of the attempt its first page began)."""
         now = self._clock()
@@ -251,16 +233,16 @@ class Executor:
         current = replace(event, attempts=attempts, lookup_required=progress.lookup_required)
         decision = policy.decide(current, exchange, now, self._policy, self._rand())
         self._record(event, attempts + 1, exchange, decision, progress)
-        if counted and not isinstance(decision, Pause | Forbidden):
+        if counted and not isinstance(decision, decisions.Pause | decisions.Forbidden):
             progress.attempts += 1
         if exchange.status_code is not None:
             progress.last_status_code = exchange.status_code
         cool_down = policy.cooldown_until(exchange, now, self._policy, self._rand())
         if cool_down is not None:
             self._gate.cool_down(cool_down)
-        if isinstance(decision, Forbidden):
+        if isinstance(decision, decisions.Forbidden):
             decision = await self._check_access(event, progress, exchange, decision, attempts + 1)
-            if counted and isinstance(decision, Failed):
+            if counted and isinstance(decision, decisions.Failed):
                 progress.attempts += 1
         return decision
 
@@ -269,9 +251,9 @@ class Executor:
         event: Event,
         progress: _Progress,
         exchange: Exchange,
-        forbidden: Forbidden,
+        forbidden: decisions.Forbidden,
         attempt: int,
-    ) -> Failed | Pause:
+    ) -> decisions.Failed | decisions.Pause:
         """A 403 on this row: ask `GET /v1/test` whether the key still works. If it does, the
         row alone is refused (failed); if not, the daemon pauses."""
         verdict, ping = await self._access.check(exchange.finished_at or self._clock())
@@ -285,33 +267,27 @@ class Executor:
         event: Event,
         attempt: int,
         exchange: Exchange,
-        decision: Decision,
+        decision: decisions.Decision,
         progress: _Progress,
     ) -> None:
-        record = _attempt_record(event, attempt, exchange, decision, self._owner, self._clock())
+        label = decisions.label_of(decision)
+        record = AttemptRecord(event.id, attempt, exchange, label, self._owner, self._clock())
         progress.records.append(record)
-        if isinstance(decision, LookupResult):
-            log.info(
-                "outbox.delivery.lookup",
-                **_row_fields(event),
-                attempt=attempt,
-                status_code=exchange.status_code,
-                found=decision.found,
-                duration_ms=_duration_ms(exchange),
-            )
+        if isinstance(decision, decisions.LookupResult):
+            _log_lookup(event, attempt, exchange, decision.found)
 
     def _finish(
         self,
         claimed: Claimed,
         progress: _Progress,
         exchange: Exchange | None,
-        decision: Decision | _KnownDuplicate,
+        decision: decisions.Decision | _KnownDuplicate,
     ) -> Completion:
         """Carry the decision out: one log line and the completion for the writer."""
         event = claimed.event
         now = self._clock()
         end = _ending(decision, exchange, progress.lookup_required, now)
-        if isinstance(decision, Pause):
+        if isinstance(decision, decisions.Pause):
             self._gate.pause(decision.until, decision.detail, refused=decision.refused)
         getattr(log, end.level)(
             end.event,
@@ -334,7 +310,8 @@ class Executor:
             reason=reason,
             lookup_required=lookup,
         )
-        end = _Ending(Status.PENDING, None, None, self._clock(), lookup, None, "info", "", {})
+        state = RowState(Status.PENDING, None, None, self._clock(), lookup, None)
+        end = _Ending(state, "info", "", {})
         return _completion(claimed, progress, end)
 
 
@@ -354,6 +331,17 @@ def _unsettled_why(page: int, next_page: int) -> str | None:
     return None
 
 
+def _log_lookup(event: Event, attempt: int, exchange: Exchange, found: bool) -> None:
+    log.info(
+        "outbox.delivery.lookup",
+        **_row_fields(event),
+        attempt=attempt,
+        status_code=exchange.status_code,
+        found=found,
+        duration_ms=_duration_ms(exchange),
+    )
+
+
 def _row_fields(event: Event) -> dict[str, Any]:
     """The fields every delivery log line carries about its row."""
     if event.event_type is EventType.SIGNUP:
@@ -361,36 +349,12 @@ def _row_fields(event: Event) -> dict[str, Any]:
     return {"event_id": event.id, "key": event.transaction_key, "type": event.event_type.value}
 
 
-def _attempt_record(
-    event: Event, attempt: int, exchange: Exchange, decision: Decision, owner: str, now: datetime
-) -> AttemptRecord:
-    """The outbox.attempts row for one HTTP call and what was decided on it."""
-    return AttemptRecord(
-        event_id=event.id,
-        attempt=attempt,
-        started_at=exchange.started_at or now,
-        finished_at=exchange.finished_at or now,
-        method=exchange.method,
-        path=exchange.path,
-        status_code=exchange.status_code,
-        response_excerpt=exchange.body_excerpt or None,
-        error=exchange.error,
-        decision=label_of(decision),
-        daemon=owner,
-    )
-
-
 def _completion(claimed: Claimed, progress: _Progress, end: _Ending) -> Completion:
     return Completion(
         event_id=claimed.event.id,
         token=claimed.token,
-        status=end.status,
-        outcome=end.outcome,
-        reason=end.reason,
+        state=end.state,
         attempts=progress.attempts,
-        next_attempt_at=end.next_attempt_at,
-        lookup_required=end.lookup_required,
-        last_error=end.last_error,
         last_status_code=progress.last_status_code,
         attempt_records=tuple(progress.records),
     )
@@ -409,19 +373,14 @@ _DUPLICATE_NOTE = "an earlier sale with this key was already delivered; not sent
 class _Ending:
     """How a decision ends this claim: the row's new state and the log line that says so."""
 
-    status: Status
-    outcome: Outcome | None
-    reason: Outcome | None
-    next_attempt_at: datetime
-    lookup_required: bool
-    last_error: str | None
+    state: RowState
     level: str
     event: str
     fields: dict[str, Any]
 
 
 def _ending(
-    decision: Decision | _KnownDuplicate,
+    decision: decisions.Decision | _KnownDuplicate,
     exchange: Exchange | None,
     lookup_required: bool,
     now: datetime,
@@ -429,16 +388,16 @@ def _ending(
     """The row's new state after `decision` (pure). `lookup_required`: the row's flag so far."""
     if isinstance(decision, _KnownDuplicate):
         return _delivered(Outcome.DUPLICATE, now, _DUPLICATE_NOTE)
-    if isinstance(decision, Delivered):
+    if isinstance(decision, decisions.Delivered):
         return _delivered(decision.outcome, now, None)
-    if isinstance(decision, Skipped):
+    if isinstance(decision, decisions.Skipped):
         return _skipped(decision, now)
-    if isinstance(decision, Retry):
+    if isinstance(decision, decisions.Retry):
         assert exchange is not None
         return _retried(decision, exchange)
-    if isinstance(decision, Failed):
+    if isinstance(decision, decisions.Failed):
         return _failed(decision, lookup_required, now)
-    if isinstance(decision, Pause):
+    if isinstance(decision, decisions.Pause):
         return _paused(decision, lookup_required, now)
     # Lookup results are handled in _look_up and a Forbidden in _decide; reaching here would
     # be a bug in this module.
@@ -450,34 +409,24 @@ def _delivered(outcome: Outcome, now: datetime, note: str | None) -> _Ending:
     if note is not None:
         fields["note"] = note
     return _Ending(
-        Status.DELIVERED,
-        outcome,
-        None,
-        now,
-        False,
-        note,
+        RowState(Status.DELIVERED, outcome, None, now, False, note),
         "info",
         "outbox.delivery.delivered",
         fields,
     )
 
 
-def _skipped(decision: Skipped, now: datetime) -> _Ending:
+def _skipped(decision: decisions.Skipped, now: datetime) -> _Ending:
     fields = {"outcome": decision.outcome.value, "note": decision.detail}
     return _Ending(
-        Status.SKIPPED,
-        decision.outcome,
-        None,
-        now,
-        False,
-        decision.detail,
+        RowState(Status.SKIPPED, decision.outcome, None, now, False, decision.detail),
         "info",
         "outbox.delivery.skipped",
         fields,
     )
 
 
-def _retried(decision: Retry, exchange: Exchange) -> _Ending:
+def _retried(decision: decisions.Retry, exchange: Exchange) -> _Ending:
     why = policy.describe(exchange)
     if decision.note is not None:
         why = f"{decision.note}: {why}"
@@ -489,45 +438,39 @@ def _retried(decision: Retry, exchange: Exchange) -> _Ending:
         "error": detail,
     }
     return _Ending(
-        Status.PENDING,
-        None,
-        decision.reason,
-        decision.at,
-        decision.lookup_required,
-        detail,
+        RowState(
+            Status.PENDING, None, decision.reason, decision.at, decision.lookup_required, detail
+        ),
         "warning",
         "outbox.delivery.retry",
         fields,
     )
 
 
-def _failed(decision: Failed, lookup_required: bool, now: datetime) -> _Ending:
+def _failed(decision: decisions.Failed, lookup_required: bool, now: datetime) -> _Ending:
     fields = {"outcome": decision.reason.value, "error": decision.detail}
     lookup = lookup_required or decision.lookup_required
     return _Ending(
-        Status.FAILED,
-        decision.reason,
-        decision.reason,
-        now,
-        lookup,
-        decision.detail,
+        RowState(Status.FAILED, decision.reason, decision.reason, now, lookup, decision.detail),
         "error",
         "outbox.delivery.failed",
         fields,
     )
 
 
-def _paused(decision: Pause, lookup_required: bool, now: datetime) -> _Ending:
+def _paused(decision: decisions.Pause, lookup_required: bool, now: datetime) -> _Ending:
     # Due again at once: this daemon's gate holds all sending while it is paused, and the row
     # must go as soon as a new key works, not when the pause would have ended.
     fields = {"until": decision.until.isoformat(), "error": decision.detail}
     return _Ending(
-        Status.PENDING,
-        None,
-        None,
-        now,
-        lookup_required or decision.lookup_required,
-        decision.detail,
+        RowState(
+            Status.PENDING,
+            None,
+            None,
+            now,
+            lookup_required or decision.lookup_required,
+            decision.detail,
+        ),
         "error",
         "outbox.delivery.paused",
         fields,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -22,27 +23,20 @@ log = structlog.get_logger("outbox.watchdog")
 CLOCK_WARNING_SECONDS = 1.0
 
 
+@dataclass(eq=False, repr=False)
 class Monitor:
-    def __init__(
-        self,
-        ctx: Context,
-        *,
-        store: Store,
-        leases_held: Callable[[], int],
-        database_clock: DatabaseClock | None = None,
-    ) -> None:
-        self._ctx = ctx
-        self._store = store
-        self._leases_held = leases_held
-        self._clock = database_clock
-        self._clock_warned = False
+    ctx: Context
+    store: Store
+    leases_held: Callable[[], int]  # rows this daemon holds a lease on now
+    database_clock: DatabaseClock | None = None  # None: the host's offset is not measured
+    _clock_warned: bool = field(init=False, default=False)
 
     async def measure_clock(self, *, first: bool = False) -> None:
         """Measure this host's offset from the database's clock; log it at start-up, and warn
         (once per excursion) while it is above CLOCK_WARNING_SECONDS."""
-        if self._clock is None:
+        if self.database_clock is None:
             return
-        offset = (await self._clock.measure(self._store.database_now)).total_seconds()
+        offset = (await self.database_clock.measure(self.store.database_now)).total_seconds()
         off = abs(offset) > CLOCK_WARNING_SECONDS
         if off and not self._clock_warned:
             log.warning(
@@ -59,44 +53,44 @@ class Monitor:
     async def run_once(self) -> Backlog | None:
         """Refresh the backlog figures, the gauges and the STATUS= line."""
         backlog: Backlog | None = None
-        interval = self._ctx.settings().status_interval_seconds
+        interval = self.ctx.settings().status_interval_seconds
         try:
-            backlog = await asyncio.wait_for(self._store.backlog(), timeout=max(1.0, interval))
+            backlog = await asyncio.wait_for(self.store.backlog(), timeout=max(1.0, interval))
             await asyncio.wait_for(self.measure_clock(), timeout=max(1.0, interval))
         except (TimeoutError, *DB_ERRORS) as exc:
-            self._ctx.health.database_ok = False
-            self._ctx.health.last_error = f"database: {first_line(exc) or 'no answer in time'}"
-            await self._store.close()
+            self.ctx.health.database_ok = False
+            self.ctx.health.last_error = f"database: {first_line(exc) or 'no answer in time'}"
+            await self.store.close()
         if backlog is not None:
-            self._ctx.health.database_ok = True
-            self._ctx.health.backlog = backlog.pending
-            self._ctx.health.oldest_pending_seconds = backlog.oldest_pending_seconds
-            self._ctx.health.failed_rows = backlog.failed
-            self._ctx.metrics.backlog.set(backlog.pending)
-            self._ctx.metrics.oldest_pending.set(backlog.oldest_pending_seconds or 0.0)
-            self._ctx.metrics.failed.set(backlog.failed)
-        self._ctx.metrics.leases.set(self._leases_held())
-        self._ctx.notifier.status(self._ctx.health.status_line())
+            self.ctx.health.database_ok = True
+            self.ctx.health.backlog = backlog.pending
+            self.ctx.health.oldest_pending_seconds = backlog.oldest_pending_seconds
+            self.ctx.health.failed_rows = backlog.failed
+            self.ctx.metrics.backlog.set(backlog.pending)
+            self.ctx.metrics.oldest_pending.set(backlog.oldest_pending_seconds or 0.0)
+            self.ctx.metrics.failed.set(backlog.failed)
+        self.ctx.metrics.leases.set(self.leases_held())
+        self.ctx.notifier.status(self.ctx.health.status_line())
         return backlog
 
     async def run(self, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             await self.run_once()
-            await wait_any(stopping, timeout=self._ctx.settings().status_interval_seconds)
+            await wait_any(stopping, timeout=self.ctx.settings().status_interval_seconds)
 
 
 class Watchdog:
     def __init__(self, ctx: Context) -> None:
-        self._ctx = ctx
+        self.ctx = ctx
 
     def run_once(self) -> bool:
         """Ping systemd's watchdog only while the daemon is really healthy."""
-        problems = self._ctx.health.problems()
-        self._ctx.metrics.healthy.set(0 if problems else 1)
+        problems = self.ctx.health.problems()
+        self.ctx.metrics.healthy.set(0 if problems else 1)
         if problems:
             log.error("outbox.watchdog.unhealthy", problems=problems)
             return False
-        self._ctx.notifier.watchdog()
+        self.ctx.notifier.watchdog()
         return True
 
     async def run(self, stopping: asyncio.Event, interval: float) -> None:
@@ -105,4 +99,4 @@ class Watchdog:
             self.run_once()
             expected = loop.time() + interval
             await wait_any(stopping, timeout=interval)
-            self._ctx.metrics.loop_lag.set(max(0.0, loop.time() - expected))
+            self.ctx.metrics.loop_lag.set(max(0.0, loop.time() - expected))

@@ -19,15 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from outbox.db import libpq_url, queries
-from outbox.domain import Event, EventType, Outcome, Status
-
-# A row parked behind a row that is in flight is looked at again this soon (or at
-# OUTBOX_BLOCKED_RECHECK_SECONDS if sooner): the in-flight row's result may be written while the
-# claim that parks it runs, and then the wake-up of that write cannot see the park.
-IN_FLIGHT_RECHECK_SECONDS = 1.0
-
-# The default bound on one statement (OUTBOX_DATABASE_TIMEOUT_SECONDS).
-DEFAULT_STATEMENT_TIMEOUT_SECONDS = 10.0
+from outbox.domain import Event, EventType, Exchange, Outcome, Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +39,27 @@ class ClaimResult:
 
 @dataclass(frozen=True, slots=True)
 class AttemptRecord:
+    """The outbox.attempts row for one HTTP call: the call as made and answered, and what was
+    decided on it."""
+
     event_id: int
     attempt: int
-    started_at: datetime
-    finished_at: datetime
-    method: str
-    path: str
-    status_code: int | None
-    response_excerpt: str | None
-    error: str | None
-    decision: str
+    exchange: Exchange
+    decision: str  # the decision's label (outbox.domain.label_of)
     daemon: str
+    decided_at: datetime  # stands in for a start or finish time the exchange lacks
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """What one claim leaves in a row's state columns."""
+
+    status: Status
+    outcome: Outcome | None  # the delivered outcome, or the failed reason
+    reason: Outcome | None  # the retry class of a retry (for metrics), or the failed reason
+    next_attempt_at: datetime
+    lookup_required: bool
+    last_error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +68,8 @@ class Completion:
 
     event_id: int
     token: UUID
-    status: Status
-    outcome: Outcome | None  # the delivered outcome, or the failed reason
-    reason: Outcome | None  # the retry class of a retry (for metrics), or the failed reason
+    state: RowState
     attempts: int
-    next_attempt_at: datetime
-    lookup_required: bool
-    last_error: str | None
     last_status_code: int | None
     attempt_records: tuple[AttemptRecord, ...] = field(default=())
 
@@ -96,6 +93,15 @@ class Rescued:
     event_id: int
     transaction_key: str | None
     lease_owner: str | None
+
+
+# A row parked behind a row that is in flight is looked at again this soon (or at
+# OUTBOX_BLOCKED_RECHECK_SECONDS if sooner): the in-flight row's result may be written while the
+# claim that parks it runs, and then the wake-up of that write cannot see the park.
+IN_FLIGHT_RECHECK_SECONDS = 1.0
+
+# The default bound on one statement (OUTBOX_DATABASE_TIMEOUT_SECONDS).
+DEFAULT_STATEMENT_TIMEOUT_SECONDS = 10.0
 
 
 class Store:
@@ -216,28 +222,18 @@ class Store:
     async def complete(self, completions: list[Completion]) -> CompleteResult:
         if not completions:
             return CompleteResult(0, 0)
-        records = [r for c in completions for r in c.attempt_records]
+        states = [c.state for c in completions]
         params: dict[str, Any] = {
             "ids": [c.event_id for c in completions],
             "tokens": [c.token for c in completions],
-            "statuses": [c.status.value for c in completions],
-            "outcomes": [None if c.outcome is None else c.outcome.value for c in completions],
+            "statuses": [s.status.value for s in states],
+            "outcomes": [None if s.outcome is None else s.outcome.value for s in states],
             "attempts": [c.attempts for c in completions],
-            "next_attempt_at": [c.next_attempt_at for c in completions],
-            "lookup_required": [c.lookup_required for c in completions],
-            "last_error": [c.last_error for c in completions],
+            "next_attempt_at": [s.next_attempt_at for s in states],
+            "lookup_required": [s.lookup_required for s in states],
+            "last_error": [s.last_error for s in states],
             "last_status_code": [c.last_status_code for c in completions],
-            "a_event_id": [r.event_id for r in records],
-            "a_attempt": [r.attempt for r in records],
-            "a_started_at": [r.started_at for r in records],
-            "a_finished_at": [r.finished_at for r in records],
-            "a_method": [r.method for r in records],
-            "a_path": [r.path for r in records],
-            "a_status_code": [r.status_code for r in records],
-            "a_response_excerpt": [r.response_excerpt for r in records],
-            "a_error": [r.error for r in records],
-            "a_decision": [r.decision for r in records],
-            "a_daemon": [r.daemon for r in records],
+            **_attempt_params([r for c in completions for r in c.attempt_records]),
         }
         (row,) = await self._fetch("complete", params)
         applied = frozenset(row["applied_tokens"])
@@ -273,6 +269,24 @@ class Store:
 
     async def disarm_doorbell(self) -> None:
         await self._fetch("disarm_doorbell")
+
+
+def _attempt_params(records: list[AttemptRecord]) -> dict[str, list[Any]]:
+    """The outbox.attempts columns of `records`, one array each (the complete query's a_*)."""
+    calls = [r.exchange for r in records]
+    return {
+        "a_event_id": [r.event_id for r in records],
+        "a_attempt": [r.attempt for r in records],
+        "a_started_at": [r.exchange.started_at or r.decided_at for r in records],
+        "a_finished_at": [r.exchange.finished_at or r.decided_at for r in records],
+        "a_method": [x.method for x in calls],
+        "a_path": [x.path for x in calls],
+        "a_status_code": [x.status_code for x in calls],
+        "a_response_excerpt": [x.body_excerpt or None for x in calls],
+        "a_error": [x.error for x in calls],
+        "a_decision": [r.decision for r in records],
+        "a_daemon": [r.daemon for r in records],
+    }
 
 
 def _payload(value: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -32,21 +32,15 @@ class WriteRound:
     woken: int  # rows made due now: parked rows of a key that settled, and rows given back
 
 
+@dataclass(eq=False, repr=False)
 class Writer:
-    def __init__(
-        self,
-        store: Store,
-        health: Health,
-        on_woken: Callable[[int], None],
-        metrics: Metrics | None = None,
-    ) -> None:
-        self._store = store
-        self._health = health
-        self._on_woken = on_woken
-        self._metrics = metrics
-        self.queue: asyncio.Queue[Completion] = asyncio.Queue()
-        self._batch: list[Completion] = []
-        self.progressed = asyncio.Event()  # set after every batch written
+    store: Store
+    health: Health
+    on_woken: Callable[[int], None]  # told how many rows a write made due now
+    metrics: Metrics | None = None
+    queue: asyncio.Queue[Completion] = field(init=False, default_factory=asyncio.Queue)
+    progressed: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # per batch
+    _batch: list[Completion] = field(init=False, default_factory=list)
 
     def behind(self, max_results: int, max_seconds: float) -> str | None:
         """Why the claimer should wait for the writer before claiming more (None: it need
@@ -54,14 +48,14 @@ class Writer:
         `max_seconds`. Claiming on would only pile up results whose leases run out."""
         if self.backlog >= max_results:
             return f"{self.backlog} results unwritten"
-        since = self._health.unwritten_since
+        since = self.health.unwritten_since
         if since is not None and time.monotonic() - since > max_seconds:
             return f"results unwritten for {time.monotonic() - since:.1f} s"
         return None
 
     def put(self, completion: Completion) -> None:
-        if self._health.unwritten_since is None:
-            self._health.unwritten_since = time.monotonic()
+        if self.health.unwritten_since is None:
+            self.health.unwritten_since = time.monotonic()
         self.queue.put_nowait(completion)
 
     @property
@@ -75,41 +69,41 @@ class Writer:
         while len(self._batch) < max_batch and not self.queue.empty():
             self._batch.append(self.queue.get_nowait())
         try:
-            result = await self._store.complete(self._batch)
+            result = await self.store.complete(self._batch)
         except DB_ERRORS as exc:
-            self._health.write_error = first_line(exc)
-            self._health.last_error = f"database (writing results): {first_line(exc)}"
+            self.health.write_error = first_line(exc)
+            self.health.last_error = f"database (writing results): {first_line(exc)}"
             raise
-        self._health.write_error = None
+        self.health.write_error = None
         batch, self._batch = self._batch, []
         self.progressed.set()
         # Progress: what is still queued has waited only since now.
-        self._health.unwritten_since = time.monotonic() if self.backlog else None
+        self.health.unwritten_since = time.monotonic() if self.backlog else None
         self._account(
             [c for c in batch if c.token in result.applied], len(batch) - result.completed
         )
         # Rows written back as pending (a retry, a row given back) may be due before the time
         # the claimer last planned to wake, and parked rows woken here are due now.
-        woken = result.woken + sum(1 for c in batch if c.status is Status.PENDING)
+        woken = result.woken + sum(1 for c in batch if c.state.status is Status.PENDING)
         if woken:
-            self._on_woken(woken)
+            self.on_woken(woken)
         return WriteRound(len(batch), result.completed, woken)
 
     def _account(self, applied: list[Completion], lost: int) -> None:
         """Count the results that were written under their lease, and only those: a result
         whose lease was lost belongs to the daemon that holds the row now."""
         for c in applied:
-            if c.status is Status.DELIVERED:
-                self._health.delivered += 1
-                self._health.last_delivery_at = utcnow()
-            elif c.status is Status.SKIPPED:
-                self._health.skipped += 1
-            elif c.status is Status.FAILED:
-                self._health.failed += 1
+            if c.state.status is Status.DELIVERED:
+                self.health.delivered += 1
+                self.health.last_delivery_at = utcnow()
+            elif c.state.status is Status.SKIPPED:
+                self.health.skipped += 1
+            elif c.state.status is Status.FAILED:
+                self.health.failed += 1
             elif c.attempt_records:
-                self._health.retried += 1
-            if self._metrics is not None:
-                self._metrics.observe_result(c.status, c.outcome, c.reason)
+                self.health.retried += 1
+            if self.metrics is not None:
+                self.metrics.observe_result(c.state.status, c.state.outcome, c.state.reason)
         if lost:
             log.warning(
                 "outbox.writer.lease_lost",

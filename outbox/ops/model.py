@@ -17,15 +17,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from outbox.domain import (
-    DELIVERED_OUTCOMES,
-    SKIPPED_OUTCOMES,
-    DecisionKind,
-    EventType,
-    Outcome,
-    Status,
-    parse_decision_label,
-)
+from outbox.decisions import DecisionKind, parse_decision_label
+from outbox.domain import DELIVERED_OUTCOMES, SKIPPED_OUTCOMES, EventType, Outcome, Status
 from outbox.text import format_duration
 
 JSONDict = dict[str, Any]

@@ -232,7 +232,7 @@ def again(claimed: Claimed, completion: Completion) -> Claimed:
     event = replace(
         claimed.event,
         attempts=completion.attempts,
-        lookup_required=completion.lookup_required,
+        lookup_required=completion.state.lookup_required,
     )
     return claim(event)
 
@@ -298,10 +298,14 @@ async def test_a_referred_signup_is_created_through_the_customers_call() -> None
 
     done = await rig.process(claim(signup({"partner": {"key": "p_1"}})))
 
-    assert (done.status, done.outcome, done.attempts) == (Status.DELIVERED, Outcome.CREATED, 1)
+    assert (done.state.status, done.state.outcome, done.attempts) == (
+        Status.DELIVERED,
+        Outcome.CREATED,
+        1,
+    )
     assert rig.client.calls == [(RequestKind.CREATE_CUSTOMER, "C-1")]
     assert labels(done) == [(1, "delivered:created")]
-    assert done.attempt_records[0].path == "/v1/customers"
+    assert done.attempt_records[0].exchange.path == "/v1/customers"
 
 
 async def test_an_invalid_partner_key_skips_the_signup() -> None:
@@ -309,12 +313,12 @@ async def test_an_invalid_partner_key_skips_the_signup() -> None:
 
     done = await rig.process(claim(signup({"partner": {"key": "nobody"}})))
 
-    assert (done.status, done.outcome, done.attempts) == (
+    assert (done.state.status, done.state.outcome, done.attempts) == (
         Status.SKIPPED,
         Outcome.INVALID_PARTNER,
         1,
     )
-    assert done.last_error == "HTTP 400: Invalid partner key"
+    assert done.state.last_error == "HTTP 400: Invalid partner key"
     assert labels(done) == [(1, "skipped:invalid_partner")]
 
 
@@ -323,9 +327,13 @@ async def test_a_signup_no_partner_referred_is_skipped_without_a_call() -> None:
 
     done = await rig.process(claim(signup({"email": "c@example.com"})))
 
-    assert (done.status, done.outcome, done.attempts) == (Status.SKIPPED, Outcome.NOT_REFERRED, 0)
+    assert (done.state.status, done.state.outcome, done.attempts) == (
+        Status.SKIPPED,
+        Outcome.NOT_REFERRED,
+        0,
+    )
     assert rig.client.calls == [] and done.attempt_records == ()
-    assert done.last_error is not None and "not sent" in done.last_error
+    assert done.state.last_error is not None and "not sent" in done.state.last_error
 
 
 async def test_a_refund_of_a_skipped_sale_is_skipped_without_a_call() -> None:
@@ -333,7 +341,7 @@ async def test_a_refund_of_a_skipped_sale_is_skipped_without_a_call() -> None:
 
     done = await rig.process(claim(make_event(EventType.REFUND), sale_skipped=True))
 
-    assert (done.status, done.outcome) == (Status.SKIPPED, Outcome.SALE_SKIPPED)
+    assert (done.state.status, done.state.outcome) == (Status.SKIPPED, Outcome.SALE_SKIPPED)
     assert rig.client.calls == []
 
 
@@ -343,7 +351,7 @@ async def test_a_sale_whose_customer_signup_was_skipped_is_skipped_at_the_first_
 
     done = await rig.process(claim(event))
 
-    assert (done.status, done.outcome, done.attempts) == (
+    assert (done.state.status, done.state.outcome, done.attempts) == (
         Status.SKIPPED,
         Outcome.CUSTOMER_NOT_FOUND,
         1,
@@ -362,22 +370,23 @@ async def test_a_sale_created() -> None:
 
     assert done.event_id == 1
     assert done.token == claimed.token
-    assert done.status is Status.DELIVERED
-    assert done.outcome is Outcome.CREATED
-    assert done.reason is None
+    assert done.state.status is Status.DELIVERED
+    assert done.state.outcome is Outcome.CREATED
+    assert done.state.reason is None
     assert done.attempts == 3
-    assert done.lookup_required is False
-    assert done.last_error is None
+    assert done.state.lookup_required is False
+    assert done.state.last_error is None
     assert done.last_status_code == 200
     assert rig.client.calls == [(RequestKind.CREATE, "K")]
     (record,) = done.attempt_records
     assert record.event_id == 1
     assert record.attempt == 3  # the third attempt: two were made before
     assert record.decision == "delivered:created"
-    assert (record.method, record.path, record.status_code) == ("POST", "/v1/transactions", 200)
+    call = record.exchange
+    assert (call.method, call.path, call.status_code) == ("POST", "/v1/transactions", 200)
     assert record.daemon == OWNER
-    assert record.started_at == NOW
-    assert record.error is None
+    assert record.decided_at == NOW
+    assert call.error is None
     assert [e.kind for e in rig.observed] == [RequestKind.CREATE]  # every call is measured
 
 
@@ -386,7 +395,7 @@ async def test_a_duplicate_is_delivered() -> None:
 
     done = await rig.process(claim(make_event()))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.DUPLICATE)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.DUPLICATE)
     assert done.attempts == 1
     assert labels(done) == [(1, "delivered:duplicate")]
 
@@ -396,11 +405,11 @@ async def test_a_known_duplicate_is_delivered_without_a_call() -> None:
 
     done = await rig.process(claim(make_event(attempts=1), known_duplicate=True))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.DUPLICATE)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.DUPLICATE)
     assert done.attempts == 1
     assert done.attempt_records == ()
     assert rig.client.calls == []
-    assert done.last_error is not None and "already delivered" in done.last_error
+    assert done.state.last_error is not None and "already delivered" in done.state.last_error
 
 
 async def test_a_lost_create_is_retried_with_a_lookup_first() -> None:
@@ -409,28 +418,28 @@ async def test_a_lost_create_is_retried_with_a_lookup_first() -> None:
 
     done = await rig.process(first)
 
-    assert done.status is Status.PENDING
-    assert done.outcome is None
-    assert done.reason is Outcome.TIMEOUT
-    assert done.lookup_required is True
+    assert done.state.status is Status.PENDING
+    assert done.state.outcome is None
+    assert done.state.reason is Outcome.TIMEOUT
+    assert done.state.lookup_required is True
     assert done.attempts == 1
-    assert done.next_attempt_at == NOW + timedelta(seconds=POLICY.base_delay_seconds)
-    assert done.last_error is not None and done.last_error.startswith("timeout: ")
+    assert done.state.next_attempt_at == NOW + timedelta(seconds=POLICY.base_delay_seconds)
+    assert done.state.last_error is not None and done.state.last_error.startswith("timeout: ")
     assert done.last_status_code is None
     assert labels(done) == [(1, "retry:timeout+lookup")]
     (record,) = done.attempt_records
-    assert record.error == "ReadTimeout: no answer in 10 s"
+    assert record.exchange.error == "ReadTimeout: no answer in 10 s"
 
     # Next time: the lookup says Partnero does not have it, so it is created now.
-    rig.clock.now = done.next_attempt_at
+    rig.clock.now = done.state.next_attempt_at
     done = await rig.process(again(first, done))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.CREATED)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.CREATED)
     assert rig.client.kinds() == [RequestKind.CREATE, RequestKind.LOOKUP, RequestKind.CREATE]
     # The lookup and the create it allowed are one attempt.
     assert labels(done) == [(2, "lookup:absent"), (2, "delivered:created")]
     assert done.attempts == 2
-    assert done.lookup_required is False
+    assert done.state.lookup_required is False
 
 
 async def test_a_lost_create_found_by_the_lookup_is_not_created_again() -> None:
@@ -438,10 +447,10 @@ async def test_a_lost_create_found_by_the_lookup_is_not_created_again() -> None:
 
     done = await rig.process(claim(make_event(attempts=1, lookup_required=True)))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.CREATED)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.CREATED)
     assert rig.client.kinds() == [RequestKind.LOOKUP]
     assert labels(done) == [(2, "lookup:found")]
-    assert done.lookup_required is False
+    assert done.state.lookup_required is False
 
 
 async def test_a_lost_create_on_the_last_attempt_fails_still_flagged() -> None:
@@ -449,13 +458,13 @@ async def test_a_lost_create_on_the_last_attempt_fails_still_flagged() -> None:
 
     done = await rig.process(claim(make_event(attempts=POLICY.max_attempts - 1)))
 
-    assert (done.status, done.outcome, done.reason) == (
+    assert (done.state.status, done.state.outcome, done.state.reason) == (
         Status.FAILED,
         Outcome.TIMEOUT,
         Outcome.TIMEOUT,
     )
     assert done.attempts == POLICY.max_attempts
-    assert done.lookup_required is True  # a retry by a person must look it up first
+    assert done.state.lookup_required is True  # a retry by a person must look it up first
     assert labels(done) == [(POLICY.max_attempts, "failed:timeout")]
 
 
@@ -465,10 +474,14 @@ async def test_a_lookup_and_its_create_on_the_last_attempt_give_up_within_the_li
 
     done = await rig.process(claim(make_event(attempts=last - 1, lookup_required=True)))
 
-    assert (done.status, done.outcome, done.attempts) == (Status.FAILED, Outcome.TIMEOUT, last)
+    assert (done.state.status, done.state.outcome, done.attempts) == (
+        Status.FAILED,
+        Outcome.TIMEOUT,
+        last,
+    )
     assert labels(done) == [(last, "lookup:absent"), (last, "failed:timeout")]
-    assert done.last_error is not None
-    assert done.last_error.endswith(f"[gave up after {last} attempts]")
+    assert done.state.last_error is not None
+    assert done.state.last_error.endswith(f"[gave up after {last} attempts]")
 
 
 async def test_a_flagged_sale_found_on_page_two() -> None:
@@ -476,7 +489,7 @@ async def test_a_flagged_sale_found_on_page_two() -> None:
 
     done = await rig.process(claim(make_event(lookup_required=True)))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.CREATED)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.CREATED)
     assert rig.client.calls == [(RequestKind.LOOKUP, ("K", 1)), (RequestKind.LOOKUP, ("K", 2))]
     # The pages of one lookup are one attempt.
     assert labels(done) == [(1, "lookup:next_page:2"), (1, "lookup:found")]
@@ -488,7 +501,7 @@ async def test_a_flagged_sale_absent_from_every_page_is_created() -> None:
 
     done = await rig.process(claim(make_event(lookup_required=True)))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.CREATED)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.CREATED)
     assert rig.client.calls == [
         (RequestKind.LOOKUP, ("K", 1)),
         (RequestKind.LOOKUP, ("K", 2)),
@@ -502,7 +515,7 @@ async def test_a_flagged_sale_absent_from_every_page_is_created() -> None:
         (1, "delivered:created"),
     ]
     assert done.attempts == 1
-    assert done.lookup_required is False
+    assert done.state.lookup_required is False
 
 
 async def test_a_lookup_404_is_not_absent() -> None:
@@ -511,9 +524,9 @@ async def test_a_lookup_404_is_not_absent() -> None:
     done = await rig.process(claim(make_event(lookup_required=True)))
 
     assert RequestKind.CREATE not in rig.client.kinds()
-    assert done.status is Status.PENDING
-    assert done.reason is Outcome.BAD_RESPONSE
-    assert done.lookup_required is True
+    assert done.state.status is Status.PENDING
+    assert done.state.reason is Outcome.BAD_RESPONSE
+    assert done.state.lookup_required is True
     assert done.attempts == 1
     assert labels(done) == [(1, "retry:bad_response+lookup")]
 
@@ -528,11 +541,11 @@ async def test_a_lookup_the_lease_cannot_finish_is_retried_not_absent() -> None:
     done = await rig.process(claim(make_event(attempts=1, lookup_required=True)))
 
     assert rig.client.calls == [(RequestKind.LOOKUP, ("K", 1))]
-    assert done.status is Status.PENDING
-    assert done.reason is Outcome.BAD_RESPONSE
-    assert done.lookup_required is True
+    assert done.state.status is Status.PENDING
+    assert done.state.reason is Outcome.BAD_RESPONSE
+    assert done.state.lookup_required is True
     assert done.attempts == 2
-    assert done.last_error is not None and done.last_error.startswith("bad_response: ")
+    assert done.state.last_error is not None and done.state.last_error.startswith("bad_response: ")
     assert labels(done) == [(2, "lookup:next_page:2")]
 
     # On the last attempt it fails, saying why.
@@ -542,10 +555,10 @@ async def test_a_lookup_the_lease_cannot_finish_is_retried_not_absent() -> None:
         claim(make_event(attempts=POLICY.max_attempts - 1, lookup_required=True))
     )
 
-    assert (done.status, done.outcome) == (Status.FAILED, Outcome.BAD_RESPONSE)
-    assert done.lookup_required is True
-    assert done.last_error is not None
-    assert done.last_error.startswith("the lookup read 1 pages and the lease ran short")
+    assert (done.state.status, done.state.outcome) == (Status.FAILED, Outcome.BAD_RESPONSE)
+    assert done.state.lookup_required is True
+    assert done.state.last_error is not None
+    assert done.state.last_error.startswith("the lookup read 1 pages and the lease ran short")
 
 
 # ---- refunds -------------------------------------------------------------------------------
@@ -556,7 +569,7 @@ async def test_a_refund_deleted() -> None:
 
     done = await rig.process(claim(make_event(EventType.REFUND)))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.DELETED)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.DELETED)
     assert rig.client.calls == [(RequestKind.DELETE, "K")]
     assert labels(done) == [(1, "delivered:deleted")]
 
@@ -566,7 +579,7 @@ async def test_a_refund_of_a_transaction_partnero_does_not_have_is_not_found() -
 
     done = await rig.process(claim(make_event(EventType.REFUND)))
 
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.NOT_FOUND)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.NOT_FOUND)
     assert labels(done) == [(1, "delivered:not_found")]
 
 
@@ -575,15 +588,15 @@ async def test_a_refund_whose_delete_was_lost_is_deleted_by_the_next_404() -> No
     first = claim(make_event(EventType.REFUND))
 
     done = await rig.process(first)
-    assert done.status is Status.PENDING
-    assert done.reason is Outcome.TIMEOUT
-    assert done.lookup_required is True  # for a refund: the DELETE may have landed
+    assert done.state.status is Status.PENDING
+    assert done.state.reason is Outcome.TIMEOUT
+    assert done.state.lookup_required is True  # for a refund: the DELETE may have landed
 
     done = await rig.process(again(first, done))
 
     # Not looked up (only sales are), and the 404 is read as our earlier DELETE's doing.
     assert rig.client.kinds() == [RequestKind.DELETE, RequestKind.DELETE]
-    assert (done.status, done.outcome) == (Status.DELIVERED, Outcome.DELETED)
+    assert (done.state.status, done.state.outcome) == (Status.DELIVERED, Outcome.DELETED)
     assert labels(done) == [(2, "delivered:deleted")]
     assert done.attempts == 2
 
@@ -596,10 +609,10 @@ async def test_a_401_pauses_the_gate_without_counting_an_attempt() -> None:
 
     done = await rig.process(claim(make_event(attempts=3)))
 
-    assert done.status is Status.PENDING
-    assert done.outcome is None and done.reason is None
+    assert done.state.status is Status.PENDING
+    assert done.state.outcome is None and done.state.reason is None
     assert done.attempts == 3
-    assert done.next_attempt_at == NOW  # due as soon as the key works again
+    assert done.state.next_attempt_at == NOW  # due as soon as the key works again
     assert labels(done) == [(4, "pause:auth")]
     assert rig.gate.paused and rig.gate.refused
     assert rig.gate.paused_until == NOW + timedelta(seconds=POLICY.auth_pause_seconds)
@@ -613,11 +626,11 @@ async def test_a_paused_gate_gives_rows_back_unsent_and_uncounted() -> None:
     done = await rig.process(claim(make_event(attempts=2, lookup_required=True)))
 
     assert rig.client.calls == []
-    assert done.status is Status.PENDING
+    assert done.state.status is Status.PENDING
     assert done.attempts == 2
-    assert done.lookup_required is True
+    assert done.state.lookup_required is True
     assert done.attempt_records == ()
-    assert done.next_attempt_at == NOW
+    assert done.state.next_attempt_at == NOW
 
 
 async def test_a_403_while_the_key_works_fails_the_row_forbidden() -> None:
@@ -625,14 +638,16 @@ async def test_a_403_while_the_key_works_fails_the_row_forbidden() -> None:
 
     done = await rig.process(claim(make_event(attempts=1)))
 
-    assert done.status is Status.FAILED
-    assert (done.outcome, done.reason) == (Outcome.FORBIDDEN, Outcome.FORBIDDEN)
+    assert done.state.status is Status.FAILED
+    assert (done.state.outcome, done.state.reason) == (Outcome.FORBIDDEN, Outcome.FORBIDDEN)
     assert done.attempts == 2
     # A create answered 403 may or may not have landed: a retry looks it up first.
-    assert done.lookup_required is True
-    assert done.last_error is not None and done.last_error.endswith("[GET /v1/test: OK]")
+    assert done.state.lookup_required is True
+    assert done.state.last_error is not None and done.state.last_error.endswith(
+        "[GET /v1/test: OK]"
+    )
     assert labels(done) == [(2, "forbidden:check_key"), (2, "failed:forbidden")]
-    assert [r.path for r in done.attempt_records] == ["/v1/transactions", "/v1/test"]
+    assert [r.exchange.path for r in done.attempt_records] == ["/v1/transactions", "/v1/test"]
     assert not rig.gate.paused
     assert rig.client.kinds() == [RequestKind.CREATE, RequestKind.PING]
 
@@ -642,8 +657,8 @@ async def test_a_403_on_a_refund_while_the_key_works_fails_unflagged() -> None:
 
     done = await rig.process(claim(make_event(EventType.REFUND)))
 
-    assert (done.status, done.outcome) == (Status.FAILED, Outcome.FORBIDDEN)
-    assert done.lookup_required is False
+    assert (done.state.status, done.state.outcome) == (Status.FAILED, Outcome.FORBIDDEN)
+    assert done.state.lookup_required is False
 
 
 async def test_a_403_while_the_key_is_refused_pauses() -> None:
@@ -651,8 +666,8 @@ async def test_a_403_while_the_key_is_refused_pauses() -> None:
 
     done = await rig.process(claim(make_event(attempts=1)))
 
-    assert done.status is Status.PENDING
-    assert done.outcome is None
+    assert done.state.status is Status.PENDING
+    assert done.state.outcome is None
     assert done.attempts == 1  # not charged
     assert labels(done) == [(2, "forbidden:check_key"), (2, "pause:auth")]
     assert rig.gate.paused and rig.gate.refused
@@ -664,7 +679,7 @@ async def test_a_403_whose_key_check_gets_no_answer_pauses_unrefused() -> None:
 
     done = await rig.process(claim(make_event()))
 
-    assert done.status is Status.PENDING
+    assert done.state.status is Status.PENDING
     assert done.attempts == 0
     assert rig.gate.paused
     assert not rig.gate.refused
@@ -693,7 +708,8 @@ async def test_two_403s_in_flight_cost_one_key_check() -> None:
 
     assert rig.client.kinds().count(RequestKind.PING) == 1
     for completion in done:
-        assert (completion.status, completion.outcome) == (Status.FAILED, Outcome.FORBIDDEN)
+        state = completion.state
+        assert (state.status, state.outcome) == (Status.FAILED, Outcome.FORBIDDEN)
     assert labels(done[0]) == [(1, "forbidden:check_key"), (1, "failed:forbidden")]
     # The second row's 403 is settled by the first check: no GET /v1/test of its own.
     assert labels(done[1]) == [(1, "forbidden:check_key")]
@@ -723,12 +739,12 @@ async def test_too_little_lease_before_the_first_call_gives_the_row_back_unsent(
     )
 
     assert rig.client.calls == []
-    assert done.status is Status.PENDING
+    assert done.state.status is Status.PENDING
     assert done.attempts == 2
-    assert done.outcome is None and done.reason is None
-    assert done.lookup_required is False
+    assert done.state.outcome is None and done.state.reason is None
+    assert done.state.lookup_required is False
     assert done.attempt_records == ()
-    assert done.next_attempt_at == NOW
+    assert done.state.next_attempt_at == NOW
 
 
 async def test_just_enough_lease_sends() -> None:
@@ -736,7 +752,7 @@ async def test_just_enough_lease_sends() -> None:
 
     done = await rig.process(claim(make_event()), left=TIMEOUT + LEASE_MARGIN_SECONDS)
 
-    assert done.status is Status.DELIVERED
+    assert done.state.status is Status.DELIVERED
 
 
 # ---- cut short (shutdown) ------------------------------------------------------------------
@@ -765,12 +781,12 @@ async def test_cut_short_during_a_call(kind: EventType, flagged: bool) -> None:
 
     done = rig.executor.cut_short(claimed)
 
-    assert done.status is Status.PENDING
+    assert done.state.status is Status.PENDING
     assert done.attempts == 1
-    assert done.outcome is None
+    assert done.state.outcome is None
     # A create that had started may have reached Partnero: look it up next time.
-    assert done.lookup_required is flagged
-    assert done.next_attempt_at == NOW
+    assert done.state.lookup_required is flagged
+    assert done.state.next_attempt_at == NOW
 
 
 async def test_cut_short_before_any_call_keeps_the_rows_flag() -> None:
@@ -779,8 +795,8 @@ async def test_cut_short_before_any_call_keeps_the_rows_flag() -> None:
     plain = rig.executor.cut_short(claim(make_event(event_id=1)))
     flagged = rig.executor.cut_short(claim(make_event(event_id=2, lookup_required=True)))
 
-    assert (plain.status, plain.lookup_required) == (Status.PENDING, False)
-    assert (flagged.status, flagged.lookup_required) == (Status.PENDING, True)
+    assert (plain.state.status, plain.state.lookup_required) == (Status.PENDING, False)
+    assert (flagged.state.status, flagged.state.lookup_required) == (Status.PENDING, True)
     assert rig.client.calls == []
 
 
@@ -792,10 +808,10 @@ async def test_a_429_cools_the_whole_daemon_down_for_retry_after() -> None:
 
     done = await rig.process(claim(make_event()))
 
-    assert done.status is Status.PENDING
-    assert done.reason is Outcome.RATE_LIMITED
-    assert done.lookup_required is False  # refused before anything was applied
-    assert done.next_attempt_at == NOW + timedelta(seconds=5)
+    assert done.state.status is Status.PENDING
+    assert done.state.reason is Outcome.RATE_LIMITED
+    assert done.state.lookup_required is False  # refused before anything was applied
+    assert done.state.next_attempt_at == NOW + timedelta(seconds=5)
     assert rig.gate.cooldown_until == NOW + timedelta(seconds=5)
     assert not rig.gate.paused
 
@@ -819,5 +835,5 @@ async def test_a_row_waits_for_the_rate_limit_and_goes_unsent_if_paused_meanwhil
     done = await task
 
     assert rig.client.calls == []
-    assert done.status is Status.PENDING
+    assert done.state.status is Status.PENDING
     assert done.attempts == 0

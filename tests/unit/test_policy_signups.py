@@ -10,20 +10,8 @@ from typing import Any
 
 import pytest
 
-from outbox.domain import (
-    Decision,
-    Delivered,
-    Event,
-    EventType,
-    Exchange,
-    Failed,
-    Outcome,
-    RequestKind,
-    Retry,
-    RetryPolicy,
-    Skipped,
-    label_of,
-)
+from outbox.decisions import Decision, Delivered, Failed, Retry, Skipped, label_of
+from outbox.domain import Event, EventType, Exchange, Outcome, RequestKind, RetryPolicy
 from outbox.policy import decide, describe, partner_reference, unsent_skip
 
 NOW = datetime(2026, 11, 30, 12, 0, 0, tzinfo=UTC)

@@ -15,9 +15,9 @@ import pytest
 import structlog
 
 from outbox.delivery.health import Health
-from outbox.delivery.store import AttemptRecord, CompleteResult, Completion
+from outbox.delivery.store import AttemptRecord, CompleteResult, Completion, RowState
 from outbox.delivery.writer import Writer
-from outbox.domain import Outcome, Status
+from outbox.domain import Exchange, Outcome, RequestKind, Status
 from outbox.service.metrics import Metrics
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -46,19 +46,8 @@ class ScriptedStore:
 
 
 def record(event_id: int) -> AttemptRecord:
-    return AttemptRecord(
-        event_id=event_id,
-        attempt=1,
-        started_at=NOW,
-        finished_at=NOW,
-        method="POST",
-        path="/v1/transactions",
-        status_code=200,
-        response_excerpt=None,
-        error=None,
-        decision="x",
-        daemon="unit",
-    )
+    call = Exchange(RequestKind.CREATE, "POST", "/v1/transactions", 200)
+    return AttemptRecord(event_id, 1, call, decision="x", daemon="unit", decided_at=NOW)
 
 
 def completion(
@@ -72,13 +61,8 @@ def completion(
     return Completion(
         event_id=event_id,
         token=uuid.uuid4(),
-        status=status,
-        outcome=outcome,
-        reason=reason,
+        state=RowState(status, outcome, reason, NOW, lookup_required=False, last_error=None),
         attempts=1,
-        next_attempt_at=NOW,
-        lookup_required=False,
-        last_error=None,
         last_status_code=200,
         attempt_records=(record(event_id),) if called else (),
     )
