@@ -93,9 +93,9 @@ def _payload(payload: object) -> dict[str, Any] | None:
 def _insert(
     executor: Executor,
     event_type: str,
+    transaction_key: str | None,
+    customer_key: str | None,
     *,
-    transaction_key: str | None = None,
-    customer_key: str | None = None,
     amount: Decimal | None = None,
     currency: str | None = None,
     payload: Mapping[str, Any] | None = None,
@@ -128,8 +128,8 @@ def record_sale(
     return _insert(
         executor,
         "sale",
-        transaction_key=transaction_key,
-        customer_key=customer_key,
+        transaction_key,
+        customer_key,
         amount=Decimal(amount),
         currency=currency,
         payload=payload,
@@ -144,21 +144,15 @@ def record_refund(
     payload: Mapping[str, Any] | None = None,
 ) -> int:
     """Add a refund (reverses the whole sale with this key) in the caller's transaction."""
-    return _insert(
-        executor,
-        "refund",
-        transaction_key=transaction_key,
-        customer_key=customer_key,
-        payload=payload,
-    )
+    return _insert(executor, "refund", transaction_key, customer_key, payload=payload)
 
 
 def record_signup(
     executor: Executor,
     *,
     customer_key: str,
-    partner_key: str | None = None,
     payload: Mapping[str, Any] | None = None,
+    partner_key: str | None = None,
 ) -> int:
     """Add a signup (the new customer `customer_key`) in the caller's transaction. Record every
     signup: without a partner reference the daemon settles it without a call. `partner_key` is
@@ -169,4 +163,4 @@ def record_signup(
         if values.get("partner") is not None:
             raise ValueError("give the partner as partner_key or as payload['partner'], not both")
         values["partner"] = {"key": partner_key}
-    return _insert(executor, "signup", customer_key=customer_key, payload=values)
+    return _insert(executor, "signup", None, customer_key, payload=values)
