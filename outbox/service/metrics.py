@@ -23,54 +23,52 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+# Each metric's HELP text, by name.
+_HELP = {
+    "outbox_rows_settled": "Rows that reached a final state, by status and outcome.",
+    "outbox_retries": "Rows scheduled for another attempt, by reason class.",
+    "outbox_http_attempts": (
+        "HTTP calls to Partnero by kind and answer (the status code, or the transport error)."
+    ),
+    "outbox_http_request_duration_seconds": "Duration of HTTP calls to Partnero.",
+    "outbox_backlog_rows": "Pending rows in outbox.events.",
+    "outbox_oldest_pending_age_seconds": "Age of the oldest pending row.",
+    "outbox_failed_rows": "Failed rows waiting for a person.",
+    "outbox_leases_held": "Rows this daemon holds a lease on.",
+    "outbox_loop_lag_seconds": "How late the event loop ran a timed wake-up.",
+    "outbox_paused": "1 while sending is paused (the API key refused).",
+    "outbox_service_crashes": (
+        "Unexpected crashes of the daemon's services (each restarted, or the daemon stops)."
+    ),
+    "outbox_healthy": "1 while /healthz would answer 200.",
+}
+
+
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.settled = Counter(
-            "outbox_rows_settled",
-            "Rows that reached a final state, by status and outcome.",
-            ["status", "outcome"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "outbox_retries",
-            "Rows scheduled for another attempt, by reason class.",
-            ["reason"],
-            registry=r,
-        )
-        self.attempts = Counter(
-            "outbox_http_attempts",
-            "HTTP calls to Partnero by kind and answer (the status code, or the transport error).",
-            ["kind", "status"],
-            registry=r,
-        )
+        self.registry = r = CollectorRegistry(auto_describe=True)
+
+        def counter(name: str, *labels: str) -> Counter:
+            return Counter(name, _HELP[name], labels, registry=r)
+
+        def gauge(name: str) -> Gauge:
+            return Gauge(name, _HELP[name], registry=r)
+
+        self.settled = counter("outbox_rows_settled", "status", "outcome")
+        self.retries = counter("outbox_retries", "reason")
+        self.attempts = counter("outbox_http_attempts", "kind", "status")
+        latency = "outbox_http_request_duration_seconds"
         self.latency = Histogram(
-            "outbox_http_request_duration_seconds",
-            "Duration of HTTP calls to Partnero.",
-            ["kind"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            latency, _HELP[latency], ["kind"], buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.backlog = Gauge("outbox_backlog_rows", "Pending rows in outbox.events.", registry=r)
-        self.oldest_pending = Gauge(
-            "outbox_oldest_pending_age_seconds", "Age of the oldest pending row.", registry=r
-        )
-        self.failed = Gauge("outbox_failed_rows", "Failed rows waiting for a person.", registry=r)
-        self.leases = Gauge("outbox_leases_held", "Rows this daemon holds a lease on.", registry=r)
-        self.loop_lag = Gauge(
-            "outbox_loop_lag_seconds", "How late the event loop ran a timed wake-up.", registry=r
-        )
-        self.paused = Gauge(
-            "outbox_paused", "1 while sending is paused (the API key refused).", registry=r
-        )
-        self.service_crashes = Counter(
-            "outbox_service_crashes",
-            "Unexpected crashes of the daemon's services (each restarted, or the daemon stops).",
-            ["service"],
-            registry=r,
-        )
-        self.healthy = Gauge("outbox_healthy", "1 while /healthz would answer 200.", registry=r)
+        self.backlog = gauge("outbox_backlog_rows")
+        self.oldest_pending = gauge("outbox_oldest_pending_age_seconds")
+        self.failed = gauge("outbox_failed_rows")
+        self.leases = gauge("outbox_leases_held")
+        self.loop_lag = gauge("outbox_loop_lag_seconds")
+        self.paused = gauge("outbox_paused")
+        self.service_crashes = counter("outbox_service_crashes", "service")
+        self.healthy = gauge("outbox_healthy")
 
     def observe_result(
         self, status: Status, outcome: Outcome | None, reason: Outcome | None
