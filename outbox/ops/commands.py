@@ -154,27 +154,21 @@ def status(engine: sa.Engine, max_pending_age: timedelta) -> StatusReport:
     refused with 401/403 (the daemons pause sending until the API key works)."""
     with _snapshot(engine) as conn:
         counts = tuple(_from_row(CountRow, r) for r in _rows(conn, "summary"))
-        pending, leases, last = _live(conn)
+        live = _live(conn)
     per_status = Counter[Status]()
     for row in counts:
         per_status[row.status] += row.events
     totals = Totals(**{s.value: per_status[s] for s in Status})
     delivered_at = [r.last_delivered_at for r in counts if r.last_delivered_at is not None]
     last_delivered = max(delivered_at) if delivered_at else None
-    limit = max_pending_age.total_seconds()
-    problems = _attention(totals.failed, pending, last, limit)
-    return StatusReport(
-        ok=not problems,
-        problems=problems,
-        checked_at=pending.checked_at,
-        max_pending_age_seconds=limit,
+    return _report(
+        StatusReport,
+        live,
+        totals.failed,
+        last_delivered,
+        max_pending_age,
         totals=totals,
         counts=counts,
-        pending=pending.overview,
-        last_delivered_at=last_delivered,
-        last_delivery_age_seconds=_age(pending.checked_at, last_delivered),
-        leases=leases,
-        last_attempt=last,
     )
 
 
@@ -184,49 +178,72 @@ def attention(engine: sa.Engine, max_pending_age: timedelta) -> AttentionReport:
     with _snapshot(engine) as conn:
         undelivered = tuple(_from_row(CountRow, r) for r in _rows(conn, "undelivered_summary"))
         last_delivered = next((r["last_delivered_at"] for r in _rows(conn, "last_delivered")), None)
-        pending, leases, last = _live(conn)
+        live = _live(conn)
     failed = sum(row.events for row in undelivered if row.status is Status.FAILED)
-    limit = max_pending_age.total_seconds()
-    problems = _attention(failed, pending, last, limit)
-    return AttentionReport(
-        ok=not problems,
-        problems=problems,
-        checked_at=pending.checked_at,
-        max_pending_age_seconds=limit,
-        undelivered=undelivered,
-        pending=pending.overview,
-        last_delivered_at=last_delivered,
-        last_delivery_age_seconds=_age(pending.checked_at, last_delivered),
-        leases=leases,
-        last_attempt=last,
+    return _report(
+        AttentionReport, live, failed, last_delivered, max_pending_age, undelivered=undelivered
     )
 
 
 @dataclass(frozen=True, slots=True)
-class _Pending:
+class _Live:
+    """What status and attention read alike: the pending rows (as of `checked_at`, the
+    database's now), the leases and the last call."""
+
     overview: PendingOverview
     checked_at: datetime
+    leases: tuple[Lease, ...]
+    last: LastAttempt | None
 
 
-def _live(conn: sa.Connection) -> tuple[_Pending, tuple[Lease, ...], LastAttempt | None]:
-    """The pending rows, the leases and the last call: what status and attention share."""
+def _live(conn: sa.Connection) -> _Live:
     (overview,) = _rows(conn, "pending_overview")
-    pending = _Pending(_from_row(PendingOverview, overview), overview["checked_at"])
-    leases = tuple(_from_row(Lease, r) for r in _rows(conn, "leases"))
-    last = next((_from_row(LastAttempt, r) for r in _rows(conn, "last_attempt")), None)
-    return pending, leases, last
+    return _Live(
+        overview=_from_row(PendingOverview, overview),
+        checked_at=overview["checked_at"],
+        leases=tuple(_from_row(Lease, r) for r in _rows(conn, "leases")),
+        last=next((_from_row(LastAttempt, r) for r in _rows(conn, "last_attempt")), None),
+    )
+
+
+_Report = TypeVar("_Report", StatusReport, AttentionReport)
+
+
+def _report(
+    cls: type[_Report],
+    live: _Live,
+    failed: int,
+    last_delivered: datetime | None,
+    max_pending_age: timedelta,
+    **own: Any,
+) -> _Report:
+    """A report of `status` or `attention`: the fields the two share, worked out here once (the
+    problems from the failed rows and the live state), and `own`, the report's counts (`totals`
+    and `counts`, or `undelivered`)."""
+    limit = max_pending_age.total_seconds()
+    problems = _attention(failed, live, limit)
+    return cls(
+        ok=not problems,
+        problems=problems,
+        checked_at=live.checked_at,
+        max_pending_age_seconds=limit,
+        pending=live.overview,
+        last_delivered_at=last_delivered,
+        last_delivery_age_seconds=_age(live.checked_at, last_delivered),
+        leases=live.leases,
+        last_attempt=live.last,
+        **own,
+    )
 
 
 def _age(now: datetime, then: datetime | None) -> float | None:
     return (now - then).total_seconds() if then else None
 
 
-def _attention(
-    failed: int, live: _Pending, last: LastAttempt | None, limit: float
-) -> tuple[str, ...]:
+def _attention(failed: int, live: _Live, limit: float) -> tuple[str, ...]:
     """What needs a person, one line each (`outbox status` exits 1 when there is any)."""
     problems: list[str] = []
-    pending = live.overview
+    pending, last = live.overview, live.last
     if failed:
         problems.append(plural(failed, "failed row"))
     if pending.blocked:
