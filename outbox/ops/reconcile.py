@@ -48,8 +48,6 @@ from outbox.partnero import ApiKey, PartneroClient
 from outbox.service.settings import Settings
 
 SQL_FILE = "reconcile.sql"
-KEY_FILTER = "key_filter"  # GET /v1/transactions?key=K, every page, for each key
-LISTING = "listing"  # GET /v1/transactions?limit=250&page=N, the whole ledger
 STRATEGIES = ("auto", "key", "listing")  # --strategy
 LISTING_PAGE_SIZE = 250
 LISTING_MAX_PAGES = 40_000  # 10 million entries
@@ -75,6 +73,22 @@ DRIFT: tuple[Finding, ...] = tuple(Finding)[:6]
 _T = TypeVar("_T")
 Progress = Callable[[int, int, str], None]  # (done, total, of what)
 ListingPage = tuple[list[tuple[str, dict[str, Any]]], int | None, int | None]
+
+
+class Strategy(enum.StrEnum):
+    """How Partnero was asked (`--strategy auto` picks one of these)."""
+
+    KEY_FILTER = "key_filter"  # GET /v1/transactions?key=K, every page, for each key
+    LISTING = "listing"  # GET /v1/transactions?limit=250&page=N, the whole ledger
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The calls each strategy takes: one per key (and page) by key filter; the listing's
+    pages, None when the listing was not asked."""
+
+    key_filter: int
+    listing: int | None
 
 
 class PartneroUnavailable(Exception):
@@ -115,7 +129,7 @@ class KeyFinding:
     transactions: tuple[TheirTransaction, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Requeue:
     """--requeue-missing: the operator action (None when nothing was to requeue), and the
     missing keys left alone: Partnero holds deleted transactions for them, which the daemon's
@@ -125,7 +139,7 @@ class Requeue:
     left_alone: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ReconcileReport:
     """The documented `--json` shape (docs/operations.md), in this field order."""
 
@@ -133,8 +147,8 @@ class ReconcileReport:
     range_from: datetime
     range_to: datetime
     keys_filter: tuple[str, ...]
-    strategy: str  # key_filter or listing: the one used
-    estimate: dict[str, int | None]  # calls each strategy takes (listing None: not asked)
+    strategy: Strategy  # the one used
+    estimate: Estimate
     keys: int  # keys with a sale or refund in the range
     compared: int  # of them, those asked at Partnero (all rows settled)
     calls: int  # HTTP calls made
@@ -349,9 +363,9 @@ class Answers:
 
     theirs: dict[str, list[TheirTransaction]]
     ledger: dict[str, list[TheirTransaction]] | None
-    strategy: str
+    strategy: Strategy
     calls: int
-    estimate: dict[str, int | None]
+    estimate: Estimate
 
 
 async def ask_partnero(
@@ -374,22 +388,21 @@ async def ask_partnero(
             verify_tls=not settings.insecure_skip_tls_verify,
         )
     asker = _Asker(client, settings)
-    estimate: dict[str, int | None] = {KEY_FILTER: len(keys), LISTING: None}
     async with client:
-        first = None
+        first, pages = None, None
         if strategy == "listing" or (strategy == "auto" and keys):
             first = await asker.listing_page(1)
-            estimate[LISTING] = first[2] if first[2] is not None or first[1] else 1
-        pages = estimate[LISTING]
+            pages = first[2] if first[2] is not None or first[1] else 1
+        estimate = Estimate(key_filter=len(keys), listing=pages)
         chosen = strategy == "listing" or (
             strategy == "auto" and pages is not None and pages <= len(keys)
         )
         if first is not None and chosen:
             ledger = await asker.listing(first, progress)
             theirs = {key: ledger.get(key, []) for key in keys}
-            return Answers(theirs, ledger, LISTING, asker.calls, estimate)
+            return Answers(theirs, ledger, Strategy.LISTING, asker.calls, estimate)
         theirs = await _by_key(asker, keys, settings.concurrency, progress)
-    return Answers(theirs, None, KEY_FILTER, asker.calls, estimate)
+    return Answers(theirs, None, Strategy.KEY_FILTER, asker.calls, estimate)
 
 
 async def _by_key(

@@ -124,8 +124,10 @@ def _how(report: _reconcile.ReconcileReport) -> str:
     """`strategy: listing, 40 pages of GET /v1/transactions?limit=250 (key by key: 9000
     calls)`, or `strategy: key_filter, GET /v1/transactions?key=K for each of 9000 keys
     (listing: 400 pages)`."""
-    by_key, listing = report.estimate["key_filter"] or 0, report.estimate["listing"]
-    if report.strategy == "listing":
+    from outbox.ops.reconcile import Strategy  # loaded already: it made the report
+
+    by_key, listing = report.estimate.key_filter, report.estimate.listing
+    if report.strategy is Strategy.LISTING:
         return (
             f"strategy: listing, {plural(listing or 0, 'page')} of GET "
             f"/v1/transactions?limit=250 (key by key: {plural(by_key, 'call')})"
