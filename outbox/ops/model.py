@@ -241,6 +241,8 @@ class Selection:
 
 
 # ---- results (the field order is the documented JSON's) ----------------------------------------
+# A command's result (keyword-only: built by field name, so a field added to its JSON cannot shift
+# the others) comes before the rows it holds.
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,7 +306,7 @@ class LastAttempt:
         return label is not None and label.kind is DecisionKind.PAUSE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StatusReport:
     ok: bool
     problems: tuple[str, ...]
@@ -319,7 +321,7 @@ class StatusReport:
     last_attempt: LastAttempt | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttentionReport:
     """What needs a person, and whether the daemons keep up: `outbox status` without the counts
     of delivered rows, which take a scan of the whole table (`outbox web`'s overview, which a
@@ -374,7 +376,7 @@ class Problem:
     blocked_by: BlockedBy | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FailedPage:
     filters: JSONDict  # the filters as given (Filters.describe)
     total: int
@@ -384,36 +386,28 @@ class FailedPage:
     rows: tuple[Problem, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One HTTP call made for an event."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventShown:
+    """`outbox show ID`."""
 
-    attempt: int
-    started_at: datetime
-    finished_at: datetime | None
-    duration_ms: float | None
-    method: str
-    path: str
-    status_code: int | None
-    response_excerpt: str | None
-    error: str | None
-    decision: str
-    daemon: str
+    event: EventDetail
 
 
-@dataclass(frozen=True, slots=True)
-class ActionEntry:
-    """One operator action as it changed one event."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeyShown:
+    """`outbox show --key KEY`: the key's events in delivery order."""
 
-    action_id: int
-    at: datetime
-    actor: str
-    action: ActionKind
-    change: ChangeKind
-    reason: str
-    previous_status: Status
-    previous_outcome: Outcome | None
-    previous_attempts: int
+    transaction_key: str
+    events: tuple[EventDetail, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CustomerShown:
+    """`outbox show --customer KEY`: the customer's signups, its sales and their refunds, in
+    delivery order."""
+
+    customer_key: str
+    events: tuple[EventDetail, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,27 +442,35 @@ class EventDetail:
 
 
 @dataclass(frozen=True, slots=True)
-class EventShown:
-    """`outbox show ID`."""
+class Attempt:
+    """One HTTP call made for an event."""
 
-    event: EventDetail
+    attempt: int
+    started_at: datetime
+    finished_at: datetime  # outbox.attempts.finished_at is NOT NULL
+    duration_ms: float
+    method: str
+    path: str
+    status_code: int | None
+    response_excerpt: str | None
+    error: str | None
+    decision: str
+    daemon: str
 
 
 @dataclass(frozen=True, slots=True)
-class KeyShown:
-    """`outbox show --key KEY`: the key's events in delivery order."""
+class ActionEntry:
+    """One operator action as it changed one event."""
 
-    transaction_key: str
-    events: tuple[EventDetail, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class CustomerShown:
-    """`outbox show --customer KEY`: the customer's signups, its sales and their refunds, in
-    delivery order."""
-
-    customer_key: str
-    events: tuple[EventDetail, ...]
+    action_id: int
+    at: datetime
+    actor: str
+    action: ActionKind
+    change: ChangeKind
+    reason: str
+    previous_status: Status
+    previous_outcome: Outcome | None
+    previous_attempts: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,7 +488,7 @@ class Change:
     new_status: Status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ActionResult:
     """`outbox retry` (and the first fields of `outbox discard`)."""
 
@@ -512,7 +514,7 @@ class LeftBlocked:
     sale_id: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class DiscardResult(ActionResult):
     left_blocked: tuple[LeftBlocked, ...]
 
@@ -529,7 +531,7 @@ class PruneCounts:
         return self.delivered + self.discarded + self.skipped
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PruneResult:
     dry_run: bool
     cutoff: datetime
