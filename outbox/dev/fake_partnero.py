@@ -687,6 +687,23 @@ class _HttpProtocol(asyncio.Protocol):
 # ---- the ledger --------------------------------------------------------------------------------
 
 
+# The fields of a ledger entry GET /_fake/ledger shows (body apart), in this order.
+_ENTRY_ADMIN_FIELDS: Final = (
+    "seq",
+    "key",
+    "customer_key",
+    "customer_email",
+    "amount",
+    "reward",
+    "amount_units",
+    "action",
+    "created_seq",
+    "deleted_seq",
+    "created_at",
+    "deleted_at",
+)
+
+
 @dataclass(slots=True)
 class _Entry:
     seq: int
@@ -705,21 +722,10 @@ class _Entry:
     deleted_at: str | None = None
 
     def admin(self) -> JSONDict:
-        return {
-            "seq": self.seq,
-            "key": self.key,
-            "customer_key": self.customer_key,
-            "customer_email": self.customer_email,
-            "amount": self.amount,
-            "reward": self.reward,
-            "amount_units": self.amount_units,
-            "action": self.action,
-            "created_seq": self.created_seq,
-            "deleted_seq": self.deleted_seq,
-            "created_at": self.created_at,
-            "deleted_at": self.deleted_at,
-            "body": dict(self.body),
-        }
+        """The entry as GET /_fake/ledger shows it: its fields but partner, the body copied."""
+        shown = {name: getattr(self, name) for name in _ENTRY_ADMIN_FIELDS}
+        shown["body"] = dict(self.body)
+        return shown
 
     def api(self) -> JSONDict:
         """The transaction as Partnero's create/lookup answers show it."""
@@ -1756,7 +1762,22 @@ class _Listener:
             await asyncio.gather(*waits, return_exceptions=True)
 
 
-class FakePartnero:
+class _Address:
+    """``url`` and ``port`` of a fake, read from its _Listener (set only while it starts, so
+    they may be read from any thread)."""
+
+    _listener: _Listener
+
+    @property
+    def url(self) -> str:
+        return self._listener.url
+
+    @property
+    def port(self) -> int:
+        return self._listener.port
+
+
+class FakePartnero(_Address):
     """The fake, inside the running event loop. Use FakePartneroThread from synchronous code.
 
     ``config`` is the live FakeConfig: plain fields may be set directly from the loop's thread;
@@ -1785,14 +1806,6 @@ class FakePartnero:
     @property
     def config(self) -> FakeConfig:
         return self._config
-
-    @property
-    def url(self) -> str:
-        return self._listener.url
-
-    @property
-    def port(self) -> int:
-        return self._listener.port
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         """Listen on host:port (0 picks a free port; see .url)."""
@@ -2027,7 +2040,7 @@ class FakePartnero:
 # ---- thread runner -------------------------------------------------------------------------------
 
 
-class FakePartneroThread:
+class FakePartneroThread(_Address):
     """A FakePartnero on its own event loop in a daemon thread, for synchronous code.
 
     Every method runs on the fake's loop and waits for it, so it is thread-safe. ``config``
@@ -2044,6 +2057,7 @@ class FakePartneroThread:
         call_timeout: float = 30.0,
     ) -> None:
         self._fake = FakePartnero(config)
+        self._listener = self._fake._listener  # for url and port
         self._host, self._port = host, port
         self._call_timeout = call_timeout
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -2078,14 +2092,6 @@ class FakePartneroThread:
             self._run(self._fake.stop())
         finally:
             self._close_loop()
-
-    @property
-    def url(self) -> str:
-        return self._fake.url
-
-    @property
-    def port(self) -> int:
-        return self._fake.port
 
     @property
     def fake(self) -> FakePartnero:
@@ -2235,6 +2241,7 @@ _RATE = click.FloatRange(0.0, 1.0)
 @click.option("--rate-429", default=0.0, type=_RATE, show_default=True)
 @click.option(
     "--retry-after",
+    "retry_after_seconds",
     default=None,
     type=click.FloatRange(min=0.0),
     help="Seconds sent in Retry-After with each 429.",
@@ -2244,35 +2251,12 @@ _RATE = click.FloatRange(0.0, 1.0)
 @click.option("--hang-after-rate", default=0.0, type=_RATE, show_default=True)
 @click.option("--seed", default=None, type=int, help="Seed for the random faults.")
 def fake_partnero_command(
-    host: str,
-    port: int,
-    api_key_env: str,
-    no_dedupe: bool,
-    customers_must_exist: bool,
-    latency_ms: float,
-    fail_5xx_rate: float,
-    rate_429: float,
-    retry_after: float | None,
-    drop_before_rate: float,
-    drop_after_rate: float,
-    hang_after_rate: float,
-    seed: int | None,
+    host: str, port: int, api_key_env: str, no_dedupe: bool, **options: Any
 ) -> None:
     """Serve a fake Partnero API (a test and demo tool) until SIGINT or SIGTERM."""
     api_key = os.environ.get(api_key_env) or None
     if api_key is None:
         click.echo(f"warning: {api_key_env} is not set; accepting any API key", err=True)
-    config = FakeConfig(
-        api_key=api_key,
-        dedupe=not no_dedupe,
-        customers_must_exist=customers_must_exist,
-        latency_ms=latency_ms,
-        fail_5xx_rate=fail_5xx_rate,
-        rate_429=rate_429,
-        retry_after_seconds=retry_after,
-        drop_before_rate=drop_before_rate,
-        drop_after_rate=drop_after_rate,
-        hang_after_rate=hang_after_rate,
-        seed=seed,
-    )
+    # Every other option is named after the FakeConfig field it sets.
+    config = FakeConfig(api_key=api_key, dedupe=not no_dedupe, **options)
     asyncio.run(_serve(config, host, port))
