@@ -241,8 +241,8 @@ class Selection:
 
 
 # ---- results (the field order is the documented JSON's) ----------------------------------------
-# A command's result (keyword-only: built by field name, so a field added to its JSON cannot shift
-# the others) comes before the rows it holds.
+# A command's result is keyword-only: built by field name, so a field added to its JSON cannot
+# shift the others.
 
 
 @dataclass(frozen=True, slots=True)
