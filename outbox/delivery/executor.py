@@ -297,7 +297,7 @@ class Executor:
             duration_ms=0.0 if exchange is None else _duration_ms(exchange),
             **end.fields,
         )
-        return _completion(claimed, progress, end)
+        return _completion(claimed, progress, end.state)
 
     def _release(self, claimed: Claimed, progress: _Progress, reason: str) -> Completion:
         """Give the row back, due now. A sale whose create had started may have reached
@@ -311,8 +311,7 @@ class Executor:
             lookup_required=lookup,
         )
         state = RowState(Status.PENDING, None, None, self._clock(), lookup, None)
-        end = _Ending(state, "info", "", {})
-        return _completion(claimed, progress, end)
+        return _completion(claimed, progress, state)
 
 
 _REQUEST_KIND = {
@@ -349,11 +348,11 @@ def _row_fields(event: Event) -> dict[str, Any]:
     return {"event_id": event.id, "key": event.transaction_key, "type": event.event_type.value}
 
 
-def _completion(claimed: Claimed, progress: _Progress, end: _Ending) -> Completion:
+def _completion(claimed: Claimed, progress: _Progress, state: RowState) -> Completion:
     return Completion(
         event_id=claimed.event.id,
         token=claimed.token,
-        state=end.state,
+        state=state,
         attempts=progress.attempts,
         last_status_code=progress.last_status_code,
         attempt_records=tuple(progress.records),

@@ -45,7 +45,7 @@ class AttemptRecord:
     event_id: int
     attempt: int
     exchange: Exchange
-    decision: str  # the decision's label (outbox.domain.label_of)
+    decision: str  # the decision's label (outbox.decisions.label_of)
     daemon: str
     decided_at: datetime  # stands in for a start or finish time the exchange lacks
 

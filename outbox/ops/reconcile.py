@@ -48,7 +48,6 @@ from outbox.partnero import ApiKey, PartneroClient
 from outbox.service.settings import Settings
 
 SQL_FILE = "reconcile.sql"
-STRATEGIES = ("auto", "key", "listing")  # --strategy
 LISTING_PAGE_SIZE = 250
 LISTING_MAX_PAGES = 40_000  # 10 million entries
 RECONCILE_ATTEMPTS = 5  # calls per page at most (fewer when OUTBOX_MAX_ATTEMPTS is lower)
